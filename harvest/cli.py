@@ -1,0 +1,80 @@
+"""`harvest`: the command line over `harvest.run.harvest`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from harvest.config import HarvestConfig
+from shared.errors import UserError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--hook", "hooks", multiple=True, default=("blocks.0.hook_mlp_out",), show_default=True,
+              help="Hook point to record; repeat for several (one model pass, one dump each).")
+@click.option("--model", default="gelu-2l", show_default=True,
+              help="TransformerLens alias, Hugging Face name, local HF folder, or smollm2-135m "
+                   "(packaged, offline).")
+@click.option("--dataset", default="NeelNanda/c4-tokenized-2b", show_default=True,
+              help="Hub dataset, save_to_disk folder, local .txt/.jsonl/.parquet files, or "
+                   "shakespeare (packaged, offline).")
+@click.option("--split", default="train", show_default=True, help="Dataset split.")
+@click.option("--text-column", default="text", show_default=True,
+              help="Raw-text column, used when there is no tokens/input_ids column.")
+@click.option("--context-size", default=128, show_default=True, type=int, help="Tokens per context.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Contexts per forward pass.")
+@click.option("--tokens", default=10_000_000, show_default=True, type=int,
+              help="Tokens to harvest (rounded up to whole contexts).")
+@click.option("--prepend-bos/--no-prepend-bos", default=True, show_default=True,
+              help="Start each context with the BOS token.")
+@click.option("--skip-bos/--keep-bos", default=False, show_default=True,
+              help="Leave BOS rows out of the dump (they are outliers that hurt SAEs).")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Storage dtype.")
+@click.option("--model-dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Dtype of the forward pass.")
+@click.option("--format", "fmt", default="safetensors", show_default=True,
+              type=click.Choice(["safetensors", "zarr"]), help="Shard format.")
+@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "zstd"]),
+              help="zarr only: compress chunks.")
+@click.option("--shard-rows", type=int, default=None,
+              help="Rows per shard [about 1 GiB in the storage dtype].")
+@click.option("--out", default=None,
+              help="Output folder [data/{model}_l{layer}; several hooks: data/{model}/{hook}].")
+@click.option("--device", default=None, help="Device [cuda if available, else cpu].")
+@click.option("--seed", default=42, show_default=True, type=int, help="Seed for document shuffling.")
+@click.option("--shuffle-documents/--no-shuffle-documents", default=False, show_default=True,
+              help="Shuffle documents through a seeded buffer (for datasets stored in order).")
+@click.option("--shuffle-buffer-docs", default=10_000, show_default=True, type=int,
+              help="Documents in that shuffle buffer.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted harvest with the same settings.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever dump --out holds.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def main(hooks, model, dataset, split, text_column, context_size, batch_size, tokens, prepend_bos,
+         skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
+         shuffle_documents, shuffle_buffer_docs, resume, overwrite, quiet) -> None:
+    """Run a language model over a token dataset once and write the activations at one or more
+    hook points to disk as sharded, resumable dumps that `train` reads.
+
+    Example: harvest --hook blocks.0.hook_mlp_out --tokens 1000000
+    """
+    from harvest.run import harvest
+
+    try:
+        cfg = HarvestConfig(
+            hooks=list(hooks), model=model, dataset=dataset, split=split, text_column=text_column,
+            context_size=context_size, batch_size=batch_size, tokens=tokens, prepend_bos=prepend_bos,
+            skip_bos=skip_bos, dtype=dtype, model_dtype=model_dtype, format=fmt,
+            compression=None if compression == "none" else compression, shard_rows=shard_rows,
+            out=out, device=device, seed=seed, shuffle_documents=shuffle_documents,
+            shuffle_buffer_docs=shuffle_buffer_docs, resume=resume, overwrite=overwrite)
+        folders = harvest(cfg, log=lambda s: click.echo(s, err=True), progress=not quiet)
+    except UserError as e:
+        click.echo(f"harvest: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("harvest: interrupted; finished shards are kept: rerun the same command with "
+                   "--resume to continue", err=True)
+        sys.exit(130)
+    for hook, folder in folders.items():
+        click.echo(f"{hook}: {folder}")

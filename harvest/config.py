@@ -1,0 +1,93 @@
+"""The harvest configuration: one typed dataclass, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shared.errors import UserError
+from shared.manifest import FORMATS, STORAGE_DTYPES
+
+SHARD_BYTES = 1 << 30  # default shard size: about 1 GiB of activations
+
+
+@dataclass
+class HarvestConfig:
+    hooks: list[str] = field(default_factory=lambda: ["blocks.0.hook_mlp_out"])
+    """Hook points to record; all come from one model pass, each into its own dump."""
+    model: str = "gelu-2l"
+    """TransformerLens alias, Hugging Face name, local HF folder, or a packaged alias (smollm2-135m)."""
+    dataset: str = "NeelNanda/c4-tokenized-2b"
+    """Hub dataset, a `save_to_disk` folder, local text/jsonl/parquet files, or an alias (shakespeare)."""
+    split: str = "train"
+    text_column: str = "text"
+    """Column of raw text, used when the dataset has no `tokens`/`input_ids` column."""
+    context_size: int = 128
+    """Tokens per context, BOS included."""
+    batch_size: int = 32
+    """Contexts per forward pass."""
+    tokens: int = 10_000_000
+    """Tokens to harvest; rounded up to whole contexts."""
+    prepend_bos: bool = True
+    skip_bos: bool = False
+    """Leave BOS positions out of the dump (their activations are outliers that hurt SAEs)."""
+    dtype: str = "float32"
+    """Storage dtype of activations."""
+    model_dtype: str = "float32"
+    """Dtype of the forward pass."""
+    format: str = "safetensors"
+    compression: str | None = None
+    """zarr only: None or 'zstd'."""
+    shard_rows: int | None = None
+    """Rows per shard; None picks about 1 GiB in the storage dtype."""
+    out: str | None = None
+    """Output folder; None -> data/{model}_l{layer} (one hook) or data/{model} (several)."""
+    device: str | None = None
+    """None -> cuda if available, else cpu."""
+    seed: int = 42
+    shuffle_documents: bool = False
+    shuffle_buffer_docs: int = 10_000
+    """Documents in the seeded shuffle buffer used by shuffle_documents."""
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.hooks = list(dict.fromkeys(self.hooks))  # keep order, drop repeats
+        if not self.hooks:
+            raise UserError("give at least one --hook, e.g. --hook blocks.0.hook_mlp_out")
+        for name in ("context_size", "batch_size", "tokens", "shuffle_buffer_docs"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.shard_rows is not None and self.shard_rows <= 0:
+            raise UserError(f"shard-rows must be positive, got {self.shard_rows}")
+        if self.skip_bos and not self.prepend_bos:
+            raise UserError("--skip-bos needs --prepend-bos (there is no BOS position to skip)")
+        if self.skip_bos and self.context_size < 2:
+            raise UserError("--skip-bos needs --context-size of at least 2")
+        for name, allowed in (("dtype", STORAGE_DTYPES), ("model_dtype", STORAGE_DTYPES), ("format", FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                f"got '{getattr(self, name)}'")
+        if self.compression not in (None, "zstd"):
+            raise UserError(f"compression must be zstd or none, got '{self.compression}'")
+        if self.compression and self.format != "zarr":
+            raise UserError("--compression applies to --format zarr only")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_size - 1 if self.skip_bos else self.context_size
+
+    @property
+    def n_contexts(self) -> int:
+        """Whole contexts: stop at the first one at or past `tokens`."""
+        return -(-self.tokens // self.context_size)
+
+    def data_fields(self, hook: str, device_type: str) -> dict[str, Any]:
+        """What determines the bytes of one hook's dump: its fingerprint, checked on resume."""
+        d = asdict(self)
+        for k in ("hooks", "out", "device", "resume", "overwrite"):
+            d.pop(k)
+        d["hook"] = hook
+        d["device_type"] = device_type
+        return d

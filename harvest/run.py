@@ -1,0 +1,186 @@
+"""The harvest: tokens -> model forward (to the deepest hook only) -> per-hook shard writers."""
+from __future__ import annotations
+
+import datetime as dt
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from harvest.config import SHARD_BYTES, HarvestConfig
+from harvest.contexts import BatchProducer, pack_contexts
+from harvest.data import DocumentSource, iter_token_docs, open_documents
+from harvest.target import Existing, check_disk, inspect_folder, out_folders
+from harvest.writer import ShardWriter
+from shared import atomic
+from shared.errors import UserError
+from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fingerprint
+from shared.models import (
+    bos_token_id, check_hook, hook_layer, load_model, model_fingerprint, model_n_ctx, stop_at_layer,
+)
+from shared.shard_files import TORCH_DTYPE
+
+_VERSIONED = ("mats-sae-training", "torch", "transformer-lens", "transformers", "datasets",
+              "safetensors", "numpy", "zarr")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def pick_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def probe_widths(model: Any, hooks: list[str], device: str, stop: int | None) -> dict[str, int]:
+    """Run two tokens through the model to learn each hook's width (d_in) and check its shape."""
+    toks = torch.zeros((1, 2), dtype=torch.long, device=device)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop,
+                                        return_cache_object=False)
+    widths = {}
+    for h in hooks:
+        a = cache[h]
+        if a.dim() < 3 or tuple(a.shape[:2]) != (1, 2):
+            raise UserError(f"hook '{h}' gives shape {tuple(a.shape)} for 2 tokens, not "
+                            "[batch, position, ...]: pick a per-token hook such as hook_mlp_out")
+        widths[h] = int(np.prod(a.shape[2:]))
+    return widths
+
+
+def new_manifest(cfg: HarvestConfig, hook: str, d_in: int, fields: dict[str, Any], model: Any,
+                 model_fp: str, source: DocumentSource, shard_rows: int) -> Manifest:
+    tok = getattr(model, "tokenizer", None)
+    return Manifest(
+        format_version=FORMAT_VERSION, complete=False, format=cfg.format, model=cfg.model,
+        model_fingerprint=model_fp, config_fingerprint=fingerprint(fields), hook=hook, layer=hook_layer(hook),
+        d_in=d_in, dtype=cfg.dtype, context_size=cfg.context_size,
+        rows_per_context=cfg.rows_per_context, dataset=cfg.dataset, split=cfg.split,
+        column=source.column, tokenized=source.tokenized,
+        tokenizer=getattr(tok, "name_or_path", None) if tok is not None else None,
+        bos_token_id=bos_token_id(model), prepend_bos=cfg.prepend_bos, skip_bos=cfg.skip_bos,
+        shard_rows=shard_rows, n_rows=0, n_contexts=cfg.n_contexts, shards=[], stats=None,
+        harvest_config=fields | {"hooks": cfg.hooks}, versions=package_versions(),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        compression=cfg.compression,
+    )
+
+
+def row_columns(tokens: np.ndarray, first_context: int, skip_bos: bool) -> tuple[np.ndarray, ...]:
+    """tokens / context / position for each row of a batch [batch, context_size]."""
+    start = 1 if skip_bos else 0
+    body = tokens[:, start:]
+    b, t = body.shape
+    return (body.reshape(-1).astype(np.int32),
+            np.repeat(np.arange(first_context, first_context + b, dtype=np.int64), t),
+            np.tile(np.arange(start, start + t, dtype=np.int32), b))
+
+
+def _validate(cfg: HarvestConfig, model: Any, source: DocumentSource) -> None:
+    for h in cfg.hooks:
+        check_hook(model, h)
+    n_ctx = model_n_ctx(model)
+    if n_ctx is not None and cfg.context_size > n_ctx:
+        raise UserError(f"--context-size {cfg.context_size} exceeds the model's n_ctx {n_ctx}; "
+                        f"use --context-size {n_ctx} or less")
+    needed = cfg.n_contexts * cfg.context_size
+    if source.exact_tokens is not None:
+        body = cfg.context_size - 1 if cfg.prepend_bos else cfg.context_size
+        available = (source.exact_tokens // body) * cfg.context_size
+        if available < needed:
+            raise UserError(f"the dataset holds about {available:,} tokens in whole contexts, fewer "
+                            f"than the {needed:,} asked for; pass --tokens {available} or less")
+
+
+def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Path]:
+    """Harvest activations for every hook in `cfg`; returns {hook: dump folder}."""
+    device = pick_device(cfg.device)
+    model = load_model(cfg.model, device, cfg.model_dtype)
+    source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
+                            cfg.shuffle_documents, cfg.shuffle_buffer_docs)
+    log(f"dataset {source.description}")
+    _validate(cfg, model, source)
+    stop = stop_at_layer(cfg.hooks)
+    widths = probe_widths(model, cfg.hooks, device, stop)
+    folders = out_folders(cfg.out, cfg.model, cfg.hooks)
+    n_rows = cfg.n_contexts * cfg.rows_per_context
+    model_fp = model_fingerprint(model)
+
+    manifests: dict[str, Manifest] = {}
+    bytes_needed = 0
+    for h, folder in folders.items():
+        elem = TORCH_DTYPE[cfg.dtype].itemsize
+        shard_rows = cfg.shard_rows or max(1, SHARD_BYTES // (widths[h] * elem))
+        fields = cfg.data_fields(h, torch.device(device).type) | {"model_fingerprint": model_fp}
+        fp = fingerprint(fields)
+        existing: Existing = inspect_folder(folder, fp, cfg.resume, cfg.overwrite)
+        if existing.done:
+            log(f"{folder} already holds this complete dump; nothing to do")
+            continue
+        m = existing.manifest or new_manifest(cfg, h, widths[h], fields, model, model_fp, source,
+                                              shard_rows)
+        manifests[h] = m
+        done_rows = sum(s.rows for s in m.shards)
+        bytes_needed += (n_rows - done_rows) * (widths[h] * elem + 16)
+    if not manifests:
+        return folders
+    check_disk([folders[h] for h in manifests], bytes_needed, log)
+
+    pin = torch.device(device).type == "cuda"
+    writers: dict[str, ShardWriter] = {}
+    for h, m in manifests.items():
+        folders[h].mkdir(parents=True, exist_ok=True)
+        atomic.write_json(folders[h] / MANIFEST_NAME, m.to_dict())
+        writers[h] = ShardWriter(folders[h], m, n_rows, pin)
+    try:
+        _run(cfg, model, source, writers, stop, device, n_rows, progress)
+        for w in writers.values():
+            w.finish()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return folders
+
+
+def _run(cfg: HarvestConfig, model: Any, source: DocumentSource, writers: dict[str, ShardWriter],
+         stop: int | None, device: str, n_rows: int, progress: bool) -> None:
+    rpc, bsz = cfg.rows_per_context, cfg.batch_size
+    start_row = min(w.next_row for w in writers.values())
+    start_batch = start_row // rpc // bsz
+    docs = iter_token_docs(source, getattr(model, "tokenizer", None))
+    contexts = pack_contexts(docs, cfg.context_size, bos_token_id(model), cfg.prepend_bos)
+    producer = BatchProducer(contexts, cfg.n_contexts, bsz, cfg.context_size, start_batch)
+    hooks = list(writers)
+    storage = TORCH_DTYPE[cfg.dtype]
+    total_tokens = cfg.n_contexts * cfg.context_size
+    bar = tqdm(total=total_tokens, initial=start_batch * bsz * cfg.context_size, unit="tok",
+               unit_scale=True, disable=not progress, desc="harvest", smoothing=0.1)
+    try:
+        with torch.inference_mode():
+            for first_ctx, toks in producer:
+                batch = torch.from_numpy(toks).to(device, non_blocking=True)
+                _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop,
+                                                return_cache_object=False)
+                cols = row_columns(toks, first_ctx, cfg.skip_bos)
+                for h in hooks:
+                    acts = cache[h]
+                    if cfg.skip_bos:
+                        acts = acts[:, 1:]
+                    acts = acts.reshape(-1, writers[h].manifest.d_in).to(storage)
+                    writers[h].add(first_ctx * rpc, acts, *cols)
+                bar.update(toks.size)
+                written = sum(w.bytes_written for w in writers.values())
+                bar.set_postfix_str(f"{written / 1e9:.2f} GB written", refresh=False)
+    finally:
+        producer.close()
+        bar.close()

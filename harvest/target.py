@@ -1,0 +1,72 @@
+"""Where a harvest writes, and what to do with what is already there (fresh, resume, refuse)."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import atomic
+from shared.errors import UserError
+from shared.manifest import MANIFEST_NAME, Manifest, read_manifest, shard_name
+from shared.models import hook_layer, short_model_name
+
+
+def out_folders(out: str | None, model: str, hooks: list[str]) -> dict[str, Path]:
+    """One hook -> data/{model}_l{layer}; several -> data/{model}/{hook} (or under --out)."""
+    short = short_model_name(model)
+    if len(hooks) == 1:
+        if out is not None:
+            return {hooks[0]: Path(out)}
+        layer = hook_layer(hooks[0])
+        suffix = f"l{layer}" if layer is not None and layer >= 0 else hooks[0].replace(".", "_")
+        return {hooks[0]: Path("data") / f"{short}_{suffix}"}
+    root = Path(out) if out is not None else Path("data") / short
+    return {h: root / h for h in hooks}
+
+
+@dataclass
+class Existing:
+    """What a hook folder holds before this harvest: nothing, a dump to resume, or a finished one."""
+
+    manifest: Manifest | None
+    done: bool
+
+
+def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
+    """Decide fresh / resume / done, or refuse with a message saying what to do."""
+    if not folder.exists() or not any(folder.iterdir()):
+        return Existing(None, False)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise UserError(f"{folder} holds files that are not a dump; choose another --out "
+                        "(harvest never deletes what it did not write)")
+    old = read_manifest(folder)
+    if overwrite:
+        shutil.rmtree(folder)
+        return Existing(None, False)
+    if old.config_fingerprint != config_fingerprint:
+        raise UserError(f"{folder} holds a different dump ({old.model}, {old.hook}, "
+                        f"{old.n_contexts or 'unfinished'} contexts, other settings); "
+                        "pass --overwrite to replace it, or another --out")
+    if old.complete:
+        return Existing(old, True)
+    if not resume:
+        raise UserError(f"{folder} holds an interrupted harvest with these settings; "
+                        "pass --resume to continue it, or --overwrite to start again")
+    # A crash can leave the next shard half-written (temp) or written but not yet in the manifest.
+    following = folder / shard_name(len(old.shards), old.format)
+    atomic.remove(atomic.temp_path(following))
+    atomic.remove(following)
+    atomic.remove(atomic.temp_path(folder / MANIFEST_NAME))
+    return Existing(old, False)
+
+
+def check_disk(folders: list[Path], bytes_needed: int, log) -> None:
+    """Print the dump size and the free space; refuse when it will not fit."""
+    probe = folders[0]
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    log(f"dump will take {bytes_needed / 1e9:.2f} GB; {free / 1e9:.1f} GB free at {probe.resolve()}")
+    if bytes_needed > free:
+        raise UserError(f"not enough disk space: need {bytes_needed / 1e9:.2f} GB, "
+                        f"{free / 1e9:.2f} GB free; ask for fewer --tokens or another --out")

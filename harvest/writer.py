@@ -1,0 +1,193 @@
+"""Per-hook shard writer: fills shard buffers from forward passes, writes full shards in a
+background thread that overlaps the next forward, and keeps the manifest in step.
+
+Memory is bounded: each hook owns two shard buffers, one filling while the other is written.
+Durability order: shard temp file -> fsync -> rename -> manifest rewrite (itself atomic).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared import atomic
+from shared.errors import UserError
+from shared.manifest import MANIFEST_NAME, Manifest, ShardEntry, shard_name
+from shared.shard_files import TORCH_DTYPE, checksum, write_safetensors, write_zarr
+
+_STATS_CHUNK = 32768  # rows per float64 chunk when summing statistics (bounds temporary memory)
+
+
+class NonFiniteActivations(UserError):
+    pass
+
+
+@dataclass
+class ShardBuffer:
+    index: int
+    first_row: int
+    acts: torch.Tensor  # [capacity, d_in], storage dtype, pinned on CUDA
+    tokens: np.ndarray  # [capacity] int32
+    context: np.ndarray  # [capacity] int64
+    position: np.ndarray  # [capacity] int32
+    fill: int = 0
+    copied: torch.cuda.Event | None = field(default=None, repr=False)
+
+
+def shard_stats(acts: torch.Tensor) -> tuple[list[float], float, float]:
+    """float64 (per-dim sum, sum of squared norms, sum of norms) over rows, in fixed-size chunks."""
+    total = torch.zeros(acts.shape[1], dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64)
+    norm = torch.zeros((), dtype=torch.float64)
+    for start in range(0, acts.shape[0], _STATS_CHUNK):
+        chunk = acts[start : start + _STATS_CHUNK].to(torch.float64)
+        total += chunk.sum(0)
+        row_sq = chunk.pow(2).sum(1)
+        sq += row_sq.sum()
+        norm += row_sq.sqrt().sum()
+    return total.tolist(), float(sq), float(norm)
+
+
+def first_non_finite(acts: torch.Tensor) -> int | None:
+    for start in range(0, acts.shape[0], _STATS_CHUNK):
+        ok = torch.isfinite(acts[start : start + _STATS_CHUNK]).all(dim=1)
+        if not bool(ok.all()):
+            return start + int((~ok).nonzero()[0, 0])
+    return None
+
+
+class ShardWriter:
+    """Receives rows in order for one hook and turns them into durable shards."""
+
+    def __init__(self, folder: Path, manifest: Manifest, n_rows: int, pin_memory: bool):
+        self.folder = folder
+        self.manifest = manifest
+        self.n_rows = n_rows
+        self.next_row = sum(s.rows for s in manifest.shards)  # rows already durable (resume)
+        self._pin = pin_memory
+        self._capacity = min(manifest.shard_rows, max(1, n_rows))
+        self._free: queue.Queue[ShardBuffer | None] = queue.Queue()
+        self._n_buffers = 0
+        self._todo: queue.Queue[ShardBuffer | None] = queue.Queue()
+        self._current: ShardBuffer | None = None
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self._thread = threading.Thread(target=self._loop, name=f"writer-{manifest.hook}", daemon=True)
+        self._thread.start()
+
+    # ---- main thread -------------------------------------------------------------------------
+    def _new_buffer(self, index: int, first_row: int) -> ShardBuffer:
+        if self._n_buffers < 2:
+            self._n_buffers += 1
+            cap, d = self._capacity, self.manifest.d_in
+            acts = torch.empty((cap, d), dtype=TORCH_DTYPE[self.manifest.dtype], pin_memory=self._pin)
+            buf = ShardBuffer(index, first_row, acts, np.empty(cap, np.int32), np.empty(cap, np.int64),
+                              np.empty(cap, np.int32))
+        else:
+            got = self._free.get()  # waits while the writer still holds both buffers
+            self.raise_if_failed()
+            assert got is not None
+            buf = got
+            buf.index, buf.first_row, buf.fill = index, first_row, 0
+        return buf
+
+    def add(self, first_row: int, acts: torch.Tensor, tokens: np.ndarray, context: np.ndarray,
+            position: np.ndarray) -> None:
+        """Append rows [first_row, first_row + len(acts)); rows already on disk are skipped."""
+        self.raise_if_failed()
+        n = acts.shape[0]
+        skip = max(0, self.next_row - first_row)
+        at = skip
+        while at < n:
+            if self._current is None:
+                index = self.next_row // self.manifest.shard_rows
+                self._current = self._new_buffer(index, self.next_row)
+            buf = self._current
+            take = min(n - at, self._capacity - buf.fill)
+            sl = slice(buf.fill, buf.fill + take)
+            buf.acts[sl].copy_(acts[at : at + take], non_blocking=self._pin)
+            buf.tokens[sl] = tokens[at : at + take]
+            buf.context[sl] = context[at : at + take]
+            buf.position[sl] = position[at : at + take]
+            buf.fill += take
+            at += take
+            self.next_row += take
+            if buf.fill == self._capacity or self.next_row == self.n_rows:
+                self._submit()
+
+    def _submit(self) -> None:
+        buf = self._current
+        assert buf is not None
+        if self._pin:  # the non-blocking device->host copies must land before the writer reads
+            buf.copied = torch.cuda.Event()
+            buf.copied.record()
+        self._todo.put(buf)
+        self._current = None
+
+    def finish(self) -> None:
+        """Write what is left, wait for the writer, then mark the dump complete."""
+        if self._current is not None and self._current.fill:
+            self._submit()
+        self._todo.put(None)
+        self._thread.join()
+        self.raise_if_failed()
+        m = self.manifest
+        m.n_rows = sum(s.rows for s in m.shards)
+        m.finalize_stats()
+        m.complete = True
+        atomic.write_json(self.folder / MANIFEST_NAME, m.to_dict())
+
+    def abort(self) -> None:
+        self._todo.put(None)
+        self._free.put(None)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # ---- writer thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while (buf := self._todo.get()) is not None:
+            try:
+                self._write(buf)
+            except BaseException as e:  # surfaced to the main thread on its next call
+                self.error = e
+                self._free.put(buf)
+                return
+            self._free.put(buf)
+
+    def _write(self, buf: ShardBuffer) -> None:
+        if buf.copied is not None:
+            buf.copied.synchronize()
+        m = self.manifest
+        n = buf.fill
+        acts = buf.acts[:n]
+        name = shard_name(buf.index, m.format)
+        bad = first_non_finite(acts)
+        if bad is not None:
+            raise NonFiniteActivations(
+                f"non-finite activation in {name} at row {bad} (dump row {buf.first_row + bad}, "
+                f"context {buf.context[bad]}, position {buf.position[bad]}); try --model-dtype float32 "
+                "or check the model"
+            )
+        total, sq, norm = shard_stats(acts)
+        arrays = {"activations": acts, "tokens": torch.from_numpy(buf.tokens[:n]),
+                  "context": torch.from_numpy(buf.context[:n]),
+                  "position": torch.from_numpy(buf.position[:n])}
+        final = self.folder / name
+        tmp = atomic.temp_path(final)
+        atomic.remove(tmp)
+        if m.format == "safetensors":
+            write_safetensors(tmp, arrays)
+        else:
+            write_zarr(tmp, arrays, m.compression)
+        atomic.commit(tmp, final)
+        digest = checksum(final, m.format)
+        m.shards.append(ShardEntry(file=name, rows=n, first_row=buf.first_row, checksum=digest,
+                                   sum=total, sum_sq_norm=sq, sum_norm=norm))
+        atomic.write_json(self.folder / MANIFEST_NAME, m.to_dict())
+        self.bytes_written += acts.numel() * acts.element_size() + n * 16

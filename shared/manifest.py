@@ -1,0 +1,133 @@
+"""The dump manifest: the only index of a dump's data (readers never list folders).
+
+One `manifest.json` per hook folder. Field meanings are documented in README.md ("The dump format").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import DumpError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_ARRAYS = ("activations", "tokens", "context", "position")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("safetensors", "zarr")
+
+
+def shard_name(index: int, fmt: str) -> str:
+    """Fixed-width shard names sort in row order: shard_000000.safetensors, ..."""
+    suffix = "safetensors" if fmt == "safetensors" else "zarr"
+    return f"shard_{index:06d}.{suffix}"
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ShardEntry:
+    """One shard: rows [first_row, first_row + rows) of the dump.
+
+    `sum` (per dimension), `sum_sq_norm` and `sum_norm` are float64 sums over the shard's rows, kept
+    so that `stats` can be rebuilt exactly after a resume without reading old shards again.
+    """
+
+    file: str
+    rows: int
+    first_row: int
+    checksum: str
+    sum: list[float]
+    sum_sq_norm: float
+    sum_norm: float
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to interpret a dump, and everything that produced it."""
+
+    format_version: int
+    complete: bool
+    format: str
+    model: str
+    model_fingerprint: str
+    config_fingerprint: str
+    hook: str
+    layer: int | None
+    d_in: int
+    dtype: str
+    context_size: int
+    rows_per_context: int
+    dataset: str
+    split: str
+    column: str
+    tokenized: bool
+    tokenizer: str | None
+    bos_token_id: int | None
+    prepend_bos: bool
+    skip_bos: bool
+    shard_rows: int
+    n_rows: int
+    n_contexts: int
+    shards: list[ShardEntry]
+    stats: dict[str, Any] | None
+    harvest_config: dict[str, Any]
+    versions: dict[str, str]
+    created: str
+    compression: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: Path | str = "manifest") -> "Manifest":
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise DumpError(
+                f"{where}: format_version {raw.get('format_version')!r} is not {FORMAT_VERSION}; "
+                "re-harvest it with this version of mats-sae-training"
+            )
+        names = set(cls.__dataclass_fields__)
+        missing = sorted(n for n in names if n not in raw and n not in ("compression", "extra"))
+        if missing:
+            raise DumpError(f"{where}: manifest lacks {', '.join(missing)}; re-harvest the dump")
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        kwargs["shards"] = [ShardEntry(**s) for s in raw["shards"]]
+        return cls(**kwargs)
+
+    def finalize_stats(self) -> None:
+        """Combine per-shard sums into the dataset statistics `train` normalizes with."""
+        n = sum(s.rows for s in self.shards)
+        if n == 0:
+            self.stats = None
+            return
+        total = [0.0] * self.d_in
+        for s in self.shards:
+            total = [a + b for a, b in zip(total, s.sum)]
+        self.stats = {
+            "rows": n,
+            "mean": [t / n for t in total],
+            "mean_sq_norm": sum(s.sum_sq_norm for s in self.shards) / n,
+            "mean_norm": sum(s.sum_norm for s in self.shards) / n,
+        }
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Load and validate `folder/manifest.json`; a clear DumpError if it is not a dump."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise DumpError(f"{folder} holds no {MANIFEST_NAME}: it is not a dump (run `harvest` first)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DumpError(f"{path} is not valid JSON ({e}); re-harvest the dump") from None
+    try:
+        return Manifest.from_dict(raw, where=path)
+    except TypeError as e:
+        raise DumpError(f"{path} is malformed ({e}); re-harvest the dump") from None

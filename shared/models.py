@@ -1,0 +1,122 @@
+"""Load a TransformerLens 4.x `TransformerBridge` by name, and resolve hook points on it.
+
+Used by `harvest` (to produce activations) and by `train` (to evaluate with the SAE spliced in).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import UserError
+from shared.manifest import fingerprint
+
+DEFAULT_CACHE = Path("data") / "models"
+# Repos holding TransformerLens-format weights (not Hugging Face models): booted via boot_tl_legacy.
+_LEGACY_PREFIXES = ("NeelNanda/", "ArthurConmy/", "Baidicoot/")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_name(name: str, cache_root: Path = DEFAULT_CACHE) -> tuple[str, str]:
+    """Return (how to boot, what to boot): ("transformers", dir or repo) or ("legacy", repo)."""
+    try:
+        from shared.packaged import resolve_model_alias
+    except ImportError:  # the packaged-model helpers are optional
+        resolve_model_alias = None  # type: ignore[assignment]
+    if resolve_model_alias is not None:
+        local = resolve_model_alias(name, cache_root)
+        if local is not None:
+            return "transformers", local
+    if Path(name).is_dir():
+        return "transformers", name
+    from transformer_lens.supported_models import get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        return "transformers", name
+    if official.startswith(_LEGACY_PREFIXES):
+        return "legacy", official
+    return "transformers", official
+
+
+def load_model(name: str, device: str, dtype: str = "float32", cache_root: Path = DEFAULT_CACHE) -> Any:
+    """Boot a TransformerBridge in eval mode; a one-line UserError if it cannot be loaded."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    kind, target = resolve_model_name(name, cache_root)
+    torch_dtype = TORCH_DTYPES[dtype]
+    try:
+        if kind == "legacy":
+            model = TransformerBridge.boot_tl_legacy(target, device=device, dtype=torch_dtype)
+        else:
+            model = TransformerBridge.boot_transformers(target, device=device, dtype=torch_dtype)
+    except Exception as e:  # hub, network and format errors come in many types
+        offline = " (no network here? pass a local Hugging Face folder)" if not Path(name).is_dir() else ""
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model '{name}'{offline}: {msg}") from None
+    model.eval()
+    return model
+
+
+def model_fingerprint(model: Any) -> str:
+    """Hash of the model's architecture config, to tell dumps of different models apart."""
+    hf = getattr(model, "original_model", None)
+    cfg = hf.config.to_dict() if hf is not None and hasattr(hf, "config") else vars(model.cfg)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version",)}
+    return fingerprint(json.loads(json.dumps(cfg, default=str)))
+
+
+def hook_names(model: Any) -> list[str]:
+    return sorted(model.hook_dict.keys())
+
+
+def check_hook(model: Any, hook: str) -> None:
+    """UserError naming the nearest valid hook points when `hook` does not exist."""
+    names = hook_names(model)
+    if hook in names:
+        return
+    near = difflib.get_close_matches(hook, names, n=5, cutoff=0.5)
+    hint = f"nearest: {', '.join(near)}" if near else f"e.g. {', '.join(names[:5])}"
+    raise UserError(f"unknown hook '{hook}' for this model; {hint}")
+
+
+def hook_layer(hook: str) -> int | None:
+    """Block index of a hook (blocks.3.* -> 3); -1 for embedding hooks; None if after all blocks."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    if m:
+        return int(m.group(1))
+    if hook.startswith(("hook_embed", "hook_pos_embed", "embed.", "pos_embed.")):
+        return -1
+    return None
+
+
+def stop_at_layer(hooks: list[str]) -> int | None:
+    """Run blocks only up to the deepest requested hook; None means the whole model is needed."""
+    layers = [hook_layer(h) for h in hooks]
+    if any(layer is None for layer in layers):
+        return None
+    # stop_at_layer=k runs blocks 0..k-1; at least one block keeps the bridge's code path simple.
+    return max(1, max(layers) + 1)  # type: ignore[type-var]
+
+
+def model_n_ctx(model: Any) -> int | None:
+    return getattr(model.cfg, "n_ctx", None)
+
+
+def bos_token_id(model: Any) -> int | None:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return None
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+def short_model_name(name: str) -> str:
+    """Folder-friendly model name: 'gelu-2l' -> 'gelu2l', '/x/SmolLM2-135M' -> 'smollm2135m'."""
+    base = os.path.basename(name.rstrip("/")) or name
+    return re.sub(r"[^a-z0-9]", "", base.lower()) or "model"

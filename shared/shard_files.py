@@ -1,0 +1,147 @@
+"""Reading and writing one shard file: `activations`, `tokens`, `context`, `position`.
+
+safetensors shards are read by memory-mapping the tensors in place (no copy); zarr shards are
+chunked arrays read lazily. Both give objects that slice like numpy arrays.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.errors import DumpError
+
+# numpy has no bfloat16: such activations are stored/mapped as their raw 16-bit words.
+_NP_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_ST_CODE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ZARR_CHUNK_ROWS = 16384
+
+
+@dataclass
+class ShardArrays:
+    """The four arrays of one shard; each slices like a numpy array along rows."""
+
+    activations: Any  # [rows, d_in], storage dtype (bfloat16 as uint16 words)
+    tokens: Any  # [rows] int32: the token at that row
+    context: Any  # [rows] int64: global context index
+    position: Any  # [rows] int32: position inside the context
+
+
+def activations_to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """View (not copy) numpy activations as a torch tensor of the storage dtype."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy() if hasattr(torch, "uint16") else t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_zarr(path: Path, tensors: dict[str, torch.Tensor], compression: str | None) -> None:
+    import zarr
+
+    compressors: Any = None
+    if compression == "zstd":
+        compressors = zarr.codecs.ZstdCodec(level=3)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name, t in tensors.items():
+        data = _as_numpy(t)
+        chunks = (min(_ZARR_CHUNK_ROWS, max(1, data.shape[0])),) + data.shape[1:]
+        arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                 compressors=compressors)
+        if t.dtype == torch.bfloat16:
+            arr.attrs["storage_dtype"] = "bfloat16"
+        arr[...] = data
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse the JSON header; returns (header, offset where tensor data starts)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DumpError(f"{path} is truncated (no safetensors header); re-harvest or --resume")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise DumpError(f"{path} is corrupted (bad safetensors header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DumpError(f"{path} is corrupted (unreadable safetensors header)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise DumpError(
+            f"{path} is truncated or padded: {size} bytes on disk, header says {8 + n + end}; "
+            "re-harvest the dump (or `harvest --resume` if it was interrupted)"
+        )
+    return header, 8 + n
+
+
+def open_safetensors(path: Path) -> ShardArrays:
+    """Memory-map each tensor of a shard where it lies in the file."""
+    if not path.is_file():
+        raise DumpError(f"shard {path} is missing; the dump is damaged, re-harvest it")
+    header, base = _safetensors_header(path)
+    views = {}
+    for name in ("activations", "tokens", "context", "position"):
+        if name not in header:
+            raise DumpError(f"{path} has no '{name}' tensor; it was not written by harvest")
+        info = header[name]
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end == begin:
+            views[name] = np.zeros(shape, dtype=_ST_CODE[info["dtype"]])
+            continue
+        # mode "c" (copy-on-write) gives a writable, zero-copy mapping torch accepts without warning.
+        views[name] = np.memmap(path, dtype=_ST_CODE[info["dtype"]], mode="c",
+                                offset=base + begin, shape=shape)
+    return ShardArrays(**views)
+
+
+def open_zarr(path: Path) -> ShardArrays:
+    import zarr
+
+    if not path.is_dir():
+        raise DumpError(f"shard {path} is missing; the dump is damaged, re-harvest it")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        return ShardArrays(**{n: group[n] for n in ("activations", "tokens", "context", "position")})
+    except Exception as e:  # zarr raises many types for a damaged store
+        raise DumpError(f"{path} is corrupted or incomplete ({type(e).__name__}: {e})") from None
+
+
+def open_shard(path: Path, fmt: str) -> ShardArrays:
+    return open_safetensors(path) if fmt == "safetensors" else open_zarr(path)
+
+
+def checksum(path: Path, fmt: str) -> str:
+    """sha256 of a safetensors file's bytes, or of a zarr shard's decoded arrays in fixed order."""
+    h = hashlib.sha256()
+    if fmt == "safetensors":
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    else:
+        arrays = open_zarr(path)
+        for name in ("activations", "tokens", "context", "position"):
+            try:
+                h.update(np.ascontiguousarray(getattr(arrays, name)[...]).tobytes())
+            except Exception as e:
+                raise DumpError(f"{path}/{name} cannot be read ({type(e).__name__}: {e})") from None
+    return "sha256:" + h.hexdigest()
