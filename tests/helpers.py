@@ -1,6 +1,7 @@
 """Shared test helpers: run the harvest CLI in-process and compare dumps."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -16,5 +17,12 @@ def run_harvest(*args: str, expect_ok: bool = True):
 
 
 def dump_files(folder: Path) -> dict[str, bytes]:
-    """Every file of a dump by name (manifest + shards), for byte-for-byte comparison."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file of a dump by name, for byte-for-byte comparison.
+
+    The manifest's creation time is blanked: it is the one field two separate runs cannot share.
+    """
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    manifest = json.loads(files["manifest.json"])
+    manifest["created"] = None
+    files["manifest.json"] = json.dumps(manifest).encode()
+    return files

