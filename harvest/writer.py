@@ -16,11 +16,11 @@ import torch
 
 from shared import atomic
 from shared.errors import UserError
-from shared.manifest import MANIFEST_NAME, Manifest, ShardEntry, shard_name
-from shared.shard_files import TORCH_DTYPE, checksum, write_safetensors, write_zarr
+from shared.dump_writer import write_shard
+from shared.manifest import MANIFEST_NAME, Manifest, shard_name
+from shared.shard_files import TORCH_DTYPE
 
-_STATS_CHUNK = 32768  # rows per float64 chunk when summing statistics (bounds temporary memory)
-
+_CHECK_CHUNK = 32768  # rows per isfinite check (bounds temporary memory)
 
 class NonFiniteActivations(UserError):
     pass
@@ -38,23 +38,9 @@ class ShardBuffer:
     copied: torch.cuda.Event | None = field(default=None, repr=False)
 
 
-def shard_stats(acts: torch.Tensor) -> tuple[list[float], float, float]:
-    """float64 (per-dim sum, sum of squared norms, sum of norms) over rows, in fixed-size chunks."""
-    total = torch.zeros(acts.shape[1], dtype=torch.float64)
-    sq = torch.zeros((), dtype=torch.float64)
-    norm = torch.zeros((), dtype=torch.float64)
-    for start in range(0, acts.shape[0], _STATS_CHUNK):
-        chunk = acts[start : start + _STATS_CHUNK].to(torch.float64)
-        total += chunk.sum(0)
-        row_sq = chunk.pow(2).sum(1)
-        sq += row_sq.sum()
-        norm += row_sq.sqrt().sum()
-    return total.tolist(), float(sq), float(norm)
-
-
 def first_non_finite(acts: torch.Tensor) -> int | None:
-    for start in range(0, acts.shape[0], _STATS_CHUNK):
-        ok = torch.isfinite(acts[start : start + _STATS_CHUNK]).all(dim=1)
+    for start in range(0, acts.shape[0], _CHECK_CHUNK):
+        ok = torch.isfinite(acts[start : start + _CHECK_CHUNK]).all(dim=1)
         if not bool(ok.all()):
             return start + int((~ok).nonzero()[0, 0])
     return None
@@ -174,20 +160,7 @@ class ShardWriter:
                 f"context {buf.context[bad]}, position {buf.position[bad]}); try --model-dtype float32 "
                 "or check the model"
             )
-        total, sq, norm = shard_stats(acts)
-        arrays = {"activations": acts, "tokens": torch.from_numpy(buf.tokens[:n]),
-                  "context": torch.from_numpy(buf.context[:n]),
-                  "position": torch.from_numpy(buf.position[:n])}
-        final = self.folder / name
-        tmp = atomic.temp_path(final)
-        atomic.remove(tmp)
-        if m.format == "safetensors":
-            write_safetensors(tmp, arrays)
-        else:
-            write_zarr(tmp, arrays, m.compression)
-        atomic.commit(tmp, final)
-        digest = checksum(final, m.format)
-        m.shards.append(ShardEntry(file=name, rows=n, first_row=buf.first_row, checksum=digest,
-                                   sum=total, sum_sq_norm=sq, sum_norm=norm))
+        m.shards.append(write_shard(self.folder, m, buf.index, buf.first_row, acts, buf.tokens[:n],
+                                    buf.context[:n], buf.position[:n]))
         atomic.write_json(self.folder / MANIFEST_NAME, m.to_dict())
         self.bytes_written += acts.numel() * acts.element_size() + n * 16

@@ -1,0 +1,81 @@
+"""Write shards and whole dumps in the public format (harvest streams through `write_shard`;
+`write_dump` turns in-memory activations into a dump, for tests, benchmarks and imports)."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared import atomic
+from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, fingerprint, shard_name
+from shared.shard_files import checksum, write_safetensors, write_zarr
+
+_STATS_CHUNK = 32768  # rows per float64 chunk when summing statistics (bounds temporary memory)
+
+
+def shard_stats(acts: torch.Tensor) -> tuple[list[float], float, float]:
+    """float64 (per-dim sum, sum of squared norms, sum of norms) over rows, in fixed-size chunks."""
+    total = torch.zeros(acts.shape[1], dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64)
+    norm = torch.zeros((), dtype=torch.float64)
+    for start in range(0, acts.shape[0], _STATS_CHUNK):
+        chunk = acts[start : start + _STATS_CHUNK].to(torch.float64)
+        total += chunk.sum(0)
+        row_sq = chunk.pow(2).sum(1)
+        sq += row_sq.sum()
+        norm += row_sq.sqrt().sum()
+    return total.tolist(), float(sq), float(norm)
+
+
+def write_shard(folder: Path, manifest: Manifest, index: int, first_row: int, acts: torch.Tensor,
+                tokens: np.ndarray, context: np.ndarray, position: np.ndarray) -> ShardEntry:
+    """Write one shard atomically (temp + fsync + rename) and return its manifest entry."""
+    name = shard_name(index, manifest.format)
+    total, sq, norm = shard_stats(acts)
+    arrays = {"activations": acts, "tokens": torch.from_numpy(np.ascontiguousarray(tokens, np.int32)),
+              "context": torch.from_numpy(np.ascontiguousarray(context, np.int64)),
+              "position": torch.from_numpy(np.ascontiguousarray(position, np.int32))}
+    final = folder / name
+    tmp = atomic.temp_path(final)
+    atomic.remove(tmp)
+    if manifest.format == "safetensors":
+        write_safetensors(tmp, arrays)
+    else:
+        write_zarr(tmp, arrays, manifest.compression)
+    atomic.commit(tmp, final)
+    return ShardEntry(file=name, rows=len(acts), first_row=first_row,
+                      checksum=checksum(final, manifest.format), sum=total, sum_sq_norm=sq, sum_norm=norm)
+
+
+def write_dump(folder: Path, activations: torch.Tensor, context_size: int, shard_rows: int,
+               tokens: np.ndarray | None = None, hook: str = "synthetic", model: str = "synthetic",
+               fmt: str = "safetensors") -> Manifest:
+    """Write `activations` [rows, d_in] (rows ordered context by context) as a complete dump."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n, d_in = activations.shape
+    if n % context_size:
+        raise ValueError(f"{n} rows is not a whole number of {context_size}-row contexts")
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[activations.dtype]
+    tokens = np.zeros(n, np.int32) if tokens is None else tokens
+    context = np.repeat(np.arange(n // context_size, dtype=np.int64), context_size)
+    position = np.tile(np.arange(context_size, dtype=np.int32), n // context_size)
+    cfg = {"model": model, "hook": hook, "context_size": context_size, "rows": n, "d_in": d_in}
+    m = Manifest(
+        format_version=FORMAT_VERSION, complete=False, format=fmt, model=model, model_fingerprint="",
+        config_fingerprint=fingerprint(cfg), hook=hook, layer=None, d_in=d_in, dtype=dtype,
+        context_size=context_size, rows_per_context=context_size, dataset="synthetic", split="train",
+        column="tokens", tokenized=True, tokenizer=None, bos_token_id=None, prepend_bos=False,
+        skip_bos=False, shard_rows=shard_rows, n_rows=0, n_contexts=n // context_size, shards=[],
+        stats=None, harvest_config=cfg, versions={},
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    for i, start in enumerate(range(0, n, shard_rows)):
+        sl = slice(start, start + shard_rows)
+        m.shards.append(write_shard(folder, m, i, start, activations[sl], tokens[sl], context[sl], position[sl]))
+    m.n_rows = n
+    m.finalize_stats()
+    m.complete = True
+    atomic.write_json(folder / MANIFEST_NAME, m.to_dict())
+    return m

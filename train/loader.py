@@ -1,0 +1,193 @@
+"""A well-shuffled, memory-mapped, prefetching stream of activation batches from a dump.
+
+Shuffling in two levels keeps disk reads sequential-ish and batches well mixed:
+1. per epoch, the dump's rows are cut into small contiguous blocks (`block_rows`) whose order is
+   permuted; consecutive runs of blocks fill an in-RAM buffer (`buffer_rows`), gathered in file
+   order from the memory-mapped shards;
+2. each buffer is permuted row by row and cut into batches.
+A 4096-row batch then holds rows from thousands of blocks spread over the whole dump, so nearly
+every row comes from a different context (a sliding buffer fed in dump order gives a few hundred).
+
+The order is a pure function of (seed, epoch): every epoch visits every row exactly once, and a
+run resumed at global batch k yields exactly the batches k, k+1, ... of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from shared.reader import Dump
+from shared.shard_files import activations_to_torch
+
+BUFFER_BYTES = 1 << 30  # default shuffle buffer: about 1 GiB of float32 rows
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which rows fill each buffer of one epoch; a pure function of (seed, epoch)."""
+
+    block_starts: np.ndarray  # [n_blocks] global first row of each block, in visiting order
+    block_lens: np.ndarray  # [n_blocks]
+
+
+def default_buffer_rows(d_in: int, batch_size: int) -> int:
+    rows = max(batch_size, BUFFER_BYTES // (4 * d_in))
+    return rows - rows % batch_size
+
+
+class ActivationLoader:
+    """Yields float32 batches [batch_size, d_in] on `device`, forever, epoch after epoch.
+
+    The last batch of an epoch holds the remaining rows (fewer than batch_size when the row count
+    is not a multiple of it), so each epoch covers each row exactly once.
+    """
+
+    def __init__(self, dump: Dump, batch_size: int, seed: int, device: str | torch.device = "cpu",
+                 buffer_rows: int | None = None, block_rows: int = 16,
+                 rows: tuple[int, int] | None = None, prefetch_batches: int = 4):
+        self.dump = dump
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.lo, self.hi = rows if rows is not None else (0, dump.n_rows)
+        if not 0 <= self.lo < self.hi <= dump.n_rows:
+            raise ValueError(f"row range {rows} outside the dump's {dump.n_rows} rows")
+        buffer_rows = buffer_rows or default_buffer_rows(dump.d_in, batch_size)
+        self.buffer_rows = max(batch_size, buffer_rows - buffer_rows % batch_size)
+        self.block_rows = block_rows
+        self.prefetch_batches = prefetch_batches
+        self.rows_read = 0  # rows gathered from disk so far (a sweep reads each batch once)
+        self._pin = self.device.type == "cuda"
+
+    @property
+    def n_rows(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.n_rows // self.batch_size)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        starts = np.arange(self.lo, self.hi, self.block_rows, dtype=np.int64)
+        lens = np.minimum(self.block_rows, self.hi - starts)
+        order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(starts))
+        return EpochPlan(starts[order], lens[order])
+
+    def _buffer_rows_index(self, plan: EpochPlan, buffer: int) -> np.ndarray:
+        """Global row ids of buffer `buffer`, sorted (file order, for sequential reads)."""
+        ends = np.cumsum(plan.block_lens)
+        lo, hi = buffer * self.buffer_rows, min((buffer + 1) * self.buffer_rows, self.n_rows)
+        first = int(np.searchsorted(ends, lo, side="right"))
+        last = int(np.searchsorted(ends, hi, side="left"))
+        idx = np.concatenate([np.arange(s, s + n) for s, n in
+                              zip(plan.block_starts[first : last + 1], plan.block_lens[first : last + 1])])
+        # Trim the partial blocks at both ends: buffers split the block sequence at exact rows.
+        offset = lo - (int(ends[first - 1]) if first > 0 else 0)
+        idx = idx[offset : offset + (hi - lo)]
+        idx.sort()
+        return idx
+
+    def _gather(self, rows: np.ndarray) -> torch.Tensor:
+        """Read the given sorted global rows into one float32 tensor, shard by shard."""
+        out = torch.empty((len(rows), self.dump.d_in), dtype=torch.float32)
+        at = 0
+        for i in range(self.dump.n_shards):
+            s_lo, s_hi = self.dump.shard_range(i)
+            a, b = np.searchsorted(rows, [s_lo, s_hi])
+            if a == b:
+                continue
+            local = rows[a:b] - s_lo
+            arr = self.dump.shard(i).activations
+            picked = arr.oindex[local] if hasattr(arr, "oindex") else arr[local]
+            out[at : at + (b - a)] = activations_to_torch(np.asarray(picked), self.dump.dtype).float()
+            at += b - a
+        self.rows_read += len(rows)
+        return out
+
+    def _permutation(self, epoch: int, buffer: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, buffer + 1])
+                                              .integers(2**62)))
+        return torch.randperm(n, generator=g)
+
+    def _buffers(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(rows of one buffer, its row permutation, first batch to emit from it), in order."""
+        per_buffer = self.buffer_rows // self.batch_size
+        n_buffers = -(-self.n_rows // self.buffer_rows)
+        epoch, in_epoch = divmod(start_batch, self.batches_per_epoch)
+        while True:
+            plan = self.plan(epoch)
+            for buffer in range(in_epoch // per_buffer, n_buffers):
+                data = self._gather(self._buffer_rows_index(plan, buffer))
+                skip = in_epoch - buffer * per_buffer if buffer == in_epoch // per_buffer else 0
+                yield data, self._permutation(epoch, buffer, len(data)), skip
+            epoch, in_epoch = epoch + 1, 0
+
+    def _cut(self, buffers: Iterator[tuple[torch.Tensor, torch.Tensor, int]]) -> Iterator[torch.Tensor]:
+        for data, perm, skip in buffers:
+            for j in range(skip, -(-len(data) // self.batch_size)):
+                batch = data.index_select(0, perm[j * self.batch_size : (j + 1) * self.batch_size])
+                yield batch.pin_memory() if self._pin else batch
+
+    def batches(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """Batches from global batch index `start_batch` on.
+
+        Two background threads: one gathers the next buffer from disk while the other cuts the
+        current one into batches, so the optimizer does not wait on either.
+        """
+        buffers = background(self._buffers(start_batch), maxsize=1, name="loader-read")
+        cpu = background(self._cut(buffers), maxsize=self.prefetch_batches, name="loader-batch")
+        for batch in cpu:
+            yield batch.to(self.device, non_blocking=True) if self.device.type != "cpu" else batch
+
+
+def background(items: Iterator, maxsize: int, name: str) -> Iterator:
+    """Run an iterator in a thread, `maxsize` items ahead; errors re-raise in the consumer.
+
+    Closing the returned generator stops the producer and joins its thread, so no thread is left
+    running inside a torch op when the interpreter exits.
+    """
+    q: queue.Queue = queue.Queue(maxsize=maxsize)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    break
+            else:
+                put(done)
+        except BaseException as e:
+            put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
