@@ -8,18 +8,14 @@ from pathlib import Path
 from shared import atomic
 from shared.errors import UserError
 from shared.manifest import MANIFEST_NAME, Manifest, read_manifest, shard_name
-from shared.models import hook_layer, short_model_name
+from shared.models import default_dump_folder, short_model_name
 
 
 def out_folders(out: str | None, model: str, hooks: list[str]) -> dict[str, Path]:
     """One hook -> data/{model}_l{layer}; several -> data/{model}/{hook} (or under --out)."""
     short = short_model_name(model)
     if len(hooks) == 1:
-        if out is not None:
-            return {hooks[0]: Path(out)}
-        layer = hook_layer(hooks[0])
-        suffix = f"l{layer}" if layer is not None and layer >= 0 else hooks[0].replace(".", "_")
-        return {hooks[0]: Path("data") / f"{short}_{suffix}"}
+        return {hooks[0]: Path(out) if out is not None else default_dump_folder(model, hooks[0])}
     root = Path(out) if out is not None else Path("data") / short
     return {h: root / h for h in hooks}
 

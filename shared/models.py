@@ -120,3 +120,10 @@ def short_model_name(name: str) -> str:
     """Folder-friendly model name: 'gelu-2l' -> 'gelu2l', '/x/SmolLM2-135M' -> 'smollm2135m'."""
     base = os.path.basename(name.rstrip("/")) or name
     return re.sub(r"[^a-z0-9]", "", base.lower()) or "model"
+
+
+def default_dump_folder(model: str, hook: str) -> Path:
+    """Where `harvest` puts a single-hook dump by default: data/{model}_l{layer}."""
+    layer = hook_layer(hook)
+    suffix = f"l{layer}" if layer is not None and layer >= 0 else hook.replace(".", "_")
+    return Path("data") / f"{short_model_name(model)}_{suffix}"

@@ -78,7 +78,7 @@ class SparseAutoencoder(torch.nn.Module):
         torch.nn.init.kaiming_uniform_(W_dec)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         # Encoder starts as the decoder's transpose: each feature first reads its own direction.
-        self.W_enc = torch.nn.Parameter(W_dec.T.clone())
+        self.W_enc = torch.nn.Parameter(W_dec.T.contiguous())  # row-major, like a loaded one
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae, device=device))
         self.W_dec = torch.nn.Parameter(W_dec)
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, device=device))

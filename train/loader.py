@@ -92,7 +92,7 @@ class ActivationLoader:
         idx.sort()
         return idx
 
-    def _gather(self, rows: np.ndarray) -> torch.Tensor:
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
         """Read the given sorted global rows into one float32 tensor, shard by shard."""
         out = torch.empty((len(rows), self.dump.d_in), dtype=torch.float32)
         at = 0
@@ -122,7 +122,7 @@ class ActivationLoader:
         while True:
             plan = self.plan(epoch)
             for buffer in range(in_epoch // per_buffer, n_buffers):
-                data = self._gather(self._buffer_rows_index(plan, buffer))
+                data = self.gather(self._buffer_rows_index(plan, buffer))
                 skip = in_epoch - buffer * per_buffer if buffer == in_epoch // per_buffer else 0
                 yield data, self._permutation(epoch, buffer, len(data)), skip
             epoch, in_epoch = epoch + 1, 0

@@ -1,0 +1,82 @@
+"""The seed's Python API: `language_model_sae_runner(cfg)` and `LMSparseAutoencoderSessionloader`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.errors import DumpError, UserError
+from shared.manifest import MANIFEST_NAME, read_manifest
+from shared.models import default_dump_folder, load_model
+from shared.reader import open_dump
+from shared.sae import SparseAutoencoder, read_cfg
+from train.config import LanguageModelSAERunnerConfig
+from train.loader import ActivationLoader
+from train.run import pick_device, train
+
+
+def _harvest_command(cfg: LanguageModelSAERunnerConfig, folder: Path) -> list[str]:
+    if cfg.total_training_tokens is None:
+        raise UserError("the dump is missing and total_training_tokens is unset: say how many tokens "
+                        "to harvest, or pass shards= an existing dump")
+    cmd = [sys.executable, "-m", "harvest", "--model", cfg.model_name, "--hook", cfg.hook_point,
+           "--dataset", cfg.dataset_path, "--context-size", str(cfg.context_size),
+           "--batch-size", str(cfg.store_batch_size), "--tokens", str(cfg.total_training_tokens),
+           "--out", str(folder), "--seed", str(cfg.seed), "--resume"]
+    if cfg.device:
+        cmd += ["--device", cfg.device]
+    return cmd
+
+
+def ensure_dump(cfg: LanguageModelSAERunnerConfig) -> Path:
+    """The dump this config trains on, harvested first (as a separate process) if it is missing.
+
+    `train` never imports `harvest`: the two stages meet only through the dump on disk.
+    """
+    folder = Path(cfg.shards) if cfg.shards else default_dump_folder(cfg.model_name, cfg.hook_point)
+    if (folder / MANIFEST_NAME).is_file():
+        manifest = read_manifest(folder)
+        if manifest.complete:
+            return folder
+    result = subprocess.run(_harvest_command(cfg, folder))
+    if result.returncode != 0:
+        raise DumpError(f"harvesting {folder} failed (exit code {result.returncode}); see the error above")
+    return folder
+
+
+def language_model_sae_runner(cfg: LanguageModelSAERunnerConfig) -> SparseAutoencoder:
+    """Harvest the dump if needed, train the SAE, and return it (weights for raw activations)."""
+    cfg.shards = str(ensure_dump(cfg))
+    result = train(cfg)
+    return SparseAutoencoder.load_from_pretrained(result.final, device=result.sae.W_enc.device)
+
+
+class LMSparseAutoencoderSessionloader:
+    """Loads what a trained SAE needs around it: its language model and its activations."""
+
+    def __init__(self, cfg: LanguageModelSAERunnerConfig):
+        self.cfg = cfg
+
+    def load_session(self) -> tuple[Any, SparseAutoencoder, ActivationLoader]:
+        """(model, fresh SAE, activations loader) for this config; the dump must exist."""
+        from shared.sae import SAEConfig
+
+        device = pick_device(self.cfg.device)
+        dump = open_dump(ensure_dump(self.cfg))
+        model = load_model(self.cfg.model_name, str(device))
+        sae = SparseAutoencoder(SAEConfig(dump.d_in, self.cfg.sae_width(dump.d_in)), device=device)
+        return model, sae, ActivationLoader(dump, self.cfg.train_batch_size, self.cfg.seed, device)
+
+    @classmethod
+    def load_session_from_pretrained(cls, path: str | Path, device: str | None = None
+                                     ) -> tuple[Any, SparseAutoencoder, ActivationLoader]:
+        """(model, sae, activations loader) for a checkpoint folder written by `train`."""
+        cfg = read_cfg(Path(path))
+        dev = pick_device(device or None)
+        sae = SparseAutoencoder.load_from_pretrained(path, device=dev)
+        if "shards" not in cfg or "model_name" not in cfg:
+            raise UserError(f"{path}/cfg.json names no dump or model: not a checkpoint of `train`")
+        model = load_model(cfg["model_name"], str(dev))
+        dump = open_dump(cfg["shards"])
+        return model, sae, ActivationLoader(dump, cfg.get("train_batch_size", 4096), cfg.get("seed", 42), dev)

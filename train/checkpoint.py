@@ -1,0 +1,108 @@
+"""Checkpoints: an SAE folder SAELens can load, plus the trainer state a resume needs.
+
+    <run>/<tokens seen>/ or <run>/final/
+        cfg.json                    training config + dump facts + SAE shape
+        sae_weights.safetensors     W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec (raw inputs)
+        sparsity.safetensors        log10 feature density over the run so far
+        trainer_state.json          step, tokens, counters, scale, dump identity
+        trainer_state.safetensors   training-space weights, Adam state, dead-feature state
+
+Nothing a user loads is pickled. Each checkpoint folder appears whole (temp folder + rename).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared import atomic
+from shared.errors import UserError
+from shared.sae import PARAM_NAMES
+from train.sae_trainer import Counters, SAETrainer
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+SPARSITY = "sparsity.safetensors"
+_TRACKERS = ("tokens_since_fired", "window_fired", "fired_total")
+
+
+def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, Any]:
+    """cfg.json: the training config, where the activations came from, and SAELens' keys."""
+    cfg = trainer.cfg.to_dict()
+    cfg.update(dump_info)
+    cfg.update({"d_in": trainer.d_in, "d_sae": trainer.sae.cfg.d_sae, "hook_name": dump_info["hook_point"],
+                "model_name": dump_info["model_name"], "device": str(trainer.device)})
+    return cfg
+
+
+def save_checkpoint(folder: Path, trainer: SAETrainer, dump_info: dict[str, Any]) -> Path:
+    folder = Path(folder)
+    tmp = atomic.temp_path(folder)
+    atomic.remove(tmp)
+    # Saved weights work on raw activations: fold the input scaling into a copy.
+    exported = copy.deepcopy(trainer.sae)
+    if trainer.input_scale != 1.0:
+        exported.fold_scaling_(trainer.input_scale)
+    exported.save(tmp, sae_cfg_dict(trainer, dump_info))
+    save_file({"sparsity": trainer.log10_density().cpu().contiguous()}, str(tmp / SPARSITY))
+    save_file(_state_tensors(trainer), str(tmp / STATE_TENSORS))
+    state = {"counters": asdict(trainer.counters), "scheduler_last_epoch": trainer.scheduler.last_epoch,
+             "input_scale": trainer.input_scale, "total_steps": trainer.total_steps,
+             "dump": dump_info, "config": trainer.cfg.to_dict()}
+    (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
+    atomic.commit(tmp, folder)
+    return folder
+
+
+def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:
+    out = {f"sae.{n}": getattr(trainer.sae, n).detach() for n in PARAM_NAMES}
+    for n in _TRACKERS:
+        out[n] = getattr(trainer, n)
+    for n in PARAM_NAMES:
+        for key, value in trainer.optimizer.state.get(getattr(trainer.sae, n), {}).items():
+            out[f"optim.{n}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / STATE_JSON
+    if not path.is_file():
+        raise UserError(f"{folder} is not a checkpoint of this tool (no {STATE_JSON}); "
+                        "pass a folder such as data/runs/<run>/final")
+    return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def load_trainer_state_(trainer: SAETrainer, folder: Path) -> None:
+    """Put a freshly built trainer into exactly the state saved in `folder`."""
+    folder = Path(folder)
+    state = read_state(folder)
+    tensors = load_file(str(folder / STATE_TENSORS), device="cpu")
+    # Fused Adam keeps its step count on the parameter's device, the for-each one on the CPU.
+    step_device = trainer.device if trainer.optimizer.defaults.get("fused") else torch.device("cpu")
+    for n in PARAM_NAMES:
+        param = getattr(trainer.sae, n)
+        if tuple(param.shape) != tuple(tensors[f"sae.{n}"].shape):
+            raise UserError(f"{folder}: {n} has shape {tuple(tensors[f'sae.{n}'].shape)}, this config "
+                            f"builds {tuple(param.shape)}; resume with the checkpoint's own settings")
+        param.copy_(tensors[f"sae.{n}"])
+        opt = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+        # Moments must share the parameter's strides: fused Adam walks their memory in lockstep.
+        opt = {k: v.to(step_device) if k == "step" else torch.empty_like(param).copy_(v)
+               for k, v in opt.items()}
+        if opt:
+            trainer.optimizer.state[param] = opt
+    for n in _TRACKERS:
+        getattr(trainer, n).copy_(tensors[n])
+    trainer.counters = Counters(**state["counters"])
+    trainer.scheduler.last_epoch = state["scheduler_last_epoch"]
+    lr = [base * fn(trainer.scheduler.last_epoch)
+          for base, fn in zip(trainer.scheduler.base_lrs, trainer.scheduler.lr_lambdas)]
+    for group, value in zip(trainer.optimizer.param_groups, lr):
+        group["lr"] = value
+    trainer.scheduler._last_lr = lr  # what get_last_lr() reports until the next step

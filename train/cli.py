@@ -1,0 +1,99 @@
+"""`train`: the command line over `train.run.train`.
+
+Every config key is a flag (--kebab-case); `--config FILE` (YAML or JSON, the same snake_case
+keys) sets values that flags then override.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shared.errors import UserError
+from train.config import LanguageModelSAERunnerConfig
+
+_SKIP = {"shards"}  # given as its own option below
+
+
+def _click_type(annotation: str) -> Any:
+    if "bool" in annotation:
+        return bool
+    if "int" in annotation:
+        return int
+    if "float" in annotation:
+        return float
+    return str
+
+
+def _default_text(f) -> str:
+    return "" if f.default is MISSING or f.default is None else f" [default: {f.default}]"
+
+
+def config_options(func):
+    """One click option per config field, default None so only flags actually given override."""
+    for f in reversed(fields(LanguageModelSAERunnerConfig)):
+        if f.name in _SKIP:
+            continue
+        flag = f.name.replace("_", "-")
+        kind = _click_type(str(f.type))
+        help_text = f.metadata.get("help", "") + _default_text(f)
+        if kind is bool:
+            decl = [f"--{flag}/--no-{flag}"]
+            func = click.option(*decl, f.name, default=None, help=help_text)(func)
+        else:
+            func = click.option(f"--{flag}", f.name, type=kind, default=None, help=help_text)(func)
+    return func
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    try:
+        if path.endswith(".json"):
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as e:
+        raise UserError(f"{path} could not be parsed ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of config keys to values")
+    return raw
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--shards", default=None, help="Dump folder written by `harvest` (e.g. data/gelu2l_l0).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML or JSON file of config keys; flags override it.")
+@click.option("--resume-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Checkpoint folder to continue (e.g. data/runs/<run>/1228800).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every shard's checksum before training.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+def main(shards, config_file, resume_from, verify, quiet, **flags) -> None:
+    """Train a sparse autoencoder from an activation dump, never touching the language model.
+
+    Example: train --shards data/gelu2l_l0 --l1-coefficient 1.2 --expansion-factor 32
+    """
+    from train.run import train
+
+    try:
+        raw = read_config_file(config_file) if config_file else {}
+        raw.update({k: v for k, v in flags.items() if v is not None})
+        if shards is not None:
+            raw["shards"] = shards
+        cfg = LanguageModelSAERunnerConfig.from_dict(raw, where=config_file or "flags")
+        result = train(cfg, resume_from=resume_from, log=lambda s: click.echo(s, err=True),
+                       progress=not quiet, verify=verify)
+    except UserError as e:
+        click.echo(f"train: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("train: interrupted", err=True)
+        sys.exit(130)
+    click.echo(str(result.final))

@@ -1,0 +1,162 @@
+"""One SAE being trained: its model, optimizer, schedule, dead-feature state and metric sums.
+
+The loop feeds it batches (`update`); a sweep feeds several of these the same batch. All state a
+resumed run needs lives in tensors and numbers that `train.checkpoint` saves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from shared.sae import SAEConfig, SparseAutoencoder
+from train.config import LanguageModelSAERunnerConfig
+from train.geometric_median import geometric_median
+from train.resample import resample_anthropic_, resample_l2_
+from train.schedulers import l1_warmup_factor, make_lr_lambda
+from train.step import StepResult, explained_variance, make_optimizer, train_step_
+
+RowSampler = Callable[[int, int], torch.Tensor]  # (n_rows, seed) -> [n, d_in] raw activations
+
+
+@dataclass
+class Counters:
+    """Plain numbers of a trainer's state (tensors live on the trainer itself)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    window_rows: int = 0  # rows since the density window was last reset
+    n_resampled_total: int = 0
+    n_resampled_last: int = 0
+
+
+class SAETrainer:
+    def __init__(self, cfg: LanguageModelSAERunnerConfig, d_in: int, input_scale: float,
+                 total_steps: int, device: torch.device):
+        self.cfg = cfg
+        self.d_in = d_in
+        self.input_scale = input_scale  # x_train = x_raw * input_scale (1.0 unless expected_norm)
+        self.total_steps = total_steps
+        self.device = device
+        torch.manual_seed(cfg.seed)  # the SAE init is a pure function of the seed
+        self.sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in)), device=device)
+        self.optimizer = make_optimizer(self.sae, cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, make_lr_lambda(cfg.lr_scheduler_name, total_steps, cfg.lr_warm_up_steps))
+        d_sae = self.sae.cfg.d_sae
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.window_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.fired_total = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.counters = Counters()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._sum_steps = 0
+
+    # ---- initialisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def init_b_dec_(self, mean: torch.Tensor, sample: Callable[[], torch.Tensor]) -> None:
+        """b_dec from the dump: geometric median of a sample, the dump's mean, or zeros."""
+        method = self.cfg.b_dec_init_method
+        if method == "mean":
+            self.sae.b_dec.copy_(mean.to(self.device) * self.input_scale)
+        elif method == "geometric_median":
+            points = sample().to(self.device, torch.float32) * self.input_scale
+            self.sae.b_dec.copy_(geometric_median(points).to(self.sae.b_dec.dtype))
+
+    # ---- the step --------------------------------------------------------------------------
+    def update(self, x: torch.Tensor) -> StepResult:
+        """One optimizer step on x [batch, d_in] (already scaled); no host sync."""
+        c = self.counters
+        l1 = self.cfg.l1_coefficient * l1_warmup_factor(c.step, self.cfg.l1_warm_up_steps)
+        res = train_step_(self.sae, self.optimizer, self.scheduler, x, l1, autocast=self.cfg.autocast)
+        rows = x.shape[0]
+        fired = res.feature_acts_fired
+        self.tokens_since_fired.add_(rows).masked_fill_(fired > 0, 0)
+        self.window_fired += fired
+        self.fired_total += fired
+        c.step += 1
+        c.tokens_seen += rows
+        c.window_rows += rows
+        self._accumulate(res, rows)
+        return res
+
+    def _accumulate(self, res: StepResult, rows: int) -> None:
+        parts = {"mse": res.losses.mse, "l1": res.losses.l1, "loss": res.losses.total, "l0": res.l0,
+                 "sum_sq_err": res.sum_sq_err, "sum_sq_total": res.sum_sq_total,
+                 "l2_ratio": res.l2_ratio}
+        for k, v in parts.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._sum_steps += 1
+
+    # ---- dead features ---------------------------------------------------------------------
+    def dead_mask(self) -> torch.Tensor:
+        """anthropic: no fire for dead_feature_window steps; l2: window density below threshold."""
+        if self.cfg.feature_sampling_method == "l2":
+            density = self.window_fired.double() / max(1, self.counters.window_rows)
+            return density < self.cfg.dead_feature_threshold
+        return self.tokens_since_fired >= self.cfg.dead_feature_window * self.cfg.train_batch_size
+
+    def end_of_window(self) -> bool:
+        return self.counters.step % self.cfg.feature_sampling_window == 0
+
+    def resample_(self, batch: torch.Tensor, sample_rows: RowSampler) -> int:
+        """At a window's end: resample dead features (if configured), then reset the window."""
+        method = self.cfg.feature_sampling_method
+        n = 0
+        if method != "none":
+            step = self.counters.step
+            dead = self.dead_mask()
+            # Seeded by (seed, step): a resumed run draws exactly what an uninterrupted one drew.
+            gen = torch.Generator(device=self.device).manual_seed(
+                int(np.random.default_rng([self.cfg.seed, step]).integers(2**62)))
+            if bool(dead.any()):
+                if method == "anthropic":
+                    inputs = sample_rows(self.cfg.resample_sample_rows, step) * self.input_scale
+                    n = resample_anthropic_(self.sae, self.optimizer, dead, inputs,
+                                            self.cfg.feature_reinit_scale, gen)
+                else:
+                    n = resample_l2_(self.sae, self.optimizer, dead, batch,
+                                     self.cfg.feature_reinit_scale, gen)
+                self.tokens_since_fired.masked_fill_(dead, 0)
+        self.counters.n_resampled_last = n
+        self.counters.n_resampled_total += n
+        return n
+
+    def window_density(self) -> torch.Tensor:
+        return self.window_fired.double() / max(1, self.counters.window_rows)
+
+    def reset_window(self) -> None:
+        self.window_fired.zero_()
+        self.counters.window_rows = 0
+
+    # ---- metrics ---------------------------------------------------------------------------
+    def pop_metrics(self) -> dict[str, float]:
+        """Means since the last call (the one host sync of a log step)."""
+        if not self._sum_steps:
+            return {}
+        s = {k: float(v) for k, v in self._sums.items()}
+        n = self._sum_steps
+        density = self.window_density()
+        have_window = self.counters.window_rows > 0
+        out = {
+            "mse": s["mse"] / n, "l1": s["l1"] / n, "loss": s["loss"] / n, "l0": s["l0"] / n,
+            "explained_variance": float(explained_variance(torch.tensor(s["sum_sq_err"]),
+                                                           torch.tensor(s["sum_sq_total"]))),
+            "l2_norm_ratio": s["l2_ratio"] / n,
+            "frac_dead": float(self.dead_mask().float().mean()),
+            "frac_density_below_1e-5": float((density < 1e-5).float().mean()) if have_window else math.nan,
+            "frac_density_below_1e-6": float((density < 1e-6).float().mean()) if have_window else math.nan,
+            "n_resampled": self.counters.n_resampled_last,
+            "lr": self.scheduler.get_last_lr()[0],
+            "l1_coefficient": self.cfg.l1_coefficient * l1_warmup_factor(self.counters.step - 1,
+                                                                         self.cfg.l1_warm_up_steps),
+        }
+        self._sums, self._sum_steps = {}, 0
+        self.counters.n_resampled_last = 0
+        return out
+
+    def log10_density(self) -> torch.Tensor:
+        """log10 of each feature's firing frequency over the whole run so far (sparsity file)."""
+        return torch.log10(self.fired_total.double() / max(1, self.counters.tokens_seen) + 1e-10).float()
