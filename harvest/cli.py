@@ -68,7 +68,7 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
             compression=None if compression == "none" else compression, shard_rows=shard_rows,
             out=out, device=device, seed=seed, shuffle_documents=shuffle_documents,
             shuffle_buffer_docs=shuffle_buffer_docs, resume=resume, overwrite=overwrite)
-        folders = harvest(cfg, log=lambda s: click.echo(s, err=True), progress=not quiet)
+        result = harvest(cfg, log=lambda s: click.echo(s, err=True), progress=not quiet)
     except UserError as e:
         click.echo(f"harvest: error: {e}", err=True)
         sys.exit(2)
@@ -76,5 +76,5 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
         click.echo("harvest: interrupted; finished shards are kept: rerun the same command with "
                    "--resume to continue", err=True)
         sys.exit(130)
-    for hook, folder in folders.items():
+    for hook, folder in result.folders.items():
         click.echo(f"{hook}: {folder}")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -101,8 +103,19 @@ def _validate(cfg: HarvestConfig, model: Any, source: DocumentSource) -> None:
                             f"than the {needed:,} asked for; pass --tokens {available} or less")
 
 
-def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Path]:
-    """Harvest activations for every hook in `cfg`; returns {hook: dump folder}."""
+@dataclass
+class HarvestResult:
+    folders: dict[str, Path]  # hook -> dump folder
+    tokens: int = 0  # tokens run through the model by this call (0 when nothing was left to do)
+    seconds: float = 0.0  # wall time of the forward/write loop, model loading excluded
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bool = True) -> HarvestResult:
+    """Harvest activations for every hook in `cfg` (one model pass for all of them)."""
     device = pick_device(cfg.device)
     model = load_model(cfg.model, device, cfg.model_dtype)
     source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
@@ -132,7 +145,7 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bo
         done_rows = sum(s.rows for s in m.shards)
         bytes_needed += (n_rows - done_rows) * (widths[h] * elem + 16)
     if not manifests:
-        return folders
+        return HarvestResult(folders)
     check_disk([folders[h] for h in manifests], bytes_needed, log)
 
     pin = torch.device(device).type == "cuda"
@@ -141,19 +154,23 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bo
         folders[h].mkdir(parents=True, exist_ok=True)
         atomic.write_json(folders[h] / MANIFEST_NAME, m.to_dict())
         writers[h] = ShardWriter(folders[h], m, n_rows, pin)
+    start = time.perf_counter()
     try:
-        _run(cfg, model, source, writers, stop, device, n_rows, progress)
+        tokens = _run(cfg, model, source, writers, stop, device, progress)
         for w in writers.values():
             w.finish()
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
-    return folders
+    result = HarvestResult(folders, tokens, time.perf_counter() - start)
+    log(f"harvested {tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s)")
+    return result
 
 
 def _run(cfg: HarvestConfig, model: Any, source: DocumentSource, writers: dict[str, ShardWriter],
-         stop: int | None, device: str, n_rows: int, progress: bool) -> None:
+         stop: int | None, device: str, progress: bool) -> int:
+    """Forward every remaining batch and hand its rows to the writers; returns tokens processed."""
     rpc, bsz = cfg.rows_per_context, cfg.batch_size
     start_row = min(w.next_row for w in writers.values())
     start_batch = start_row // rpc // bsz
@@ -163,6 +180,7 @@ def _run(cfg: HarvestConfig, model: Any, source: DocumentSource, writers: dict[s
     hooks = list(writers)
     storage = TORCH_DTYPE[cfg.dtype]
     total_tokens = cfg.n_contexts * cfg.context_size
+    done = 0
     bar = tqdm(total=total_tokens, initial=start_batch * bsz * cfg.context_size, unit="tok",
                unit_scale=True, disable=not progress, desc="harvest", smoothing=0.1)
     try:
@@ -179,8 +197,10 @@ def _run(cfg: HarvestConfig, model: Any, source: DocumentSource, writers: dict[s
                     acts = acts.reshape(-1, writers[h].manifest.d_in).to(storage)
                     writers[h].add(first_ctx * rpc, acts, *cols)
                 bar.update(toks.size)
+                done += toks.size
                 written = sum(w.bytes_written for w in writers.values())
                 bar.set_postfix_str(f"{written / 1e9:.2f} GB written", refresh=False)
     finally:
         producer.close()
         bar.close()
+    return done

@@ -16,20 +16,25 @@ import torch
 from shared.errors import UserError
 from shared.manifest import fingerprint
 
-DEFAULT_CACHE = Path("data") / "models"
+
+
+def cache_root() -> Path:
+    """Where packaged models and corpora are unpacked: $MATS_SAE_CACHE, default data/."""
+    return Path(os.environ.get("MATS_SAE_CACHE", "data"))
+
 # Repos holding TransformerLens-format weights (not Hugging Face models): booted via boot_tl_legacy.
 _LEGACY_PREFIXES = ("NeelNanda/", "ArthurConmy/", "Baidicoot/")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_name(name: str, cache_root: Path = DEFAULT_CACHE) -> tuple[str, str]:
+def resolve_model_name(name: str) -> tuple[str, str]:
     """Return (how to boot, what to boot): ("transformers", dir or repo) or ("legacy", repo)."""
     try:
         from shared.packaged import resolve_model_alias
     except ImportError:  # the packaged-model helpers are optional
         resolve_model_alias = None  # type: ignore[assignment]
     if resolve_model_alias is not None:
-        local = resolve_model_alias(name, cache_root)
+        local = resolve_model_alias(name, cache_root() / "models")
         if local is not None:
             return "transformers", local
     if Path(name).is_dir():
@@ -45,11 +50,12 @@ def resolve_model_name(name: str, cache_root: Path = DEFAULT_CACHE) -> tuple[str
     return "transformers", official
 
 
-def load_model(name: str, device: str, dtype: str = "float32", cache_root: Path = DEFAULT_CACHE) -> Any:
+def load_model(name: str, device: str, dtype: str = "float32") -> Any:
     """Boot a TransformerBridge in eval mode; a one-line UserError if it cannot be loaded."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    kind, target = resolve_model_name(name, cache_root)
+    kind, target = resolve_model_name(name)
+    _quiet_transformers()
     torch_dtype = TORCH_DTYPES[dtype]
     try:
         if kind == "legacy":
@@ -62,6 +68,14 @@ def load_model(name: str, device: str, dtype: str = "float32", cache_root: Path 
         raise UserError(f"could not load model '{name}'{offline}: {msg}") from None
     model.eval()
     return model
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bar and messages say what is happening; hide the per-file bars."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def model_fingerprint(model: Any) -> str:

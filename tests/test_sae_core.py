@@ -118,6 +118,16 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
 
 
+def test_loading_does_not_draw_from_torchs_rng(tmp_path):
+    folder = make_sae().save(tmp_path / "sae")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    loaded = SparseAutoencoder.load_from_pretrained(folder)
+    assert torch.equal(torch.rand(3), expected)
+    assert loaded.W_enc.device.type == "cpu" and loaded.W_enc.requires_grad
+
+
 def test_save_rejects_a_cfg_that_disagrees_with_the_sae(tmp_path):
     with pytest.raises(UserError, match="d_in"):
         make_sae().save(tmp_path / "sae", {"d_in": 9})

@@ -111,8 +111,9 @@ def resample_anthropic_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer
                         generator: torch.Generator | None = None) -> int:
     """Resample the dead features from a large random sample of inputs (paper: 819,200 rows).
 
-    dead_mask: [d_sae] bool; inputs: [n, d_in]. Draws distinct inputs whenever enough inputs have
-    non-zero loss. Returns the number of features resampled.
+    dead_mask: [d_sae] bool; inputs: [n, d_in], on any device (moved to the SAE in chunks);
+    generator: on the SAE's device. Draws distinct inputs whenever enough inputs have non-zero
+    loss. Returns the number of features resampled.
     """
     return _resample_(sae, optimizer, dead_mask, inputs, feature_reinit_scale, generator, replacement=False)
 
@@ -123,7 +124,8 @@ def resample_l2_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_
     """The seed's `l2` resampler: inputs come from the current training batch only.
 
     dead_mask: [d_sae] bool (the seed: density below `dead_feature_threshold` over
-    `dead_feature_window`); inputs: [batch, d_in]. Like the seed, draws with replacement: a batch
-    is often smaller than the number of dead features. Returns the number of features resampled.
+    `dead_feature_window`); inputs: [batch, d_in]; generator: on the SAE's device. Like the seed,
+    draws with replacement: a batch is often smaller than the number of dead features, so the
+    same input may seed several features. Returns the number of features resampled.
     """
     return _resample_(sae, optimizer, dead_mask, inputs, feature_reinit_scale, generator, replacement=True)

@@ -46,7 +46,9 @@ def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
 def train_step_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, x: torch.Tensor,
                 l1_coefficient: float, autocast: bool = False) -> StepResult:
-    """Forward, loss, backward, update, renormalise the decoder. x: [batch, d_in].
+    """Forward, loss, backward, update, renormalise the decoder.
+
+    x: [batch, d_in] in the parameters' dtype (cast bfloat16 dumps first).
 
     With `autocast`, matmuls run in bfloat16 while the parameters, the loss and Adam stay float32.
     The caller applies any L1 warm-up to `l1_coefficient`.
