@@ -58,7 +58,7 @@ def test_seed_readme_example_runs(tmp_path, monkeypatch):
     sparse_autoencoder = language_model_sae_runner(cfg)
     assert sparse_autoencoder.cfg.d_in == 512 and sparse_autoencoder.cfg.d_sae == 32768
     dump = open_dump(tmp_path / "data" / "model512_l0")  # harvested because it was missing
-    assert dump.n_rows == 8192 and dump.manifest.hook == "blocks.0.hook_mlp_out"
+    assert dump.n_rows == 8192 + 128 and dump.manifest.hook  # + 1 held-out context == "blocks.0.hook_mlp_out"
     assert (tmp_path / "checkpoints" / "final" / "sae_weights.safetensors").is_file()
     assert list((tmp_path / "checkpoints").glob("wandb/offline-run-*"))
     rows = [json.loads(line) for line in (tmp_path / "checkpoints" / "metrics.jsonl").read_text().splitlines()]

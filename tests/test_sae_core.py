@@ -20,6 +20,17 @@ from train.step import explained_variance, make_optimizer, train_step_
 RESAMPLERS = [resample_anthropic_, resample_l2_]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread gains nothing, and on a busy machine every op waits
+    for the descheduled one (measured on the recovery test: 2 s alone, over 60 s beside another
+    process with 2 threads; 2 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_sae(d_in: int = 8, d_sae: int = 16, seed: int = 0) -> SparseAutoencoder:
     torch.manual_seed(seed)
     return SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae))

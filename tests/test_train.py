@@ -36,7 +36,7 @@ def small_cfg(dump: Path, run: Path, **kw) -> LanguageModelSAERunnerConfig:
     base = dict(shards=str(dump), checkpoint_path=str(run), expansion_factor=2, train_batch_size=256,
                 lr=3e-3, l1_coefficient=0.05, feature_sampling_window=40, dead_feature_window=20,
                 resample_sample_rows=4096, wandb_log_frequency=10, device="cpu", seed=7,
-                shuffle_buffer_rows=4096)
+                shuffle_buffer_rows=4096, eval_holdout_contexts=0)
     base.update(kw)
     return LanguageModelSAERunnerConfig(**base)
 

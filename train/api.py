@@ -12,6 +12,7 @@ from shared.models import default_dump_folder, load_model
 from shared.reader import open_dump
 from shared.sae import SparseAutoencoder, read_cfg
 from train.config import LanguageModelSAERunnerConfig
+from train.holdout import holdout_contexts
 from train.loader import ActivationLoader
 from train.run import pick_device, train
 
@@ -22,11 +23,23 @@ def _harvest_command(cfg: LanguageModelSAERunnerConfig, folder: Path) -> list[st
                         "to harvest, or pass shards= an existing dump")
     cmd = [sys.executable, "-m", "harvest", "--model", cfg.model_name, "--hook", cfg.hook_point,
            "--dataset", cfg.dataset_path, "--context-size", str(cfg.context_size),
-           "--batch-size", str(cfg.store_batch_size), "--tokens", str(cfg.total_training_tokens),
+           "--batch-size", str(cfg.store_batch_size), "--tokens", str(tokens_to_harvest(cfg)),
            "--out", str(folder), "--seed", str(cfg.seed), "--resume"]
     if cfg.device:
         cmd += ["--device", cfg.device]
     return cmd
+
+
+def tokens_to_harvest(cfg: LanguageModelSAERunnerConfig) -> int:
+    """total_training_tokens for training plus the contexts evaluation holds out."""
+    assert cfg.total_training_tokens is not None
+    n_train = -(-cfg.total_training_tokens // cfg.context_size)
+    held = cfg.eval_holdout_contexts
+    if held is None:  # the default depends on the dump's size: find the fixed point
+        held = holdout_contexts(n_train + 1, None)
+        while holdout_contexts(n_train + held, None) != held:
+            held = holdout_contexts(n_train + held, None)
+    return (n_train + held) * cfg.context_size
 
 
 def ensure_dump(cfg: LanguageModelSAERunnerConfig) -> Path:

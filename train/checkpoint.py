@@ -35,8 +35,16 @@ def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, An
     """cfg.json: the training config, where the activations came from, and SAELens' keys."""
     cfg = trainer.cfg.to_dict()
     cfg.update(dump_info)
-    cfg.update({"d_in": trainer.d_in, "d_sae": trainer.sae.cfg.d_sae, "hook_name": dump_info["hook_point"],
-                "model_name": dump_info["model_name"], "device": str(trainer.device)})
+    cfg.update({
+        "d_in": trainer.d_in, "d_sae": trainer.sae.cfg.d_sae, "device": str(trainer.device),
+        "model_name": dump_info["model_name"], "hook_name": dump_info["hook_point"],
+        "hook_layer": dump_info["hook_point_layer"], "hook_head_index": None,
+        "activation_fn_str": "relu", "finetuning_scaling_factor": False,
+        "model_from_pretrained_kwargs": {},
+        # The saved weights already include any input scaling, so loaders must not normalize again.
+        "normalize_activations": "none",
+        "trained_with_normalize_activations": trainer.cfg.normalize_activations,
+    })
     return cfg
 
 

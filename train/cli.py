@@ -71,25 +71,40 @@ def read_config_file(path: str) -> dict[str, Any]:
               help="YAML or JSON file of config keys; flags override it.")
 @click.option("--resume-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Checkpoint folder to continue (e.g. data/runs/<run>/1228800).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
+              help="Train a grid in lockstep from one read of the dump; repeat for more keys "
+                   "(e.g. --sweep l1_coefficient=0.6,1.2 --sweep expansion_factor=16,64).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
-def main(shards, config_file, resume_from, verify, quiet, **flags) -> None:
+def main(shards, config_file, resume_from, sweeps, verify, quiet, **flags) -> None:
     """Train a sparse autoencoder from an activation dump, never touching the language model.
 
     Example: train --shards data/gelu2l_l0 --l1-coefficient 1.2 --expansion-factor 32
     """
     from train.run import train
+    from train.sweep import parse_sweep_flags, train_sweep
 
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
     try:
         raw = read_config_file(config_file) if config_file else {}
+        sweep = raw.pop("sweep", None) or {}
+        if not isinstance(sweep, dict):
+            raise UserError(f"{config_file}: 'sweep' must map config keys to lists of values")
+        sweep.update(parse_sweep_flags(sweeps))
         raw.update({k: v for k, v in flags.items() if v is not None})
         if shards is not None:
             raw["shards"] = shards
         cfg = LanguageModelSAERunnerConfig.from_dict(raw, where=config_file or "flags")
-        result = train(cfg, resume_from=resume_from, log=lambda s: click.echo(s, err=True),
-                       progress=not quiet, verify=verify)
+        if sweep:
+            if resume_from:
+                raise UserError("--resume-from continues one SAE; resume a sweep's SAEs one by one")
+            results = train_sweep(cfg, sweep, log=log, progress=not quiet, verify=verify)
+            for r in results:
+                click.echo(str(r.final))
+            return
+        result = train(cfg, resume_from=resume_from, log=log, progress=not quiet, verify=verify)
     except UserError as e:
         click.echo(f"train: error: {e}", err=True)
         sys.exit(2)

@@ -71,6 +71,12 @@ class LanguageModelSAERunnerConfig:
     shuffle_buffer_rows: int | None = _f(None, "Rows shuffled together in RAM [about 1 GiB].")
     shuffle_block_rows: int = _f(16, "Contiguous rows read together (smaller mixes better, reads slower).")
 
+    # Evaluation
+    eval_holdout_contexts: int | None = _f(None, "The dump's last contexts kept out of training for "
+                                                 "`evaluate` [1% of contexts, at most 512; 0: none].")
+    evaluate_at_end: bool = _f(False, "Run `evaluate` on the final SAE (held-out rows and, with the "
+                                      "language model, CE loss recovered).")
+
     # Run
     seed: int = _f(42, "Seed of the SAE init, data order and resampling.")
     device: str | None = _f(None, "Device [cuda if available, else cpu].")
@@ -98,9 +104,9 @@ class LanguageModelSAERunnerConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("l1_coefficient", "lr_warm_up_steps", "l1_warm_up_steps", "n_checkpoints",
+        for name in ("l1_coefficient", "lr_warm_up_steps", "eval_holdout_contexts", "l1_warm_up_steps", "n_checkpoints",
                      "feature_reinit_scale", "dead_feature_threshold"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
 
     def sae_width(self, d_in: int) -> int:

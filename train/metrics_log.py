@@ -19,7 +19,7 @@ def _clean(value: Any) -> Any:
 
 class MetricsLog:
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], use_wandb: bool,
-                 project: str, entity: str | None, resume_step: int = 0):
+                 project: str, entity: str | None, resume_step: int = 0, group: str | None = None):
         self.path = Path(run_dir) / METRICS
         if resume_step and self.path.exists():
             # Drop what an interrupted run logged after its last checkpoint: it is logged again.
@@ -33,8 +33,9 @@ class MetricsLog:
         if use_wandb:
             import wandb
 
+            # One wandb run per SAE; a sweep's SAEs share a group and run side by side.
             self._wandb = wandb.init(project=project, entity=entity, name=run_name, config=config,
-                                     dir=str(run_dir), resume="allow")
+                                     dir=str(run_dir), group=group, reinit="create_new")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

@@ -1,9 +1,14 @@
-"""The training loop: dump -> shuffled loader -> SAE steps -> resampling, metrics, checkpoints."""
+"""The training loop: dump -> shuffled loader -> SAE steps -> resampling, metrics, checkpoints.
+
+One loop serves a single run and a sweep alike: every batch is read once and fed to each SAE of
+the group in turn (`for slot in slots: slot.trainer.update(x)`), each SAE with its own optimizer,
+schedule, resampling, metrics and checkpoints.
+"""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +22,7 @@ from shared.reader import Dump, open_dump
 from shared.sae import SparseAutoencoder
 from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
+from train.holdout import split_rows
 from train.loader import ActivationLoader
 from train.metrics_log import MetricsLog
 from train.sae_trainer import SAETrainer
@@ -30,6 +36,31 @@ class TrainResult:
     run_dir: Path
     final: Path  # the final checkpoint folder
     trainer: SAETrainer
+    evaluation: dict[str, Any] | None = None
+
+
+@dataclass
+class DataPlan:
+    """What every SAE trained from one stream shares: the dump, its split, the loader."""
+
+    dump: Dump
+    loader: ActivationLoader
+    scale: float
+    total_tokens: int
+    total_steps: int
+    ident: dict[str, Any]
+
+
+@dataclass
+class Slot:
+    """One SAE in the loop, with where its outputs go."""
+
+    name: str
+    trainer: SAETrainer
+    metrics: MetricsLog
+    run_dir: Path
+    checkpoints: set[int] = field(default_factory=set)
+    last_logged: dict[str, Any] = field(default_factory=dict)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -43,13 +74,14 @@ def steps_for_tokens(total_tokens: int, n_rows: int, batch_size: int) -> int:
     return epochs * per_epoch + math.ceil(rest / batch_size)
 
 
-def dump_identity(dump: Dump) -> dict[str, Any]:
+def dump_identity(dump: Dump, train_rows: tuple[int, int]) -> dict[str, Any]:
     """What a checkpoint records about its activations (and what a resume must match)."""
     m = dump.manifest
     return {"shards": str(dump.path), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
             "hook_point_layer": m.layer, "model_name": m.model, "dataset_path": m.dataset,
             "context_size": m.context_size, "prepend_bos": m.prepend_bos, "skip_bos": m.skip_bos,
-            "d_in_dump": m.d_in}
+            "d_in_dump": m.d_in, "train_rows": list(train_rows),
+            "eval_holdout_contexts": (dump.n_rows - train_rows[1]) // m.rows_per_context}
 
 
 def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool) -> Dump:
@@ -64,13 +96,13 @@ def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool) -> Dump:
     return dump
 
 
-def check_resume(state: dict[str, Any], dump: Dump, folder: Path) -> None:
+def check_resume(state: dict[str, Any], ident: dict[str, Any], folder: Path) -> None:
     saved = state["dump"]
-    ident = dump_identity(dump)
-    for key, what in (("d_in_dump", "d_in"), ("hook_point", "hook"), ("dump_fingerprint", "dump")):
+    for key, what in (("d_in_dump", "d_in"), ("hook_point", "hook"), ("dump_fingerprint", "dump"),
+                      ("train_rows", "held-out split")):
         if saved.get(key) != ident[key]:
             raise UserError(f"{folder} was trained on a different {what} ({saved.get(key)}) than "
-                            f"{dump.path} ({ident[key]}); resume with the run's own dump")
+                            f"{ident['shards']} ({ident[key]}); resume with the run's own dump and settings")
 
 
 def input_scale(cfg: LanguageModelSAERunnerConfig, dump: Dump) -> float:
@@ -85,82 +117,145 @@ def input_scale(cfg: LanguageModelSAERunnerConfig, dump: Dump) -> float:
 
 
 def random_rows(loader: ActivationLoader, n: int, seed: int, salt: int) -> torch.Tensor:
-    """n distinct random rows of the loader's range (all of them if it holds fewer), raw."""
+    """n distinct random training rows (all of them if there are fewer), raw."""
     rng = np.random.default_rng([seed, salt, 1])
     n = min(n, loader.n_rows)
     rows = np.sort(rng.choice(loader.n_rows, size=n, replace=False)) + loader.lo
     return loader.gather(rows)
 
 
+def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool) -> DataPlan:
+    """Open the dump, hold out its last contexts, and build the shared shuffled loader."""
+    device = pick_device(cfg.device)
+    dump = open_training_dump(cfg, verify)
+    try:
+        train_rows, _ = split_rows(dump, cfg.eval_holdout_contexts)
+    except ValueError as e:
+        raise UserError(f"eval_holdout_contexts: {e}") from None
+    n_train = train_rows[1] - train_rows[0]
+    total_tokens = cfg.total_training_tokens or n_train
+    loader = ActivationLoader(dump, cfg.train_batch_size, cfg.seed, device, rows=train_rows,
+                              buffer_rows=cfg.shuffle_buffer_rows, block_rows=cfg.shuffle_block_rows)
+    return DataPlan(dump, loader, input_scale(cfg, dump), total_tokens,
+                    steps_for_tokens(total_tokens, n_train, cfg.train_batch_size),
+                    dump_identity(dump, train_rows))
+
+
+def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, name: str,
+              resume_from: Path | None, wandb_group: str | None = None) -> Slot:
+    """Build (or restore) one SAE trainer and open its run folder."""
+    device = pick_device(cfg.device)
+    trainer = SAETrainer(cfg, data.dump.d_in, data.scale, data.total_steps, device)
+    if resume_from is not None:
+        check_resume(read_state(resume_from), data.ident, resume_from)
+        load_trainer_state_(trainer, resume_from)
+    else:
+        mean = torch.tensor((data.dump.manifest.stats or {}).get("mean", [0.0] * data.dump.d_in))
+        trainer.init_b_dec_(mean, lambda: random_rows(data.loader, B_DEC_SAMPLE_ROWS, cfg.seed, 0))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(run_dir / "config.json", cfg.to_dict() | {"resolved_run_name": name})
+    metrics = MetricsLog(run_dir, name, cfg.to_dict(), cfg.log_to_wandb, cfg.wandb_project,
+                         cfg.wandb_entity, resume_step=trainer.counters.step, group=wandb_group)
+    checkpoints = {round(data.total_steps * (i + 1) / (cfg.n_checkpoints + 1))
+                   for i in range(cfg.n_checkpoints)}
+    return Slot(name, trainer, metrics, run_dir, checkpoints)
+
+
 def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = None,
           log: Callable[[str], None] = print, progress: bool = True, verify: bool = True) -> TrainResult:
     """Train one SAE from the dump `cfg.shards`; optionally continue a checkpoint."""
-    device = pick_device(cfg.device)
-    dump = open_training_dump(cfg, verify)
-    state = None
-    if resume_from is not None:
-        state = read_state(Path(resume_from))
-        check_resume(state, dump, Path(resume_from))
-    scale = input_scale(cfg, dump)
-    total_tokens = cfg.total_training_tokens or dump.n_rows
-    total_steps = steps_for_tokens(total_tokens, dump.n_rows, cfg.train_batch_size)
-    loader = ActivationLoader(dump, cfg.train_batch_size, cfg.seed, device,
-                              buffer_rows=cfg.shuffle_buffer_rows, block_rows=cfg.shuffle_block_rows)
-    trainer = SAETrainer(cfg, dump.d_in, scale, total_steps, device)
-    if state is not None:
-        load_trainer_state_(trainer, Path(resume_from))
-    else:
-        mean = torch.tensor((dump.manifest.stats or {}).get("mean", [0.0] * dump.d_in))
-        trainer.init_b_dec_(mean, lambda: random_rows(loader, B_DEC_SAMPLE_ROWS, cfg.seed, 0))
-
-    name = cfg.run_name or cfg.default_run_name(dump.d_in, dump.path.name)
+    data = plan_data(cfg, verify)
+    name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
     run_dir = Path(cfg.checkpoint_path or Path("data") / "runs" / name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(run_dir / "config.json", cfg.to_dict() | {"resolved_run_name": name})
-    ident = dump_identity(dump)
-    log(f"training {trainer.sae.cfg.d_in} -> {trainer.sae.cfg.d_sae} SAE on {dump.n_rows:,} rows of "
-        f"{dump.path} for {total_steps:,} steps ({total_tokens:,} tokens) on {device}; run folder {run_dir}")
-    metrics = MetricsLog(run_dir, name, cfg.to_dict(), cfg.log_to_wandb, cfg.wandb_project,
-                         cfg.wandb_entity, resume_step=trainer.counters.step)
-    checkpoints = {round(total_steps * (i + 1) / (cfg.n_checkpoints + 1)) for i in range(cfg.n_checkpoints)}
-    try:
-        _loop(trainer, loader, metrics, total_steps, checkpoints, run_dir, ident, scale, progress)
-    except KeyboardInterrupt:
-        saved = save_checkpoint(run_dir / str(trainer.counters.tokens_seen), trainer, ident)
-        metrics.close()
-        raise UserError(f"interrupted; state saved: continue with --resume-from {saved}") from None
-    final = save_checkpoint(run_dir / "final", trainer, ident)
-    metrics.close()
+    slot = make_slot(cfg, data, run_dir, name, Path(resume_from) if resume_from else None)
+    sae = slot.trainer.sae.cfg
+    log(f"training {sae.d_in} -> {sae.d_sae} SAE on {data.loader.n_rows:,} rows of {data.dump.path} "
+        f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
+        f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {run_dir}")
+    [final] = run_slots([slot], data, progress)
     log(f"final SAE: {final}")
-    return TrainResult(trainer.sae, run_dir, final, trainer)
+    evaluation = evaluate_final(cfg, final, log) if cfg.evaluate_at_end else None
+    return TrainResult(slot.trainer.sae, run_dir, final, slot.trainer, evaluation)
 
 
-def _loop(trainer: SAETrainer, loader: ActivationLoader, metrics: MetricsLog, total_steps: int,
-          checkpoints: set[int], run_dir: Path, ident: dict[str, Any], scale: float, progress: bool) -> None:
-    cfg = trainer.cfg
-    c = trainer.counters
-    bar = tqdm(total=total_steps, initial=c.step, unit="step", disable=not progress, desc="train")
-    started, tokens_at_start = time.perf_counter(), c.tokens_seen
-    batches = loader.batches(start_batch=c.step)
+def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable[[str], None],
+                   model: Any = None) -> dict[str, Any]:
+    """`evaluate` on a final checkpoint; the result goes to eval.json beside it."""
+    from train.evaluate import EvalConfig, evaluate_checkpoint
+
+    result = evaluate_checkpoint(final, EvalConfig(holdout_contexts=cfg.eval_holdout_contexts,
+                                                   device=cfg.device), model=model)
+    atomic.write_json(final.parent / "eval.json", result)
+    shown = {k: result[k] for k in ("explained_variance", "l0", "ce_loss_recovered") if k in result}
+    log(f"evaluation of {final}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    return result
+
+
+def run_slots(slots: list[Slot], data: DataPlan, progress: bool) -> list[Path]:
+    """Train every slot in lockstep to the end; returns their final checkpoint folders."""
     try:
-        while c.step < total_steps:
+        _loop(slots, data, progress)
+    except KeyboardInterrupt:
+        saved = [save_checkpoint(s.run_dir / str(s.trainer.counters.tokens_seen), s.trainer, data.ident)
+                 for s in slots]
+        for s in slots:
+            s.metrics.close()
+        raise UserError("interrupted; state saved: continue with --resume-from "
+                        + " / ".join(str(p) for p in saved)) from None
+    finals = [save_checkpoint(s.run_dir / "final", s.trainer, data.ident) for s in slots]
+    for s in slots:
+        s.metrics.close()
+    return finals
+
+
+def _loop(slots: list[Slot], data: DataPlan, progress: bool) -> None:
+    lead = slots[0].trainer.counters
+    if any(s.trainer.counters.step != lead.step for s in slots):
+        raise UserError("the SAEs of a sweep must resume from the same step")
+    total = data.total_steps
+    bar = tqdm(total=total, initial=lead.step, unit="step", disable=not progress, desc="train")
+    started, tokens_at_start = time.perf_counter(), lead.tokens_seen
+    batches = data.loader.batches(start_batch=lead.step)
+    try:
+        while lead.step < total:
             x = next(batches)
-            if scale != 1.0:
-                x = x * scale
-            trainer.update(x)
-            if trainer.end_of_window():
-                trainer.resample_(x, lambda n, step: random_rows(loader, n, cfg.seed, step))
-                metrics.density_histogram(c.step, trainer.log10_density())
-                trainer.reset_window()
-            if c.step % cfg.wandb_log_frequency == 0 or c.step == total_steps:
-                rate = (c.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - started)
-                row = trainer.pop_metrics() | {"tokens": c.tokens_seen, "tokens_per_s": rate}
-                metrics.log(c.step, row)
-                bar.set_postfix(tokens=f"{c.tokens_seen:,}", tok_s=f"{rate:,.0f}", mse=f"{row['mse']:.4g}",
-                                L0=f"{row['l0']:.1f}", refresh=False)
+            if data.scale != 1.0:
+                x = x * data.scale
+            samples: dict[tuple[int, int], torch.Tensor] = {}  # resampling rows, shared by the group
+
+            def sampler(n: int, step: int, seed: int) -> torch.Tensor:
+                if (n, step, seed) not in samples:
+                    samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
+                return samples[(n, step, seed)]
+
+            for slot in slots:
+                _step_slot(slot, x, sampler, total, started, tokens_at_start, data.ident)
             bar.update(1)
-            if c.step in checkpoints:
-                save_checkpoint(run_dir / str(c.tokens_seen), trainer, ident)
+            if lead.step % slots[0].trainer.cfg.wandb_log_frequency == 0 or lead.step == total:
+                last = slots[0].last_logged
+                bar.set_postfix(tokens=f"{lead.tokens_seen:,}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}",
+                                mse=f"{last.get('mse', math.nan):.4g}", L0=f"{last.get('l0', math.nan):.1f}",
+                                refresh=False)
     finally:
         batches.close()
         bar.close()
+
+
+def _step_slot(slot: Slot, x: torch.Tensor, sampler: Callable[[int, int, int], torch.Tensor], total: int,
+               started: float, tokens_at_start: int, ident: dict[str, Any]) -> None:
+    """One step of one SAE, then its resampling, logging and checkpoint when due."""
+    t = slot.trainer
+    c = t.counters
+    cfg = t.cfg
+    t.update(x)
+    if t.end_of_window():
+        t.resample_(x, lambda n, step: sampler(n, step, cfg.seed))
+        slot.metrics.density_histogram(c.step, t.log10_density())
+        t.reset_window()
+    if c.step % cfg.wandb_log_frequency == 0 or c.step == total:
+        rate = (c.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - started)
+        row = t.pop_metrics() | {"tokens": c.tokens_seen, "tokens_per_s": rate}
+        slot.metrics.log(c.step, row)
+        slot.last_logged = row
+    if c.step in slot.checkpoints:
+        save_checkpoint(slot.run_dir / str(c.tokens_seen), t, ident)

@@ -1,0 +1,162 @@
+"""A sweep's results at a glance: a table (terminal, CSV, JSON) and PNG plots.
+
+    summary.csv / summary.json    one row per SAE: its swept settings and final metrics
+    frontier_l0_ev.png            L0 against explained variance, Pareto frontier marked
+    frontier_l0_ce.png            L0 against CE loss recovered (when evaluated with the model)
+    feature_density.png           log10 feature density histogram per SAE
+    loss_curves.png               MSE and L0 against step per SAE
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from safetensors.torch import load_file
+
+from shared import atomic
+from train.metrics_log import METRICS
+
+COLUMNS = ("mse", "explained_variance", "l0", "frac_dead", "eval_mse", "eval_explained_variance",
+           "eval_l0", "eval_frac_dead", "eval_frac_dense", "ce_clean", "ce_with_sae",
+           "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [row for row in (json.loads(line) for line in path.read_text().splitlines() if line)
+            if "mse" in row]
+
+
+def summary_row(name: str, run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings + last logged training metrics + eval.json (prefixed eval_ where names clash)."""
+    row: dict[str, Any] = {"name": name, **settings, "folder": str(run_dir)}
+    logged = read_metrics(run_dir)
+    if logged:
+        row.update({k: logged[-1].get(k) for k in ("mse", "explained_variance", "l0", "frac_dead")})
+    eval_path = Path(run_dir) / "eval.json"
+    if eval_path.is_file():
+        ev = json.loads(eval_path.read_text())
+        for k, v in ev.items():
+            if k in ("mse", "explained_variance", "l0", "frac_dead", "frac_dense"):
+                row[f"eval_{k}"] = v
+            elif k.startswith(("ce_", "kl_")):
+                row[k] = v
+    return row
+
+
+def pareto_front(x: list[float], y: list[float]) -> list[int]:
+    """Indices of points no other point beats on both (lower x and higher y), by increasing x."""
+    order = sorted(range(len(x)), key=lambda i: (x[i], -y[i]))
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return front
+
+
+def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: Path, plt) -> bool:
+    x_key = "eval_l0" if all(r.get("eval_l0") is not None for r in rows) else "l0"
+    pts = [(r[x_key], r[y_key], r.get("label", r["name"])) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+    if not pts:
+        return False
+    x, y, names = zip(*pts)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(x, y, color="tab:blue", zorder=2)
+    for xi, yi, n in pts:
+        ax.annotate(n, (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = pareto_front(list(x), list(y))
+    ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:red", marker="o", zorder=3,
+            label="frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (features active per token)" + (" on held-out rows" if x_key == "eval_l0" else ""))
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if rows and rows[0].get("label_keys"):
+        ax.set_title(f"points labelled {rows[0]['label_keys']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _density_plot(runs: list[tuple[str, Path]], path: Path, plt) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bins = np.linspace(-10, 0, 51)
+    for name, final in runs:
+        sparsity = final / "sparsity.safetensors"
+        if sparsity.is_file():
+            values = load_file(str(sparsity))["sparsity"].numpy()
+            ax.hist(np.clip(values, -10, 0), bins=bins, histtype="step", label=name)
+    ax.set_xlabel("log10 feature density (-10: never fired)")
+    ax.set_ylabel("features")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _curves_plot(runs: list[tuple[str, Path]], path: Path, plt) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, run_dir in runs:
+        rows = read_metrics(run_dir)
+        steps = [r["step"] for r in rows]
+        a.plot(steps, [r["mse"] for r in rows], label=name)
+        b.plot(steps, [r["l0"] for r in rows], label=name)
+    a.set_yscale("log")
+    a.set_xlabel("step")
+    a.set_ylabel("MSE")
+    b.set_yscale("log")
+    b.set_xlabel("step")
+    b.set_ylabel("L0")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    table = [keys] + [[cell(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table)
+
+
+def write_summary(root: Path, results: list[tuple[str, Any]], sweep: dict[str, list[Any]],
+                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Write the table and plots for `results` [(name, TrainResult)] into `root`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [summary_row(name, r.run_dir, {k: getattr(r.trainer.cfg, k) for k in sweep}) for name, r in results]
+    for row in rows:  # short point labels for the plots: the swept values only
+        row["label"] = ", ".join(str(row[k]) for k in sweep)
+        row["label_keys"] = ", ".join(sweep)
+    keys = ["name", *sweep, *[c for c in COLUMNS if any(r.get(c) is not None for r in rows)]]
+    atomic.write_json(root / "summary.json", [{k: v for k, v in r.items() if not k.startswith("label")}
+                                              for r in rows])
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys + ["folder"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    ev_key = "eval_explained_variance" if all(r.get("eval_explained_variance") is not None for r in rows) \
+        else "explained_variance"
+    _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png", plt)
+    _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered", root / "frontier_l0_ce.png", plt)
+    _density_plot([(name, r.final) for name, r in results], root / "feature_density.png", plt)
+    _curves_plot([(name, r.run_dir) for name, r in results], root / "loss_curves.png", plt)
+    log(format_table(rows, keys))
+    log(f"summary: {root / 'summary.csv'}, plots: {root}/*.png")
+    return rows
