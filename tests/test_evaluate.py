@@ -175,7 +175,7 @@ def _hf_losses(hf_model, tokens: torch.Tensor, replace, skip_bos: bool) -> tuple
 
 @pytest.mark.parametrize("skip_bos", [False, True])
 def test_ce_metrics_match_a_plain_hf_computation(bridge, hf_model, docs, skip_bos):
-    tokens = packed_grid(docs[1], 7)
+    tokens = packed_grid(docs[1], 5)
     d_in = bridge.cfg.d_model
     sae = random_sae(d_in, 64)
     mean = torch.randn(d_in) * 0.1
@@ -199,7 +199,7 @@ def test_ce_metrics_match_a_plain_hf_computation(bridge, hf_model, docs, skip_bo
 
 
 def test_exact_sae_recovers_all_loss(bridge, docs):
-    tokens = packed_grid(docs[1], 5)
+    tokens = packed_grid(docs[1], 3)
     d_in = bridge.cfg.d_model
     got = ce_metrics(bridge, identity_sae(d_in), HOOK, tokens, torch.zeros(d_in), False, 2, "cpu")
     assert got["ce_with_sae"] == pytest.approx(got["ce_clean"], abs=1e-6)
@@ -220,7 +220,7 @@ def test_evaluate_checkpoint_on_heldout_contexts(bridge, dump_path, tiny_model, 
     dump = open_dump(dump_path)
     folder = _checkpoint(tmp_path / "sae", identity_sae(dump.d_in), dump_path, tiny_model,
                          eval_holdout_contexts=4)
-    got = evaluate_checkpoint(folder, EvalConfig(device="cpu", max_eval_contexts=3, batch_contexts=2),
+    got = evaluate_checkpoint(folder, EvalConfig(device="cpu", max_eval_contexts=3, batch_contexts=3),
                               model=bridge)
     json.dumps(got)
     rpc = dump.manifest.rows_per_context

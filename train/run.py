@@ -49,6 +49,13 @@ class DataPlan:
     total_tokens: int
     total_steps: int
     ident: dict[str, Any]
+    _init_sample: torch.Tensor | None = None
+
+    def init_sample(self, seed: int) -> torch.Tensor:
+        """Random training rows for b_dec's geometric median, read once for a whole sweep."""
+        if self._init_sample is None:
+            self._init_sample = random_rows(self.loader, B_DEC_SAMPLE_ROWS, seed, 0)
+        return self._init_sample
 
 
 @dataclass
@@ -151,7 +158,7 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
         load_trainer_state_(trainer, resume_from)
     else:
         mean = torch.tensor((data.dump.manifest.stats or {}).get("mean", [0.0] * data.dump.d_in))
-        trainer.init_b_dec_(mean, lambda: random_rows(data.loader, B_DEC_SAMPLE_ROWS, cfg.seed, 0))
+        trainer.init_b_dec_(mean, lambda: data.init_sample(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(run_dir / "config.json", cfg.to_dict() | {"resolved_run_name": name})
     metrics = MetricsLog(run_dir, name, cfg.to_dict(), cfg.log_to_wandb, cfg.wandb_project,
