@@ -107,3 +107,33 @@ def test_helpers():
         {"l1_coefficient": [1e-4, 3e-4], "expansion_factor": [16]}
     assert groups_that_fit([3, 3, 3, 5], budget=7) == [[0, 1], [2], [3]]
     assert pareto_front([1, 2, 3, 4], [0.5, 0.4, 0.7, 0.9]) == [0, 2, 3]
+
+
+def test_sweep_evaluated_with_the_model(tiny_model, token_dataset, tmp_path):
+    """Sweep on a harvested dump, evaluated at the end with the model spliced: every SAE gets CE
+    metrics in the summary, the CE frontier plot is drawn, and `evaluate` on the folder redoes it."""
+    from helpers import run_harvest
+
+    from train.config import LanguageModelSAERunnerConfig
+    from train.evaluate_cli import main as evaluate_main
+
+    run_harvest("--model", str(tiny_model), "--dataset", str(token_dataset), "--out", str(tmp_path / "dump"),
+                "--context-size", "32", "--tokens", "3200", "--shard-rows", "1000")
+    cfg = LanguageModelSAERunnerConfig(shards=str(tmp_path / "dump"), checkpoint_path=str(tmp_path / "sw"),
+                                       train_batch_size=128, total_training_tokens=2048, device="cpu",
+                                       eval_holdout_contexts=10, evaluate_at_end=True, lr=1e-3)
+    results = train_sweep(cfg, {"l1_coefficient": [0.01, 0.1], "expansion_factor": [1, 2]}, progress=False)
+    rows = json.loads((tmp_path / "sw" / "summary.json").read_text())
+    assert len(rows) == 4
+    for row, r in zip(rows, results):
+        assert r.evaluation["n_eval_contexts"] == 10
+        assert row["ce_with_sae"] == pytest.approx(r.evaluation["ce_with_sae"])
+        assert row["eval_l0"] is not None and row["ce_clean"] is not None
+    assert (tmp_path / "sw" / "frontier_l0_ce.png").stat().st_size > 5000
+    (tmp_path / "sw" / "summary.json").unlink()
+    got = CliRunner().invoke(evaluate_main, [str(tmp_path / "sw"), "--max-eval-contexts", "4"])
+    assert got.exit_code == 0, got.output
+    again = json.loads((tmp_path / "sw" / "summary.json").read_text())
+    assert len(again) == 4 and all(r["ce_with_sae"] is not None for r in again)
+    shown = CliRunner().invoke(evaluate_main, [str(results[0].run_dir), "--top-examples", "2", "--features", "0,1"])
+    assert shown.exit_code == 0 and shown.output.count("[[") >= 1, shown.output

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from shared.errors import DumpError, UserError
+from shared.models import check_hook, load_model, resolve_model_name
 from shared.reader import Dump, open_dump
 from shared.sae import SparseAutoencoder, read_cfg
 from train.holdout import split_rows
@@ -161,6 +162,7 @@ def ce_metrics(model: Any, sae: SparseAutoencoder, hook: str, tokens: torch.Tens
         raise UserError(f"need tokens of shape [contexts, >= 2 positions], got {tuple(tokens.shape)}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    check_hook(model, hook)
     device = torch.device(device)
     mean_activation = mean_activation.to(device, torch.float32)
     patches = {
@@ -265,7 +267,9 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     sae_cfg = read_cfg(sae_folder)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dump = _open_eval_dump(sae_folder, sae_cfg, dump_path)
-    requested = cfg.holdout_contexts if cfg.holdout_contexts is not None else sae_cfg.get("eval_holdout_contexts")
+    requested = cfg.holdout_contexts
+    if requested is None:  # what training held out (absent from older checkpoints: the default)
+        requested = sae_cfg.get("eval_holdout_contexts")
     rows = _heldout_rows(dump, requested)
     n_heldout = (rows[1] - rows[0]) // dump.manifest.rows_per_context
     sae = SparseAutoencoder.load_from_pretrained(sae_folder, device=device)
@@ -309,8 +313,6 @@ def _ce_on_heldout(sae: SparseAutoencoder, dump: Dump, n_heldout: int, cfg: Eval
     """CE metrics on the first `max_eval_contexts` held-out contexts."""
     m = dump.manifest
     if model is None:
-        from shared.models import load_model
-
         model = load_model(m.model, str(device))
     if m.stats is None:
         raise DumpError(f"{dump.path}/manifest.json has no stats (mean activation); re-harvest the dump")
@@ -394,8 +396,6 @@ def format_example(example: dict[str, Any], tokenizer: Any = None, window: int =
 def load_tokenizer(model_name: str) -> Any:
     """The tokenizer of `model_name` (alias, local folder or hub repo), or None if it cannot be
     loaded (e.g. offline with nothing cached): examples then show token ids."""
-    from shared.models import resolve_model_name
-
     try:
         from transformers import AutoTokenizer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -130,9 +131,35 @@ def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table)
 
 
-def write_summary(root: Path, results: list[tuple[str, Any]], sweep: dict[str, list[Any]],
+@dataclass
+class SummaryEntry:
+    """One SAE of a sweep: where it lives and its swept settings."""
+
+    name: str
+    run_dir: Path
+    settings: dict[str, Any]
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final"
+
+
+SWEEP_INDEX = "sweep.json"  # the sweep's own index of its SAEs (folders are never listed)
+
+
+def write_sweep_index(root: Path, entries: list[SummaryEntry], keys: list[str]) -> None:
+    atomic.write_json(Path(root) / SWEEP_INDEX, {"keys": keys, "runs": [
+        {"name": e.name, "folder": str(e.run_dir), "settings": e.settings} for e in entries]})
+
+
+def read_sweep_index(root: Path) -> tuple[list[SummaryEntry], list[str]]:
+    raw = json.loads((Path(root) / SWEEP_INDEX).read_text())
+    return [SummaryEntry(r["name"], Path(r["folder"]), r["settings"]) for r in raw["runs"]], raw["keys"]
+
+
+def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],
                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Write the table and plots for `results` [(name, TrainResult)] into `root`."""
+    """Write the table and plots for a sweep's SAEs into `root`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,11 +167,11 @@ def write_summary(root: Path, results: list[tuple[str, Any]], sweep: dict[str, l
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    rows = [summary_row(name, r.run_dir, {k: getattr(r.trainer.cfg, k) for k in sweep}) for name, r in results]
+    rows = [summary_row(e.name, e.run_dir, e.settings) for e in entries]
     for row in rows:  # short point labels for the plots: the swept values only
-        row["label"] = ", ".join(str(row[k]) for k in sweep)
-        row["label_keys"] = ", ".join(sweep)
-    keys = ["name", *sweep, *[c for c in COLUMNS if any(r.get(c) is not None for r in rows)]]
+        row["label"] = ", ".join(str(row[k]) for k in keys)
+        row["label_keys"] = ", ".join(keys)
+    keys = ["name", *keys, *[c for c in COLUMNS if any(r.get(c) is not None for r in rows)]]
     atomic.write_json(root / "summary.json", [{k: v for k, v in r.items() if not k.startswith("label")}
                                               for r in rows])
     with open(root / "summary.csv", "w", newline="") as f:
@@ -155,8 +182,8 @@ def write_summary(root: Path, results: list[tuple[str, Any]], sweep: dict[str, l
         else "explained_variance"
     _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png", plt)
     _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered", root / "frontier_l0_ce.png", plt)
-    _density_plot([(name, r.final) for name, r in results], root / "feature_density.png", plt)
-    _curves_plot([(name, r.run_dir) for name, r in results], root / "loss_curves.png", plt)
+    _density_plot([(e.name, e.final) for e in entries], root / "feature_density.png", plt)
+    _curves_plot([(e.name, e.run_dir) for e in entries], root / "loss_curves.png", plt)
     log(format_table(rows, keys))
     log(f"summary: {root / 'summary.csv'}, plots: {root}/*.png")
     return rows

@@ -139,9 +139,12 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
         model = _load_model_once(data, base)
         for r in done:
             r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model)
-    from train.summary import write_summary
+    from train.summary import SummaryEntry, write_summary, write_sweep_index
 
-    write_summary(root, [(name, r) for (name, _), r in zip(runs, done)], sweep, log)
+    entries = [SummaryEntry(name, r.run_dir, {k: getattr(cfg, k) for k in sweep})
+               for (name, cfg), r in zip(runs, done)]
+    write_sweep_index(root, entries, list(sweep))
+    write_summary(root, entries, list(sweep), log)
     return done
 
 
