@@ -149,3 +149,19 @@ def test_refuses_incomplete_corrupt_and_mismatched_dumps(tmp_path):
     sparse_dump(tmp_path / "b", n_rows=1024, d_in=16)
     with pytest.raises(UserError, match="different d_in"):
         train(small_cfg(tmp_path / "b", tmp_path / "rb"), resume_from=first.final, progress=False)
+
+
+def test_cli_resume_from_uses_the_checkpoint_config(tmp_path):
+    sparse_dump(tmp_path / "dump", n_rows=2048)
+    args = ["--shards", str(tmp_path / "dump"), "--expansion-factor", "2", "--train-batch-size", "128",
+            "--total-training-tokens", "4096", "--n-checkpoints", "1", "--device", "cpu", "--quiet",
+            "--eval-holdout-contexts", "0"]
+    full = CliRunner().invoke(train_main, args + ["--checkpoint-path", str(tmp_path / "a")])
+    assert full.exit_code == 0, full.output
+    mid = tmp_path / "a" / "2048"
+    # Only the checkpoint (and where to write) is given: everything else comes from the checkpoint.
+    resumed = CliRunner().invoke(train_main, ["--resume-from", str(mid), "--checkpoint-path",
+                                              str(tmp_path / "b"), "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (tmp_path / "a" / "final" / "sae_weights.safetensors").read_bytes() == \
+        (tmp_path / "b" / "final" / "sae_weights.safetensors").read_bytes()

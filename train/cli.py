@@ -70,7 +70,8 @@ def read_config_file(path: str) -> dict[str, Any]:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML or JSON file of config keys; flags override it.")
 @click.option("--resume-from", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Checkpoint folder to continue (e.g. data/runs/<run>/1228800).")
+              help="Checkpoint folder to continue (e.g. data/runs/<run>/1228800), with the run's "
+                   "own config unless flags say otherwise.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="Train a grid in lockstep from one read of the dump; repeat for more keys "
                    "(e.g. --sweep l1_coefficient=0.6,1.2 --sweep expansion_factor=16,64).")
@@ -88,7 +89,12 @@ def main(shards, config_file, resume_from, sweeps, verify, quiet, **flags) -> No
 
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     try:
-        raw = read_config_file(config_file) if config_file else {}
+        raw = {}
+        if resume_from:  # a checkpoint carries its run's config: flags may still override it
+            from train.checkpoint import read_state
+
+            raw.update(read_state(Path(resume_from))["config"])
+        raw.update(read_config_file(config_file) if config_file else {})
         sweep = raw.pop("sweep", None) or {}
         if not isinstance(sweep, dict):
             raise UserError(f"{config_file}: 'sweep' must map config keys to lists of values")

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from shared.reader import Dump
-from shared.shard_files import activations_to_torch
 
 BUFFER_BYTES = 1 << 30  # default shuffle buffer: about 1 GiB of float32 rows
 
@@ -33,6 +32,13 @@ class EpochPlan:
 
     block_starts: np.ndarray  # [n_blocks] global first row of each block, in visiting order
     block_lens: np.ndarray  # [n_blocks]
+
+
+def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage dtype -> float32 in numpy; bfloat16 words become the top half of float32 bits."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
 
 
 def default_buffer_rows(d_in: int, batch_size: int) -> int:
@@ -93,8 +99,12 @@ class ActivationLoader:
         return idx
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
-        """Read the given sorted global rows into one float32 tensor, shard by shard."""
-        out = torch.empty((len(rows), self.dump.d_in), dtype=torch.float32)
+        """Read the given sorted global rows into one float32 tensor [len(rows), d_in].
+
+        numpy, not torch, does this work: the loader threads must not share torch's intra-op
+        thread pool with the training step (on a CPU, oversubscribing it slows the step).
+        """
+        out = np.empty((len(rows), self.dump.d_in), dtype=np.float32)
         at = 0
         for i in range(self.dump.n_shards):
             s_lo, s_hi = self.dump.shard_range(i)
@@ -103,18 +113,16 @@ class ActivationLoader:
                 continue
             local = rows[a:b] - s_lo
             arr = self.dump.shard(i).activations
-            picked = arr.oindex[local] if hasattr(arr, "oindex") else arr[local]
-            out[at : at + (b - a)] = activations_to_torch(np.asarray(picked), self.dump.dtype).float()
+            picked = np.asarray(arr.oindex[local] if hasattr(arr, "oindex") else arr[local])
+            out[at : at + (b - a)] = _to_float32(picked, self.dump.dtype)
             at += b - a
         self.rows_read += len(rows)
-        return out
+        return torch.from_numpy(out)
 
-    def _permutation(self, epoch: int, buffer: int, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch, buffer + 1])
-                                              .integers(2**62)))
-        return torch.randperm(n, generator=g)
+    def _permutation(self, epoch: int, buffer: int, n: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, buffer + 1]).permutation(n)
 
-    def _buffers(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def _buffers(self, start_batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """(rows of one buffer, its row permutation, first batch to emit from it), in order."""
         per_buffer = self.buffer_rows // self.batch_size
         n_buffers = -(-self.n_rows // self.buffer_rows)
@@ -122,15 +130,15 @@ class ActivationLoader:
         while True:
             plan = self.plan(epoch)
             for buffer in range(in_epoch // per_buffer, n_buffers):
-                data = self.gather(self._buffer_rows_index(plan, buffer))
+                data = self.gather(self._buffer_rows_index(plan, buffer)).numpy()
                 skip = in_epoch - buffer * per_buffer if buffer == in_epoch // per_buffer else 0
                 yield data, self._permutation(epoch, buffer, len(data)), skip
             epoch, in_epoch = epoch + 1, 0
 
-    def _cut(self, buffers: Iterator[tuple[torch.Tensor, torch.Tensor, int]]) -> Iterator[torch.Tensor]:
+    def _cut(self, buffers: Iterator[tuple[np.ndarray, np.ndarray, int]]) -> Iterator[torch.Tensor]:
         for data, perm, skip in buffers:
             for j in range(skip, -(-len(data) // self.batch_size)):
-                batch = data.index_select(0, perm[j * self.batch_size : (j + 1) * self.batch_size])
+                batch = torch.from_numpy(np.take(data, perm[j * self.batch_size : (j + 1) * self.batch_size], axis=0))
                 yield batch.pin_memory() if self._pin else batch
 
     def batches(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
