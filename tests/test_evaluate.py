@@ -353,3 +353,17 @@ def test_format_example_marks_the_firing_token(tiny_model):
     assert format_example(example, None, window=1) == f"{ids[1]} [[{ids[2]}]] {ids[3]}"
     assert format_example({"tokens": [5, 6], "ids_marked": 0}, None) == "[[5]] 6"
     assert load_tokenizer("no-such-org/no-such-model-xyz") is None
+
+
+def test_shared_ablation_baselines_give_the_same_metrics(bridge, ce_tokens):
+    """A sweep evaluates its SAEs with the ablation runs cached from the first: same numbers."""
+    d_in = bridge.cfg.d_model
+    mean = torch.randn(d_in) * 0.1
+    saes = [random_sae(d_in, 64, seed=s) for s in (0, 1)]
+    alone = [ce_metrics(bridge, sae, HOOK, ce_tokens, mean, False, 3, "cpu") for sae in saes]
+    cache: dict = {}
+    shared = [ce_metrics(bridge, sae, HOOK, ce_tokens, mean, False, 3, "cpu", baselines=cache) for sae in saes]
+    assert cache  # the first SAE filled it
+    for a, b in zip(alone, shared):
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key

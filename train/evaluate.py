@@ -150,13 +150,15 @@ class _ReconstructionSums:
 @torch.inference_mode()
 def ce_metrics(model: Any, sae: SparseAutoencoder, hook: str, tokens: torch.Tensor,
                mean_activation: torch.Tensor, skip_bos: bool, batch_size: int,
-               device: str | torch.device) -> dict[str, float | None]:
+               device: str | torch.device, baselines: dict | None = None) -> dict[str, float | None]:
     """Next-token cross-entropy of a TransformerBridge `model` with the hook's output replaced.
 
     tokens: [n, T] int64; mean_activation: [d_in]. Four runs per batch of contexts: clean, SAE
     reconstruction spliced in, zero ablation, mean ablation. Losses average over all predicted
     positions (0..T-2 predicting 1..T-1). With `skip_bos` position 0 keeps its clean activation
     in every patched run: the SAE never saw BOS rows, and BOS is outside what it is judged on.
+    `baselines`, a dict the caller keeps across SAEs evaluated on the same tokens, saves the two
+    ablation runs for every SAE after the first (a sweep pays for them once).
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise UserError(f"need tokens of shape [contexts, >= 2 positions], got {tuple(tokens.shape)}")
@@ -176,13 +178,23 @@ def ce_metrics(model: Any, sae: SparseAutoencoder, hook: str, tokens: torch.Tens
         batch = tokens[b : b + batch_size].to(device)  # [batch, T]
         clean = _log_probs(model(batch))  # [batch, T-1, vocab]
         sums["clean"] += float(_nll_sum(clean, batch))
+        key = (hook, b, tuple(batch.shape), int(batch.sum()))
+        cached = baselines.get(key) if baselines is not None else None
+        if cached is not None:
+            sums["zero"] += cached["zero"]
+            sums["mean"] += cached["mean"]
         for name, patch in patches.items():
+            if cached is not None and name in ("zero", "mean"):
+                continue
+            before = sums[name]
             logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice(patch, skip_bos))])
             patched = _log_probs(logits)
             sums[name] += float(_nll_sum(patched, batch))
             if name == "sae":
                 # KL(p_clean || p_sae) summed over the vocabulary, for each predicted position.
                 sums["kl"] += float((clean.exp() * (clean - patched)).sum(-1).double().sum())
+            elif baselines is not None:
+                baselines.setdefault(key, {})[name] = sums[name] - before
         count += batch.shape[0] * (batch.shape[1] - 1)
     return _ce_summary({name: total / count for name, total in sums.items()})
 
@@ -257,7 +269,7 @@ class EvalConfig:
 
 
 def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None = None,
-                        model: Any = None) -> dict[str, Any]:
+                        model: Any = None, baselines: dict | None = None) -> dict[str, Any]:
     """Metrics of the SAE in `sae_folder` on its dump's held-out contexts, as one flat JSON-able dict.
 
     The dump is the one cfg.json names (`shards`) unless `dump_path` is given; `model` (a
@@ -279,7 +291,7 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     metrics.pop("density")
     out.update(metrics)
     if cfg.with_model:
-        out.update(_ce_on_heldout(sae, dump, n_heldout, cfg, device, model))
+        out.update(_ce_on_heldout(sae, dump, n_heldout, cfg, device, model, baselines))
     return out
 
 
@@ -309,7 +321,7 @@ def _heldout_rows(dump: Dump, requested: int | None) -> tuple[int, int]:
 
 
 def _ce_on_heldout(sae: SparseAutoencoder, dump: Dump, n_heldout: int, cfg: EvalConfig,
-                   device: torch.device, model: Any) -> dict[str, Any]:
+                   device: torch.device, model: Any, baselines: dict | None = None) -> dict[str, Any]:
     """CE metrics on the first `max_eval_contexts` held-out contexts."""
     m = dump.manifest
     if model is None:
@@ -319,7 +331,7 @@ def _ce_on_heldout(sae: SparseAutoencoder, dump: Dump, n_heldout: int, cfg: Eval
     n = n_heldout if cfg.max_eval_contexts is None else min(n_heldout, cfg.max_eval_contexts)
     tokens = context_tokens(dump, m.n_contexts - n_heldout, n)
     mean = torch.tensor(m.stats["mean"], dtype=torch.float32)
-    ce = ce_metrics(model, sae, m.hook, tokens, mean, m.skip_bos, cfg.batch_contexts, device)
+    ce = ce_metrics(model, sae, m.hook, tokens, mean, m.skip_bos, cfg.batch_contexts, device, baselines)
     return {"n_ce_contexts": n, **ce}
 
 

@@ -93,6 +93,7 @@ def main(path, shards, holdout_contexts, with_model, max_eval_contexts, batch_co
         cfg = EvalConfig(holdout_contexts=holdout_contexts, with_model=with_model,
                          batch_contexts=batch_contexts, max_eval_contexts=max_eval_contexts, device=dev)
         model = None
+        baselines: dict = {}  # ablation losses, shared by SAEs evaluated on the same contexts
         results = []
         for final in finals:
             if with_model and model is None:
@@ -102,7 +103,7 @@ def main(path, shards, holdout_contexts, with_model, max_eval_contexts, batch_co
 
                 dump = open_dump(shards or read_cfg(final)["shards"])
                 model = load_model(dump.manifest.model, dev)
-            result = evaluate_checkpoint(final, cfg, dump_path=shards, model=model)
+            result = evaluate_checkpoint(final, cfg, dump_path=shards, model=model, baselines=baselines)
             atomic.write_json(final.parent / "eval.json", result)
             results.append(result)
             shown = ", ".join(f"{k} {result[k]:.4g}" for k in

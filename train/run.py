@@ -186,12 +186,12 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
 
 
 def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable[[str], None],
-                   model: Any = None) -> dict[str, Any]:
+                   model: Any = None, baselines: dict | None = None) -> dict[str, Any]:
     """`evaluate` on a final checkpoint; the result goes to eval.json beside it."""
     from train.evaluate import EvalConfig, evaluate_checkpoint
 
     result = evaluate_checkpoint(final, EvalConfig(holdout_contexts=cfg.eval_holdout_contexts,
-                                                   device=cfg.device), model=model)
+                                                   device=cfg.device), model=model, baselines=baselines)
     atomic.write_json(final.parent / "eval.json", result)
     shown = {k: result[k] for k in ("explained_variance", "l0", "ce_loss_recovered") if k in result}
     log(f"evaluation of {final}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

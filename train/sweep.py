@@ -137,8 +137,9 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
     done = [r for r in results if r is not None]
     if base.evaluate_at_end:
         model = _load_model_once(data, base)
+        baselines: dict = {}  # the ablation runs are the same for every SAE: pay for them once
         for r in done:
-            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model)
+            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines)
     from train.summary import SummaryEntry, write_summary, write_sweep_index
 
     entries = [SummaryEntry(name, r.run_dir, {k: getattr(cfg, k) for k in sweep})
