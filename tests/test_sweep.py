@@ -89,6 +89,15 @@ def test_sweep_in_memory_groups_matches_one_group(tmp_path, monkeypatch):
         assert (a.final / "sae_weights.safetensors").read_bytes() == (b.final / "sae_weights.safetensors").read_bytes()
 
 
+def test_sweep_logs_one_wandb_run_per_sae_plus_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sparse_dump(tmp_path / "dump", n_rows=1024)
+    cfg = small_cfg(tmp_path / "dump", tmp_path / "sw", total_training_tokens=512, log_to_wandb=True)
+    train_sweep(cfg, {"l1_coefficient": [0.1, 0.2]}, progress=False)
+    assert len(list((tmp_path / "sw").glob("*/wandb/offline-run-*"))) == 2  # one per SAE
+    assert len(list((tmp_path / "sw").glob("wandb/offline-run-*"))) == 1  # the summary run
+
+
 def test_sweep_from_cli_and_config_file(tmp_path):
     sparse_dump(tmp_path / "dump", n_rows=1024)
     conf = tmp_path / "sweep.yaml"

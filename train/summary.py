@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from shared import atomic
 from train.metrics_log import METRICS
 
-COLUMNS = ("mse", "explained_variance", "l0", "frac_dead", "eval_mse", "eval_explained_variance",
+PLOTS = ("frontier_l0_ev.png", "frontier_l0_ce.png", "feature_density.png", "loss_curves.png")
+COLUMNS = ("train_mse", "train_explained_variance", "train_l0", "train_frac_dead", "eval_mse", "eval_explained_variance",
            "eval_l0", "eval_frac_dead", "eval_frac_dense", "ce_clean", "ce_with_sae",
            "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae")
 
@@ -38,7 +39,8 @@ def summary_row(name: str, run_dir: Path, settings: dict[str, Any]) -> dict[str,
     row: dict[str, Any] = {"name": name, **settings, "folder": str(run_dir)}
     logged = read_metrics(run_dir)
     if logged:
-        row.update({k: logged[-1].get(k) for k in ("mse", "explained_variance", "l0", "frac_dead")})
+        # Last logged training values (mse in the normalized space when inputs were normalized).
+        row.update({f"train_{k}": logged[-1].get(k) for k in ("mse", "explained_variance", "l0", "frac_dead")})
     eval_path = Path(run_dir) / "eval.json"
     if eval_path.is_file():
         ev = json.loads(eval_path.read_text())
@@ -62,7 +64,7 @@ def pareto_front(x: list[float], y: list[float]) -> list[int]:
 
 
 def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: Path, plt) -> bool:
-    x_key = "eval_l0" if all(r.get("eval_l0") is not None for r in rows) else "l0"
+    x_key = "eval_l0" if all(r.get("eval_l0") is not None for r in rows) else "train_l0"
     pts = [(r[x_key], r[y_key], r.get("label", r["name"])) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
     if not pts:
         return False
@@ -179,7 +181,7 @@ def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],
         writer.writeheader()
         writer.writerows(rows)
     ev_key = "eval_explained_variance" if all(r.get("eval_explained_variance") is not None for r in rows) \
-        else "explained_variance"
+        else "train_explained_variance"
     _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png", plt)
     _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered", root / "frontier_l0_ce.png", plt)
     _density_plot([(e.name, e.final) for e in entries], root / "feature_density.png", plt)

@@ -145,8 +145,27 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
     entries = [SummaryEntry(name, r.run_dir, {k: getattr(cfg, k) for k in sweep})
                for (name, cfg), r in zip(runs, done)]
     write_sweep_index(root, entries, list(sweep))
-    write_summary(root, entries, list(sweep), log)
+    rows = write_summary(root, entries, list(sweep), log)
+    if base.log_to_wandb:
+        _log_summary_to_wandb(base, sweep_name, root, rows)
     return done
+
+
+def _log_summary_to_wandb(base: LanguageModelSAERunnerConfig, group: str, root: Path,
+                          rows: list[dict[str, Any]]) -> None:
+    """The sweep's table and plots as one more run of the sweep's wandb group."""
+    import wandb
+
+    run = wandb.init(project=base.wandb_project, entity=base.wandb_entity, group=group,
+                     name=f"{group}-summary", job_type="summary", dir=str(root), reinit="create_new")
+    keys = sorted({k for r in rows for k in r if not k.startswith("label")})
+    run.log({"summary": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])})
+    from train.summary import PLOTS
+
+    for name in PLOTS:
+        if (root / name).is_file():  # the CE frontier exists only after evaluation with the model
+            run.log({f"plots/{Path(name).stem}": wandb.Image(str(root / name))})
+    run.finish()
 
 
 def _load_model_once(data, base: LanguageModelSAERunnerConfig) -> Any:
