@@ -71,8 +71,12 @@ def test_sweep_reads_each_batch_once_and_matches_solo_runs(tmp_path, count_reads
     assert sorted((float(r["l1_coefficient"]), int(r["expansion_factor"])) for r in rows) == \
         [(0.05, 2), (0.05, 3), (0.3, 2), (0.3, 3)]
     assert len(json.loads((root / "summary.json").read_text())) == 4
+    drawn = json.loads((root / "plots.json").read_text())
+    names = sorted(r.run_dir.name for r in results)
     for png in ("frontier_l0_ev.png", "feature_density.png", "loss_curves.png"):
         assert (root / png).stat().st_size > 5000
+        assert sorted(drawn[png]) == names, png
+    assert drawn["frontier_l0_ce.png"] == []  # no CE metrics without evaluation
 
 
 def test_sweep_in_memory_groups_matches_one_group(tmp_path, monkeypatch):
@@ -139,6 +143,7 @@ def test_sweep_evaluated_with_the_model(tiny_model, token_dataset, tmp_path):
         assert row["ce_with_sae"] == pytest.approx(r.evaluation["ce_with_sae"])
         assert row["eval_l0"] is not None and row["ce_clean"] is not None
     assert (tmp_path / "sw" / "frontier_l0_ce.png").stat().st_size > 5000
+    assert len(json.loads((tmp_path / "sw" / "plots.json").read_text())["frontier_l0_ce.png"]) == 4
     (tmp_path / "sw" / "summary.json").unlink()
     got = CliRunner().invoke(evaluate_main, [str(tmp_path / "sw"), "--max-eval-contexts", "4"])
     assert got.exit_code == 0, got.output

@@ -90,8 +90,10 @@ class ActivationLoader:
         lo, hi = buffer * self.buffer_rows, min((buffer + 1) * self.buffer_rows, self.n_rows)
         first = int(np.searchsorted(ends, lo, side="right"))
         last = int(np.searchsorted(ends, hi, side="left"))
-        idx = np.concatenate([np.arange(s, s + n) for s, n in
-                              zip(plan.block_starts[first : last + 1], plan.block_lens[first : last + 1])])
+        starts, lens = plan.block_starts[first : last + 1], plan.block_lens[first : last + 1]
+        # Row ids of those blocks, one vectorised expression: each block's start + 0..len-1.
+        offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        idx = np.repeat(starts, lens) + offsets
         # Trim the partial blocks at both ends: buffers split the block sequence at exact rows.
         offset = lo - (int(ends[first - 1]) if first > 0 else 0)
         idx = idx[offset : offset + (hi - lo)]

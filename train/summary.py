@@ -5,6 +5,7 @@
     frontier_l0_ce.png            L0 against CE loss recovered (when evaluated with the model)
     feature_density.png           log10 feature density histogram per SAE
     loss_curves.png               MSE and L0 against step per SAE
+    plots.json                    which SAEs each plot shows
 """
 from __future__ import annotations
 
@@ -63,12 +64,13 @@ def pareto_front(x: list[float], y: list[float]) -> list[int]:
     return front
 
 
-def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: Path, plt) -> bool:
+def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: Path, plt) -> list[str]:
+    """Draw one point per SAE that has both values; returns the names drawn."""
     x_key = "eval_l0" if all(r.get("eval_l0") is not None for r in rows) else "train_l0"
     pts = [(r[x_key], r[y_key], r.get("label", r["name"])) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
     if not pts:
-        return False
-    x, y, names = zip(*pts)
+        return []
+    x, y, _ = zip(*pts)
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.scatter(x, y, color="tab:blue", zorder=2)
     for xi, yi, n in pts:
@@ -86,10 +88,11 @@ def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: P
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return [r["name"] for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
 
 
-def _density_plot(runs: list[tuple[str, Path]], path: Path, plt) -> None:
+def _density_plot(runs: list[tuple[str, Path]], path: Path, plt) -> list[str]:
+    drawn = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bins = np.linspace(-10, 0, 51)
     for name, final in runs:
@@ -97,18 +100,23 @@ def _density_plot(runs: list[tuple[str, Path]], path: Path, plt) -> None:
         if sparsity.is_file():
             values = load_file(str(sparsity))["sparsity"].numpy()
             ax.hist(np.clip(values, -10, 0), bins=bins, histtype="step", label=name)
+            drawn.append(name)
     ax.set_xlabel("log10 feature density (-10: never fired)")
     ax.set_ylabel("features")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
-def _curves_plot(runs: list[tuple[str, Path]], path: Path, plt) -> None:
+def _curves_plot(runs: list[tuple[str, Path]], path: Path, plt) -> list[str]:
+    drawn = []
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, run_dir in runs:
         rows = read_metrics(run_dir)
+        if rows:
+            drawn.append(name)
         steps = [r["step"] for r in rows]
         a.plot(steps, [r["mse"] for r in rows], label=name)
         b.plot(steps, [r["l0"] for r in rows], label=name)
@@ -122,6 +130,7 @@ def _curves_plot(runs: list[tuple[str, Path]], path: Path, plt) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
@@ -182,10 +191,15 @@ def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],
         writer.writerows(rows)
     ev_key = "eval_explained_variance" if all(r.get("eval_explained_variance") is not None for r in rows) \
         else "train_explained_variance"
-    _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png", plt)
-    _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered", root / "frontier_l0_ce.png", plt)
-    _density_plot([(e.name, e.final) for e in entries], root / "feature_density.png", plt)
-    _curves_plot([(e.name, e.run_dir) for e in entries], root / "loss_curves.png", plt)
+    drawn = {
+        "frontier_l0_ev.png": _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png", plt),
+        "frontier_l0_ce.png": _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered",
+                                             root / "frontier_l0_ce.png", plt),
+        "feature_density.png": _density_plot([(e.name, e.final) for e in entries],
+                                             root / "feature_density.png", plt),
+        "loss_curves.png": _curves_plot([(e.name, e.run_dir) for e in entries], root / "loss_curves.png", plt),
+    }
+    atomic.write_json(root / "plots.json", drawn)  # which SAEs each plot shows
     log(format_table(rows, keys))
     log(f"summary: {root / 'summary.csv'}, plots: {root}/*.png")
     return rows
