@@ -112,3 +112,17 @@ def test_raw_text_is_tokenized_and_packed(tiny_model, text_dataset, tmp_path):
     # Concatenate, split into 15-token pieces, BOS at each context start.
     expected = np.array([[0] + stream[i * 15 : (i + 1) * 15] for i in range(10)]).reshape(-1)
     assert (dump.column("tokens", 0, dump.n_rows) == expected).all()
+
+
+def test_shuffle_documents_is_seeded(tiny_model, token_dataset, tmp_path):
+    def tokens(seed: str, shuffle: bool) -> np.ndarray:
+        out = tmp_path / f"{seed}_{shuffle}"
+        run_harvest(*_common(tiny_model, token_dataset, out), "--seed", seed,
+                    "--shuffle-documents" if shuffle else "--no-shuffle-documents", "--shuffle-buffer-docs", "16")
+        dump = open_dump(out)
+        return dump.column("tokens", 0, dump.n_rows)
+
+    plain = tokens("1", False)
+    a, b, c = tokens("1", True), tokens("1", True), tokens("2", True)
+    assert np.array_equal(a, b)  # same seed, same order
+    assert not np.array_equal(a, c) and not np.array_equal(a, plain)
