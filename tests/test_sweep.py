@@ -151,3 +151,18 @@ def test_sweep_evaluated_with_the_model(tiny_model, token_dataset, tmp_path):
     assert len(again) == 4 and all(r["ce_with_sae"] is not None for r in again)
     shown = CliRunner().invoke(evaluate_main, [str(results[0].run_dir), "--top-examples", "2", "--features", "0,1"])
     assert shown.exit_code == 0 and shown.output.count("[[") >= 1, shown.output
+
+
+def test_interrupted_sweep_resumes_to_the_same_weights(tmp_path):
+    sparse_dump(tmp_path / "dump", n_rows=2048, n_features=4, per_row=1)
+    results = train_sweep(_base(tmp_path, "sw", total_training_tokens=4096), GRID, progress=False)
+    want = {r.run_dir.name: (r.final / "sae_weights.safetensors").read_bytes() for r in results}
+    for r in results:  # as if the run died after the mid-run checkpoint
+        import shutil
+
+        shutil.rmtree(r.final)
+    got = CliRunner().invoke(train_main, ["--resume-from", str(tmp_path / "sw"), "--quiet"])
+    assert got.exit_code == 0, got.output
+    for name, weights in want.items():
+        assert (tmp_path / "sw" / name / "final" / "sae_weights.safetensors").read_bytes() == weights, name
+    assert len(json.loads((tmp_path / "sw" / "summary.json").read_text())) == 4

@@ -28,6 +28,7 @@ from train.sae_trainer import Counters, SAETrainer
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 SPARSITY = "sparsity.safetensors"
+CHECKPOINT_INDEX = "checkpoints.json"
 _TRACKERS = ("tokens_since_fired", "window_fired", "fired_total")
 
 
@@ -64,7 +65,23 @@ def save_checkpoint(folder: Path, trainer: SAETrainer, dump_info: dict[str, Any]
              "dump": dump_info, "config": trainer.cfg.to_dict()}
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
     atomic.commit(tmp, folder)
+    _index_checkpoint(folder, trainer)
     return folder
+
+
+def _index_checkpoint(folder: Path, trainer: SAETrainer) -> None:
+    """Record the checkpoint in <run>/checkpoints.json, so resuming never lists folders."""
+    index_path = folder.parent / CHECKPOINT_INDEX
+    entries = [e for e in read_checkpoint_index(folder.parent) if e["folder"] != folder.name]
+    entries.append({"folder": folder.name, "step": trainer.counters.step,
+                    "tokens": trainer.counters.tokens_seen})
+    atomic.write_json(index_path, sorted(entries, key=lambda e: (e["step"], e["folder"])))
+
+
+def read_checkpoint_index(run_dir: Path) -> list[dict[str, Any]]:
+    """[{folder, step, tokens}] of a run's checkpoints, oldest first ([] if none yet)."""
+    path = Path(run_dir) / CHECKPOINT_INDEX
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:

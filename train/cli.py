@@ -71,7 +71,7 @@ def read_config_file(path: str) -> dict[str, Any]:
               help="YAML or JSON file of config keys; flags override it.")
 @click.option("--resume-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Checkpoint folder to continue (e.g. data/runs/<run>/1228800), with the run's "
-                   "own config unless flags say otherwise.")
+                   "own config unless flags say otherwise; or a sweep folder, to continue all its SAEs.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="Train a grid in lockstep from one read of the dump; repeat for more keys "
                    "(e.g. --sweep l1_coefficient=0.6,1.2 --sweep expansion_factor=16,64).")
@@ -85,10 +85,16 @@ def main(shards, config_file, resume_from, sweeps, verify, quiet, **flags) -> No
     Example: train --shards data/gelu2l_l0 --l1-coefficient 1.2 --expansion-factor 32
     """
     from train.run import train
-    from train.sweep import parse_sweep_flags, train_sweep
+    from train.sweep import parse_sweep_flags, resume_sweep, train_sweep
 
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     try:
+        if resume_from and (Path(resume_from) / "sweep.json").is_file():
+            if sweeps or config_file or any(v is not None for v in flags.values()):
+                raise UserError("a sweep resumes with its own settings: pass only --resume-from SWEEP_FOLDER")
+            for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify):
+                click.echo(str(r.final))
+            return
         raw = {}
         if resume_from:  # a checkpoint carries its run's config: flags may still override it
             from train.checkpoint import read_state
@@ -105,7 +111,7 @@ def main(shards, config_file, resume_from, sweeps, verify, quiet, **flags) -> No
         cfg = LanguageModelSAERunnerConfig.from_dict(raw, where=config_file or "flags")
         if sweep:
             if resume_from:
-                raise UserError("--resume-from continues one SAE; resume a sweep's SAEs one by one")
+                raise UserError("to continue a sweep, pass only --resume-from SWEEP_FOLDER")
             results = train_sweep(cfg, sweep, log=log, progress=not quiet, verify=verify)
             for r in results:
                 click.echo(str(r.final))

@@ -198,8 +198,12 @@ def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable
     return result
 
 
-def run_slots(slots: list[Slot], data: DataPlan, progress: bool) -> list[Path]:
-    """Train every slot in lockstep to the end; returns their final checkpoint folders."""
+def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Path | None = None) -> list[Path]:
+    """Train every slot in lockstep to the end; returns their final checkpoint folders.
+
+    On Ctrl-C every slot saves a checkpoint at the same step; `resume_hint` (a sweep's folder) is
+    what to pass to --resume-from then, else the single slot's checkpoint.
+    """
     try:
         _loop(slots, data, progress)
     except KeyboardInterrupt:
@@ -207,8 +211,7 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool) -> list[Path]:
                  for s in slots]
         for s in slots:
             s.metrics.close()
-        raise UserError("interrupted; state saved: continue with --resume-from "
-                        + " / ".join(str(p) for p in saved)) from None
+        raise UserError(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
     finals = [save_checkpoint(s.run_dir / "final", s.trainer, data.ident) for s in slots]
     for s in slots:
         s.metrics.close()

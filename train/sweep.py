@@ -8,6 +8,7 @@ subfolder named after its settings, and ends with exactly the weights it would h
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from dataclasses import fields, replace
 from pathlib import Path
@@ -115,10 +116,48 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
     """Train the grid; returns one result per SAE, in grid order."""
     runs = grid(base, sweep)
     data = plan_data(base, verify)
+    root = Path(base.checkpoint_path or Path("data") / "runs" / _sweep_name(base, data))
+    return _train_runs(base, runs, list(sweep), root, data, None, log, progress)
+
+
+def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool = True,
+                 verify: bool = True) -> list[TrainResult]:
+    """Continue every SAE of the sweep in `root` from the newest checkpoint they all have."""
+    from train.checkpoint import read_checkpoint_index
+    from train.summary import read_sweep_index
+
+    entries, keys = read_sweep_index(root)
+    runs = []
+    for e in entries:
+        raw = json.loads((e.run_dir / "config.json").read_text())
+        raw.pop("resolved_run_name", None)
+        runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(e.run_dir / "config.json"))))
+    indexes = [{c["step"]: c["folder"] for c in read_checkpoint_index(e.run_dir) if c["folder"] != "final"}
+               for e in entries]
+    common = set.intersection(*(set(i) for i in indexes))
+    if not common:
+        raise UserError(f"the SAEs in {root} share no checkpoint to resume from; start the sweep again")
+    step = max(common)
+    resume_from = {e.name: e.run_dir / index[step] for e, index in zip(entries, indexes)}
+    base = runs[0][1]
+    data = plan_data(base, verify)
+    log(f"resuming the sweep in {root} at step {step:,}")
+    return _train_runs(base, runs, keys, Path(root), data, resume_from, log, progress)
+
+
+def _sweep_name(base: LanguageModelSAERunnerConfig, data: Any) -> str:
+    return base.run_name or f"sweep-{data.dump.path.name}"
+
+
+def _train_runs(base: LanguageModelSAERunnerConfig, runs: list[tuple[str, LanguageModelSAERunnerConfig]],
+                keys: list[str], root: Path, data: Any, resume_from: dict[str, Path] | None,
+                log: Callable[[str], None], progress: bool) -> list[TrainResult]:
+    """Train `runs` in lockstep groups that fit in memory, then evaluate and summarise."""
+    from train.summary import SummaryEntry, write_summary, write_sweep_index
+
     device = pick_device(base.device)
     d_in = data.dump.d_in
-    sweep_name = base.run_name or f"sweep-{data.dump.path.name}"
-    root = Path(base.checkpoint_path or Path("data") / "runs" / sweep_name)
+    sweep_name = _sweep_name(base, data)
     sizes = [sae_bytes(d_in, cfg.sae_width(d_in), base.train_batch_size) for _, cfg in runs]
     budget = int(free_bytes(device) * MEMORY_HEADROOM) - 3 * data.loader.buffer_rows * d_in * 4
     groups = groups_that_fit(sizes, max(budget, 1))
@@ -127,11 +166,15 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
             f"on {device}: training them in {len(groups)} groups of {', '.join(str(len(g)) for g in groups)}")
     log(f"sweep of {len(runs)} SAEs on {data.loader.n_rows:,} rows of {data.dump.path} for "
         f"{data.total_steps:,} steps each; folder {root}")
+    entries = [SummaryEntry(name, root / name, {k: getattr(cfg, k) for k in keys}) for name, cfg in runs]
+    root.mkdir(parents=True, exist_ok=True)
+    write_sweep_index(root, entries, keys)  # first, so an interrupted sweep can be resumed
     results: list[TrainResult | None] = [None] * len(runs)
     for group in groups:
-        slots = [make_slot(runs[i][1], data, root / runs[i][0], runs[i][0], None, wandb_group=sweep_name)
+        slots = [make_slot(runs[i][1], data, root / runs[i][0], runs[i][0],
+                           resume_from[runs[i][0]] if resume_from else None, wandb_group=sweep_name)
                  for i in group]
-        finals = run_slots(slots, data, progress)
+        finals = run_slots(slots, data, progress, resume_hint=root)
         for i, slot, final in zip(group, slots, finals):
             results[i] = TrainResult(slot.trainer.sae, slot.run_dir, final, slot.trainer)
     done = [r for r in results if r is not None]
@@ -140,12 +183,7 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
         baselines: dict = {}  # the ablation runs are the same for every SAE: pay for them once
         for r in done:
             r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines)
-    from train.summary import SummaryEntry, write_summary, write_sweep_index
-
-    entries = [SummaryEntry(name, r.run_dir, {k: getattr(cfg, k) for k in sweep})
-               for (name, cfg), r in zip(runs, done)]
-    write_sweep_index(root, entries, list(sweep))
-    rows = write_summary(root, entries, list(sweep), log)
+    rows = write_summary(root, entries, keys, log)
     if base.log_to_wandb:
         _log_summary_to_wandb(base, sweep_name, root, rows)
     return done
