@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 from shared.errors import UserError
 from shared.models import cache_root
+from shared.packaged import resolve_dataset_alias
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -45,11 +46,7 @@ def _open_stream(name: str, split: str) -> tuple[Any, str]:
     import datasets
 
     datasets.disable_progress_bars()  # harvest's own bar covers the work
-    try:
-        from shared.packaged import resolve_dataset_alias
-    except ImportError:  # the packaged-corpus helpers are optional
-        resolve_dataset_alias = None  # type: ignore[assignment]
-    local = resolve_dataset_alias(name, cache_root() / "corpora") if resolve_dataset_alias else None
+    local = resolve_dataset_alias(name, cache_root() / "corpora")
     path = Path(local or name)
     if _is_saved_dataset(path):
         ds = datasets.load_from_disk(str(path))

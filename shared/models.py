@@ -29,14 +29,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def resolve_model_name(name: str) -> tuple[str, str]:
     """Return (how to boot, what to boot): ("transformers", dir or repo) or ("legacy", repo)."""
-    try:
-        from shared.packaged import resolve_model_alias
-    except ImportError:  # the packaged-model helpers are optional
-        resolve_model_alias = None  # type: ignore[assignment]
-    if resolve_model_alias is not None:
-        local = resolve_model_alias(name, cache_root() / "models")
-        if local is not None:
-            return "transformers", local
+    from shared.packaged import resolve_model_alias
+
+    local = resolve_model_alias(name, cache_root() / "models")
+    if local is not None:
+        return "transformers", local
     if Path(name).is_dir():
         return "transformers", name
     from transformer_lens.supported_models import get_official_model_name

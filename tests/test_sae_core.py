@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.errors import UserError
-from shared.sae import SAEConfig, SAEOutput, SparseAutoencoder
+from shared.sae import SAEConfig, SparseAutoencoder
 from train.geometric_median import geometric_median
 from train.resample import per_row_reconstruction_loss, resample_anthropic_, resample_l2_, sample_by_loss_squared
 from train.schedulers import SCHEDULER_NAMES, l1_warmup_factor, make_lr_lambda

@@ -226,18 +226,20 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool) -> None:
     bar = tqdm(total=total, initial=lead.step, unit="step", disable=not progress, desc="train")
     started, tokens_at_start = time.perf_counter(), lead.tokens_seen
     batches = data.loader.batches(start_batch=lead.step)
+    samples: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def sampler(n: int, step: int, seed: int) -> torch.Tensor:
+        """Resampling rows, read once per step for the whole group (same seed, same rows)."""
+        if (n, step, seed) not in samples:
+            samples.clear()  # an earlier step's sample is never asked for again
+            samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
+        return samples[(n, step, seed)]
+
     try:
         while lead.step < total:
             x = next(batches)
             if data.scale != 1.0:
                 x = x * data.scale
-            samples: dict[tuple[int, int], torch.Tensor] = {}  # resampling rows, shared by the group
-
-            def sampler(n: int, step: int, seed: int) -> torch.Tensor:
-                if (n, step, seed) not in samples:
-                    samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
-                return samples[(n, step, seed)]
-
             for slot in slots:
                 _step_slot(slot, x, sampler, total, started, tokens_at_start, data.ident)
             bar.update(1)
