@@ -231,7 +231,6 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool) -> None:
     def sampler(n: int, step: int, seed: int) -> torch.Tensor:
         """Resampling rows, read once per step for the whole group (same seed, same rows)."""
         if (n, step, seed) not in samples:
-            samples.clear()  # an earlier step's sample is never asked for again
             samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
         return samples[(n, step, seed)]
 
@@ -242,6 +241,7 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool) -> None:
                 x = x * data.scale
             for slot in slots:
                 _step_slot(slot, x, sampler, total, started, tokens_at_start, data.ident)
+            samples.clear()  # do not hold up to resample_sample_rows rows until the next window
             bar.update(1)
             if lead.step % slots[0].trainer.cfg.wandb_log_frequency == 0 or lead.step == total:
                 last = slots[0].last_logged
