@@ -71,7 +71,7 @@ def main() -> None:
     from harvest.run import harvest, pick_device
     from shared.models import load_model, stop_at_layer
 
-    device = pick_device(args.device)
+    device = str(pick_device(args.device))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_name = args.model or str(gelu2l_shaped(tmp / "model"))

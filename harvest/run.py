@@ -18,6 +18,7 @@ from harvest.data import DocumentSource, iter_token_docs, open_documents
 from harvest.target import Existing, check_disk, inspect_folder, out_folders
 from harvest.writer import ShardWriter
 from shared import atomic
+from shared.device import pick_device
 from shared.errors import UserError
 from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fingerprint
 from shared.models import (
@@ -37,10 +38,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def pick_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def probe_widths(model: Any, hooks: list[str], device: str, stop: int | None) -> dict[str, int]:
@@ -116,7 +113,7 @@ class HarvestResult:
 
 def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bool = True) -> HarvestResult:
     """Harvest activations for every hook in `cfg` (one model pass for all of them)."""
-    device = pick_device(cfg.device)
+    device = str(pick_device(cfg.device))
     model = load_model(cfg.model, device, cfg.model_dtype)
     source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
                             cfg.shuffle_documents, cfg.shuffle_buffer_docs)

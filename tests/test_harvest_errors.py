@@ -119,3 +119,9 @@ def test_reader_names_truncated_and_corrupted_shards(tiny_model, token_dataset, 
     shard.unlink()
     with pytest.raises(DumpError, match="shard_000001.safetensors is missing"):
         open_dump(out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_asked_without_cuda(tiny_model, token_dataset, tmp_path):
+    _fails(_args(tiny_model, token_dataset, tmp_path / "o", "--device", "cuda"), "CUDA is not available")
+    _fails(_args(tiny_model, token_dataset, tmp_path / "o", "--device", "tpu9"), "device")

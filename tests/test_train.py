@@ -121,6 +121,8 @@ def test_cli_config_file_and_flag_override(tmp_path):
     (["--train-batch-size", "0"], "train_batch_size must be positive"),
     (["--expansion-factor", "-2"], "expansion_factor must be positive"),
     (["--feature-sampling-method", "magic"], "feature_sampling_method must be one of"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="machine has CUDA")),
 ])
 def test_bad_configs_get_one_line_errors(tmp_path, flags, needle):
     sparse_dump(tmp_path / "dump", n_rows=1024)

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from shared import atomic
+from shared.device import pick_device
 from shared.errors import UserError
 from shared.reader import Dump, open_dump
 from shared.sae import SparseAutoencoder
@@ -68,10 +69,6 @@ class Slot:
     run_dir: Path
     checkpoints: set[int] = field(default_factory=set)
     last_logged: dict[str, Any] = field(default_factory=dict)
-
-
-def pick_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def steps_for_tokens(total_tokens: int, n_rows: int, batch_size: int) -> int:
