@@ -41,12 +41,13 @@ def write_shard(folder: Path, manifest: Manifest, index: int, first_row: int, ac
     tmp = atomic.temp_path(final)
     atomic.remove(tmp)
     if manifest.format == "safetensors":
-        write_safetensors(tmp, arrays)
+        digest = write_safetensors(tmp, arrays)
     else:
         write_zarr(tmp, arrays, manifest.compression)
+        digest = checksum(tmp, manifest.format)
     atomic.commit(tmp, final)
-    return ShardEntry(file=name, rows=len(acts), first_row=first_row,
-                      checksum=checksum(final, manifest.format), sum=total, sum_sq_norm=sq, sum_norm=norm)
+    return ShardEntry(file=name, rows=len(acts), first_row=first_row, checksum=digest, sum=total,
+                      sum_sq_norm=sq, sum_norm=norm)
 
 
 def write_dump(folder: Path, activations: torch.Tensor, context_size: int, shard_rows: int,
