@@ -166,3 +166,37 @@ def test_cli_resume_from_uses_the_checkpoint_config(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     assert (tmp_path / "a" / "final" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "b" / "final" / "sae_weights.safetensors").read_bytes()
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sparse_dump(tmp_path / "dump", n_rows=4096)
+    args = ["--shards", str(tmp_path / "dump"), "--expansion-factor", "4", "--train-batch-size", "64",
+            "--total-training-tokens", str(4096 * 40), "--device", "cpu", "--eval-holdout-contexts", "0",
+            "--wandb-log-frequency", "5", "--quiet", "--no-verify"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args, "--checkpoint-path", str(tmp_path / "a")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--resume-from" in err, err
+    saved = Path(err.strip().split("--resume-from ")[-1].strip())
+    assert (saved / "trainer_state.json").is_file() and "Traceback" not in err
+    resumed = CliRunner().invoke(train_main, ["--resume-from", str(saved), "--quiet", "--no-verify"])
+    assert resumed.exit_code == 0, resumed.output
+    straight = CliRunner().invoke(train_main, args + ["--checkpoint-path", str(tmp_path / "b")])
+    assert straight.exit_code == 0, straight.output
+    assert (tmp_path / "a" / "final" / "sae_weights.safetensors").read_bytes() == \
+        (tmp_path / "b" / "final" / "sae_weights.safetensors").read_bytes()

@@ -7,6 +7,8 @@ schedule, resampling, metrics and checkpoints.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +204,8 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Pa
     what to pass to --resume-from then, else the single slot's checkpoint.
     """
     try:
-        _loop(slots, data, progress)
+        with StopOnCtrlC() as stop:
+            _loop(slots, data, progress, stop)
     except KeyboardInterrupt:
         saved = [save_checkpoint(s.run_dir / str(s.trainer.counters.tokens_seen), s.trainer, data.ident)
                  for s in slots]
@@ -215,7 +218,30 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Pa
     return finals
 
 
-def _loop(slots: list[Slot], data: DataPlan, progress: bool) -> None:
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop at the next step boundary (so the checkpoint it
+    then saves is consistent); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnCtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC | None = None) -> None:
     lead = slots[0].trainer.counters
     if any(s.trainer.counters.step != lead.step for s in slots):
         raise UserError("the SAEs of a sweep must resume from the same step")
@@ -240,6 +266,8 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool) -> None:
                 _step_slot(slot, x, sampler, total, started, tokens_at_start, data.ident)
             samples.clear()  # do not hold up to resample_sample_rows rows until the next window
             bar.update(1)
+            if stop is not None and stop.requested and lead.step < total:
+                raise KeyboardInterrupt
             if lead.step % slots[0].trainer.cfg.wandb_log_frequency == 0 or lead.step == total:
                 last = slots[0].last_logged
                 bar.set_postfix(tokens=f"{lead.tokens_seen:,}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}",
