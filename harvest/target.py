@@ -30,6 +30,8 @@ class Existing:
 
 def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
     """Decide fresh / resume / done, or refuse with a message saying what to do."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; choose another --out")
     if not folder.exists() or not any(folder.iterdir()):
         return Existing(None, False)
     if not (folder / MANIFEST_NAME).is_file():

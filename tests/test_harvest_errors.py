@@ -69,6 +69,12 @@ def test_out_holding_a_different_dump(tiny_model, token_dataset, tmp_path):
     assert open_dump(out).manifest.n_contexts == 16
 
 
+def test_out_is_a_file(tiny_model, token_dataset, tmp_path):
+    (tmp_path / "o").write_text("mine")
+    _fails(_args(tiny_model, token_dataset, tmp_path / "o"), "is a file")
+    assert (tmp_path / "o").read_text() == "mine"
+
+
 def test_out_holding_other_files(tiny_model, token_dataset, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

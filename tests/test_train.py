@@ -200,3 +200,16 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert straight.exit_code == 0, straight.output
     assert (tmp_path / "a" / "final" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "b" / "final" / "sae_weights.safetensors").read_bytes()
+
+
+def test_config_file_values_are_typed(tmp_path):
+    from train.cli import read_config_file
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("lr: 1e-4\nd_sae: 4096\nlog_to_wandb: false\n")  # YAML 1.1 reads 1e-4 as text
+    cfg = LanguageModelSAERunnerConfig.from_dict(read_config_file(str(conf)))
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float) and cfg.d_sae == 4096
+    for bad, needle in ((dict(lr="fast"), "lr must be a number"), (dict(train_batch_size=1.5), "whole number"),
+                        (dict(log_to_wandb="yes"), "true or false"), (dict(colour="red"), "unknown key")):
+        with pytest.raises(UserError, match=needle):
+            LanguageModelSAERunnerConfig.from_dict(bad)

@@ -90,6 +90,8 @@ class LanguageModelSAERunnerConfig:
 
     def __post_init__(self) -> None:
         self.dtype = _dtype_name(self.dtype)
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, str(f.type), getattr(self, f.name)))
         choices = {"lr_scheduler_name": SCHEDULERS, "feature_sampling_method": SAMPLING_METHODS,
                    "b_dec_init_method": B_DEC_INIT, "normalize_activations": NORMALIZE,
                    "dtype": ("float32",)}
@@ -125,6 +127,39 @@ class LanguageModelSAERunnerConfig:
         if unknown:
             raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; see `train --help`")
         return cls(**raw)
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """Check a value against its field's type, converting what YAML leaves as text.
+
+    PyYAML reads `lr: 1e-4` as the string "1e-4" (YAML 1.1 floats need a dot), so numbers given
+    as strings are converted; anything else of the wrong type is a one-line error.
+    """
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise UserError(f"{name} cannot be empty")
+    kind = annotation.split("|")[0].strip()
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    if kind in ("int", "float"):
+        if isinstance(value, bool):
+            raise UserError(f"{name} must be a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{name} must be a number, got {value!r}") from None
+        if kind == "int":
+            if not float(value).is_integer():
+                raise UserError(f"{name} must be a whole number, got {value!r}")
+            return int(value)
+        return float(value)
+    if kind == "str" and not isinstance(value, str):
+        raise UserError(f"{name} must be text, got {value!r}")
+    return value
 
 
 def _dtype_name(dtype: Any) -> str:
