@@ -6,6 +6,7 @@ Durability order: shard temp file -> fsync -> rename -> manifest rewrite (itself
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 
 from shared import atomic
 from shared.errors import UserError
-from shared.dump_writer import write_shard
+from shared.dump_writer import shard_stats, write_shard
 from shared.manifest import MANIFEST_NAME, Manifest, shard_name
 from shared.shard_files import TORCH_DTYPE
 
@@ -153,7 +154,10 @@ class ShardWriter:
         n = buf.fill
         acts = buf.acts[:n]
         name = shard_name(buf.index, m.format)
-        bad = first_non_finite(acts)
+        # One pass for the statistics; a NaN or inf anywhere makes their sum non-finite, and only
+        # then is the shard scanned again to name the first bad row.
+        stats = shard_stats(acts)
+        bad = None if math.isfinite(stats[1]) else first_non_finite(acts)
         if bad is not None:
             raise NonFiniteActivations(
                 f"non-finite activation in {name} at row {bad} (dump row {buf.first_row + bad}, "
@@ -161,6 +165,6 @@ class ShardWriter:
                 "or check the model"
             )
         m.shards.append(write_shard(self.folder, m, buf.index, buf.first_row, acts, buf.tokens[:n],
-                                    buf.context[:n], buf.position[:n]))
+                                    buf.context[:n], buf.position[:n], stats=stats))
         atomic.write_json(self.folder / MANIFEST_NAME, m.to_dict())
         self.bytes_written += acts.numel() * acts.element_size() + n * 16

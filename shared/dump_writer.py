@@ -10,30 +10,39 @@ import torch
 
 from shared import atomic
 from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, fingerprint, shard_name
-from shared.shard_files import checksum, write_safetensors, write_zarr
+from shared.shard_files import as_numpy, checksum, stored_to_float32, write_safetensors, write_zarr
 
 _STATS_CHUNK = 32768  # rows per float64 chunk when summing statistics (bounds temporary memory)
 
 
 def shard_stats(acts: torch.Tensor) -> tuple[list[float], float, float]:
-    """float64 (per-dim sum, sum of squared norms, sum of norms) over rows, in fixed-size chunks."""
-    total = torch.zeros(acts.shape[1], dtype=torch.float64)
-    sq = torch.zeros((), dtype=torch.float64)
-    norm = torch.zeros((), dtype=torch.float64)
+    """float64 (per-dim sum, sum of squared norms, sum of norms) over rows, in fixed-size chunks.
+
+    In numpy: harvest calls this from its writer thread, which must not compete with the forward
+    pass for torch's intra-op thread pool.
+    """
+    dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[acts.dtype]
+    words = as_numpy(acts)
+    total = np.zeros(acts.shape[1], dtype=np.float64)
+    sq = norm = 0.0
     for start in range(0, acts.shape[0], _STATS_CHUNK):
-        chunk = acts[start : start + _STATS_CHUNK].to(torch.float64)
+        chunk = stored_to_float32(words[start : start + _STATS_CHUNK], dtype).astype(np.float64)
         total += chunk.sum(0)
-        row_sq = chunk.pow(2).sum(1)
-        sq += row_sq.sum()
-        norm += row_sq.sqrt().sum()
-    return total.tolist(), float(sq), float(norm)
+        row_sq = np.einsum("ij,ij->i", chunk, chunk)
+        sq += float(row_sq.sum())
+        norm += float(np.sqrt(row_sq).sum())
+    return total.tolist(), sq, norm
 
 
 def write_shard(folder: Path, manifest: Manifest, index: int, first_row: int, acts: torch.Tensor,
-                tokens: np.ndarray, context: np.ndarray, position: np.ndarray) -> ShardEntry:
-    """Write one shard atomically (temp + fsync + rename) and return its manifest entry."""
+                tokens: np.ndarray, context: np.ndarray, position: np.ndarray,
+                stats: tuple[list[float], float, float] | None = None) -> ShardEntry:
+    """Write one shard atomically (temp + fsync + rename) and return its manifest entry.
+
+    `stats` is `shard_stats(acts)` when the caller computed it already.
+    """
     name = shard_name(index, manifest.format)
-    total, sq, norm = shard_stats(acts)
+    total, sq, norm = stats if stats is not None else shard_stats(acts)
     arrays = {"activations": acts, "tokens": torch.from_numpy(np.ascontiguousarray(tokens, np.int32)),
               "context": torch.from_numpy(np.ascontiguousarray(context, np.int64)),
               "position": torch.from_numpy(np.ascontiguousarray(position, np.int32))}

@@ -34,13 +34,20 @@ class ShardArrays:
     position: Any  # [rows] int32: position inside the context
 
 
+def stored_to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored activations (numpy) -> float32; bfloat16 words become the top half of float32 bits."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
 def activations_to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     """View (not copy) numpy activations as a torch tensor of the storage dtype."""
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
+def as_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().contiguous()
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
@@ -70,7 +77,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
             f.write(part)
             digest.update(part)
         for t in tensors.values():
-            data = memoryview(_as_numpy(t)).cast("B")
+            data = memoryview(as_numpy(t)).cast("B")
             for start in range(0, len(data), _WRITE_CHUNK):
                 block = data[start : start + _WRITE_CHUNK]
                 f.write(block)
@@ -86,7 +93,7 @@ def write_zarr(path: Path, tensors: dict[str, torch.Tensor], compression: str | 
         compressors = zarr.codecs.ZstdCodec(level=3)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, t in tensors.items():
-        data = _as_numpy(t)
+        data = as_numpy(t)
         chunks = (min(_ZARR_CHUNK_ROWS, max(1, data.shape[0])),) + data.shape[1:]
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                                  compressors=compressors)

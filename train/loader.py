@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from shared.reader import Dump
+from shared.shard_files import stored_to_float32
 
 BUFFER_BYTES = 1 << 30  # default shuffle buffer: about 1 GiB of float32 rows
 
@@ -32,13 +33,6 @@ class EpochPlan:
 
     block_starts: np.ndarray  # [n_blocks] global first row of each block, in visiting order
     block_lens: np.ndarray  # [n_blocks]
-
-
-def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage dtype -> float32 in numpy; bfloat16 words become the top half of float32 bits."""
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)
 
 
 def default_buffer_rows(d_in: int, batch_size: int) -> int:
@@ -116,7 +110,7 @@ class ActivationLoader:
             local = rows[a:b] - s_lo
             arr = self.dump.shard(i).activations
             picked = np.asarray(arr.oindex[local] if hasattr(arr, "oindex") else arr[local])
-            out[at : at + (b - a)] = _to_float32(picked, self.dump.dtype)
+            out[at : at + (b - a)] = stored_to_float32(picked, self.dump.dtype)
             at += b - a
         self.rows_read += len(rows)
         return torch.from_numpy(out)
