@@ -53,23 +53,8 @@ class Dump:
         i = bisect.bisect_right(self._starts, row) - 1
         return i, row - self._starts[i]
 
-    def activations(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) as a torch tensor in the storage dtype.
-
-        A zero-copy view when the range lies inside one safetensors shard; a copy otherwise.
-        """
-        parts = []
-        row = start
-        while row < stop:
-            i, local = self.locate(row)
-            take = min(stop - row, self.manifest.shards[i].rows - local)
-            parts.append(self._shards[i].activations[local : local + take])
-            row += take
-        arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return activations_to_torch(np.asarray(arr), self.dtype)
-
-    def column(self, name: str, start: int, stop: int) -> np.ndarray:
-        """`tokens`, `context` or `position` for rows [start, stop)."""
+    def _slices(self, name: str, start: int, stop: int) -> list[np.ndarray]:
+        """Array `name` for rows [start, stop), one slice per shard the range touches."""
         parts = []
         row = start
         while row < stop:
@@ -77,6 +62,20 @@ class Dump:
             take = min(stop - row, self.manifest.shards[i].rows - local)
             parts.append(np.asarray(getattr(self._shards[i], name)[local : local + take]))
             row += take
+        return parts
+
+    def activations(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as a torch tensor in the storage dtype.
+
+        A zero-copy view when the range lies inside one safetensors shard; a copy otherwise.
+        """
+        parts = self._slices("activations", start, stop)
+        arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return activations_to_torch(arr, self.dtype)
+
+    def column(self, name: str, start: int, stop: int) -> np.ndarray:
+        """`tokens`, `context` or `position` for rows [start, stop)."""
+        parts = self._slices(name, start, stop)
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def verify(self) -> None:

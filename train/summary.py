@@ -85,10 +85,14 @@ def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: P
     ax.legend()
     if rows and rows[0].get("label_keys"):
         ax.set_title(f"points labelled {rows[0]['label_keys']}", fontsize=9)
+    _save(fig, path, plt)
+    return [r["name"] for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+
+
+def _save(fig, path: Path, plt) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [r["name"] for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
 
 
 def _density_plot(runs: list[tuple[str, Path]], path: Path, plt) -> list[str]:
@@ -104,9 +108,7 @@ def _density_plot(runs: list[tuple[str, Path]], path: Path, plt) -> list[str]:
     ax.set_xlabel("log10 feature density (-10: never fired)")
     ax.set_ylabel("features")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, plt)
     return drawn
 
 
@@ -127,9 +129,7 @@ def _curves_plot(runs: list[tuple[str, Path]], path: Path, plt) -> list[str]:
     b.set_xlabel("step")
     b.set_ylabel("L0")
     a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, plt)
     return drawn
 
 
