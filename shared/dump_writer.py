@@ -78,7 +78,7 @@ def write_dump(folder: Path, activations: torch.Tensor, context_size: int, shard
         config_fingerprint=fingerprint(cfg), hook=hook, layer=None, d_in=d_in, dtype=dtype,
         context_size=context_size, rows_per_context=context_size, dataset="synthetic", split="train",
         column="tokens", tokenized=True, tokenizer=None, bos_token_id=None, prepend_bos=False,
-        skip_bos=False, shard_rows=shard_rows, n_rows=0, n_contexts=n // context_size, shards=[],
+        skip_bos=False, shard_rows=shard_rows, n_rows=0, n_contexts=n // context_size, n_tokens=n, shards=[],
         stats=None, harvest_config=cfg, versions={},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     for i, start in enumerate(range(0, n, shard_rows)):

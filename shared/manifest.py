@@ -75,6 +75,8 @@ class Manifest:
     shard_rows: int
     n_rows: int
     n_contexts: int
+    n_tokens: int
+    """Tokens run through the model: n_contexts x context_size (BOS included, skipped or not)."""
     shards: list[ShardEntry]
     stats: dict[str, Any] | None
     harvest_config: dict[str, Any]

@@ -34,6 +34,7 @@ def test_dump_equals_direct_forward(tiny_model, token_dataset, tmp_path, skip_bo
     dump = open_dump(out, verify=True)
     m = dump.manifest
     assert m.complete and m.n_contexts == 32 and m.context_size == 32  # ceil(1000 / 32) contexts
+    assert m.n_tokens == 1024  # the first whole context at or past --tokens 1000
     assert m.n_rows == 32 * (31 if skip_bos else 32) == dump.n_rows
     # Rebuild each context from the stored token ids, run the full model (no stop_at_layer), compare.
     tokens = dump.column("tokens", 0, dump.n_rows)
@@ -66,7 +67,7 @@ def test_shards_are_plain_safetensors(tiny_model, token_dataset, tmp_path):
     assert first["context"].dtype == np.int64
     for key in ("format_version", "model", "model_fingerprint", "hook", "layer", "d_in", "dtype",
                 "context_size", "dataset", "split", "column", "tokenizer", "prepend_bos", "skip_bos",
-                "n_rows", "n_contexts", "stats", "harvest_config", "versions", "created"):
+                "n_rows", "n_contexts", "n_tokens", "stats", "harvest_config", "versions", "created"):
         assert key in m, key
 
 
