@@ -367,3 +367,15 @@ def test_shared_ablation_baselines_give_the_same_metrics(bridge, ce_tokens):
     for a, b in zip(alone, shared):
         for key, value in a.items():
             assert b[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_evaluate_cli_bad_feature_list(tmp_path):
+    from click.testing import CliRunner
+
+    from train.evaluate_cli import main as evaluate_main
+
+    (tmp_path / "cfg.json").write_text("{}")
+    for args, needle in ((["--top-examples", "2", "--features", "a,b"], "comma-separated integers"),
+                         (["--top-examples", "-1"], "must be positive")):
+        got = CliRunner().invoke(evaluate_main, [str(tmp_path), *args])
+        assert got.exit_code == 2 and needle in got.output and "Traceback" not in got.output, got.output

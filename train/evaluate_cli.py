@@ -83,8 +83,13 @@ def main(path, shards, holdout_contexts, with_model, max_eval_contexts, batch_co
                 raise UserError(f"--{name} must be positive, got {value}")
         finals, sweep_root = _targets(path)
         dev = str(pick_device(device))
+        if top_n < 0:
+            raise UserError(f"--top-examples must be positive, got {top_n}")
         if top_n:
-            feats = [int(f) for f in features.split(",") if f.strip()] if features else []
+            try:
+                feats = [int(f) for f in features.split(",") if f.strip()]
+            except ValueError:
+                raise UserError(f"--features must be comma-separated integers, got '{features}'") from None
             if not feats:
                 raise UserError("--top-examples needs --features, e.g. --features 0,5,17")
             for final in finals:
