@@ -15,7 +15,9 @@ from shared.sae import SAEConfig, SparseAutoencoder
 from train.geometric_median import geometric_median
 from train.resample import per_row_reconstruction_loss, resample_anthropic_, resample_l2_, sample_by_loss_squared
 from train.schedulers import SCHEDULER_NAMES, l1_warmup_factor, make_lr_lambda
-from train.step import explained_variance, make_optimizer, train_step_
+from shared.saes import StepContext
+from train.step import explained_variance, make_optimizer
+from train.step import train_step_ as generic_train_step_
 
 RESAMPLERS = [resample_anthropic_, resample_l2_]
 
@@ -34,6 +36,17 @@ def one_thread():
 def make_sae(d_in: int = 8, d_sae: int = 16, seed: int = 0) -> SparseAutoencoder:
     torch.manual_seed(seed)
     return SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae))
+
+
+def train_step_(sae, opt, sched, x, l1_coefficient: float, autocast: bool = False):
+    """The generic step, with this standard SAE's L1 coefficient set for it."""
+    sae.settings.l1_coefficient = l1_coefficient
+    return generic_train_step_(sae, opt, sched, x, StepContext(), autocast=autocast)
+
+
+def losses_of(sae, x, l1_coefficient: float):
+    sae.settings.l1_coefficient = l1_coefficient
+    return sae.training_forward(x, StepContext())
 
 
 def randomise_biases_(sae: SparseAutoencoder, seed: int = 1) -> None:
@@ -63,19 +76,36 @@ def test_forward_and_loss_match_hand_computation():
     # Row 1: x - b_dec = 0; pre-acts [0, -0.5, 0] -> f = 0; x_hat = b_dec = x.
     torch.testing.assert_close(out.feature_acts, torch.tensor([[1.0, 1.5, 1.0], [0.0, 0.0, 0.0]]))
     torch.testing.assert_close(out.sae_out, torch.tensor([[2.1, 1.8], [0.5, -0.5]]))
-    losses = sae.loss(x, out, l1_coefficient=0.1)
+    trained = losses_of(sae, x, l1_coefficient=0.1)
     # mse = (0.6^2 + 0.3^2 + 0) / 2 rows; l1 = (1 + 1.5 + 1 + 0) / 2 rows.
-    assert losses.mse.item() == pytest.approx(0.225, abs=1e-6)
-    assert losses.l1.item() == pytest.approx(1.75, abs=1e-6)
-    assert losses.total.item() == pytest.approx(0.225 + 0.1 * 1.75, abs=1e-6)
+    assert trained.losses["mse"].item() == pytest.approx(0.225, abs=1e-6)
+    assert trained.losses["l1_loss"].item() == pytest.approx(0.1 * 1.75, abs=1e-6)
+    assert trained.loss.item() == pytest.approx(0.225 + 0.1 * 1.75, abs=1e-6)
+    torch.testing.assert_close(trained.sae_out, out.sae_out)
 
 
-def test_init_is_tied_unit_norm_and_seeded():
+def test_april_update_weights_l1_by_decoder_norms_and_frees_the_decoder():
+    from shared.saes.standard import StandardSAE, StandardSettings
+
+    torch.manual_seed(0)
+    sae = StandardSAE(SAEConfig(d_in=8, d_sae=16), StandardSettings(l1_coefficient=0.3, anthropic_april_update=True))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((16,), 0.1))  # decoder_init_norm
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    out = sae.training_forward(x, StepContext(sparsity_scale=0.5))
+    f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    expected = 0.3 * 0.5 * (f * sae.W_dec.norm(dim=1)).sum(dim=1).mean()
+    torch.testing.assert_close(out.losses["l1_loss"], expected)
+    opt = make_optimizer(sae, 1e-2)
+    generic_train_step_(sae, opt, None, x, StepContext())
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.full((16,), 0.1))  # not renormalised
+
+
+def test_init_is_tied_small_encoder_unit_decoder_and_seeded():
     sae = make_sae(d_in=8, d_sae=16, seed=3)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
-    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    torch.testing.assert_close(sae.W_enc, 0.1 * sae.W_dec.T)  # decoder_init_norm 0.1
     assert not sae.b_enc.any() and not sae.b_dec.any()
-    assert [name for name, _ in sae.named_parameters()] == ["W_enc", "b_enc", "W_dec", "b_dec"]
+    assert sorted(name for name, _ in sae.named_parameters()) == ["W_dec", "W_enc", "b_dec", "b_enc"]
     assert torch.equal(make_sae(8, 16, seed=3).W_dec, sae.W_dec)
     assert not torch.equal(make_sae(8, 16, seed=4).W_dec, sae.W_dec)
 
@@ -114,10 +144,12 @@ def test_decoder_rows_stay_unit_norm_through_training_steps():
 def test_save_load_round_trip(tmp_path):
     sae = make_sae()
     randomise_biases_(sae)
-    folder = sae.save(tmp_path / "sae", {"hook_name": "blocks.0.hook_mlp_out", "l1_coefficient": 3e-4})
+    sae.settings.l1_coefficient = 3e-4
+    folder = sae.save(tmp_path / "sae", {"hook_name": "blocks.0.hook_mlp_out", "l1_coefficient": None})
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert cfg["d_in"] == 8 and cfg["d_sae"] == 16
-    assert cfg["hook_name"] == "blocks.0.hook_mlp_out" and cfg["l1_coefficient"] == 3e-4
+    assert cfg["d_in"] == 8 and cfg["d_sae"] == 16 and cfg["architecture"] == "standard"
+    assert cfg["hook_name"] == "blocks.0.hook_mlp_out" and cfg["l1_coefficient"] == 3e-4  # the SAE's own
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_mlp_out" and cfg["metadata"]["sae_lens_version"]
     raw = load_file(str(folder / "sae_weights.safetensors"))
     assert sorted(raw) == ["W_dec", "W_enc", "b_dec", "b_enc"]
     assert all(t.dtype == torch.float32 for t in raw.values())
@@ -196,14 +228,14 @@ def test_step_metrics_describe_the_batch_it_trains_on():
     result = train_step_(sae, opt, sched, x, l1_coefficient=0.05)
 
     out = before(x)
-    losses = before.loss(x, out, 0.05)
+    losses = losses_of(before, x, 0.05)
     fired = out.feature_acts > 0
-    torch.testing.assert_close(result.losses.total, losses.total.detach())
+    torch.testing.assert_close(result.losses["loss"], losses.loss.detach())
     assert torch.equal(result.feature_acts_fired, fired.sum(dim=0))
     assert result.l0.item() == pytest.approx(fired.sum().item() / 64)
     torch.testing.assert_close(result.sum_sq_err, (x - out.sae_out).pow(2).sum().detach())
     torch.testing.assert_close(result.sum_sq_total, (x - x.mean(0)).pow(2).sum())
-    assert all(not t.requires_grad for t in (*result.losses, result.l0, result.sum_sq_err))
+    assert all(not t.requires_grad for t in (*result.losses.values(), result.l0, result.sum_sq_err))
     assert not torch.equal(sae.W_enc, before.W_enc)  # the step did update
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi / 10)))
 
@@ -217,7 +249,7 @@ def test_step_follows_the_reference_sequence():
     for _ in range(3):
         x = torch.randn(64, 8, generator=g)
         train_step_(sae, opt, None, x, l1_coefficient=0.1)
-        reference.loss(x, reference(x), 0.1).total.backward()
+        losses_of(reference, x, 0.1).loss.backward()
         reference.remove_gradient_parallel_to_decoder_directions_()
         ref_opt.step()
         reference.set_decoder_norm_to_unit_norm_()
@@ -235,7 +267,7 @@ def test_bfloat16_autocast_step_keeps_float32_parameters():
     opt = make_optimizer(sae, lr=1e-2)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     result = train_step_(sae, opt, None, x, l1_coefficient=1e-2, autocast=True)
-    assert result.losses.total.dtype == torch.float32 and torch.isfinite(result.losses.total)
+    assert result.losses["loss"].dtype == torch.float32 and torch.isfinite(result.losses["loss"])
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
 

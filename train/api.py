@@ -11,6 +11,7 @@ from shared.manifest import MANIFEST_NAME, read_manifest
 from shared.models import default_dump_folder, load_model
 from shared.reader import open_dump
 from shared.sae import SparseAutoencoder, read_cfg
+from shared.saes import SAE, SAEConfig, architecture_class
 from train.config import LanguageModelSAERunnerConfig
 from train.holdout import holdout_contexts
 from train.loader import ActivationLoader
@@ -58,7 +59,7 @@ def ensure_dump(cfg: LanguageModelSAERunnerConfig) -> Path:
     return folder
 
 
-def language_model_sae_runner(cfg: LanguageModelSAERunnerConfig) -> SparseAutoencoder:
+def language_model_sae_runner(cfg: LanguageModelSAERunnerConfig) -> SAE:
     """Harvest the dump if needed, train the SAE, and return it (weights for raw activations)."""
     cfg.shards = str(ensure_dump(cfg))
     result = train(cfg)
@@ -71,19 +72,19 @@ class LMSparseAutoencoderSessionloader:
     def __init__(self, cfg: LanguageModelSAERunnerConfig):
         self.cfg = cfg
 
-    def load_session(self) -> tuple[Any, SparseAutoencoder, ActivationLoader]:
-        """(model, fresh SAE, activations loader) for this config; the dump must exist."""
-        from shared.sae import SAEConfig
-
+    def load_session(self) -> tuple[Any, SAE, ActivationLoader]:
+        """(model, fresh SAE of the config's architecture, activations loader); the dump must exist."""
         device = pick_device(self.cfg.device)
         dump = open_dump(ensure_dump(self.cfg))
         model = load_model(self.cfg.model_name, str(device))
-        sae = SparseAutoencoder(SAEConfig(dump.d_in, self.cfg.sae_width(dump.d_in)), device=device)
+        cls = architecture_class(self.cfg.architecture)
+        sae = cls(SAEConfig(dump.d_in, self.cfg.sae_width(dump.d_in)), cls.settings_from(self.cfg.to_dict()),
+                  device=device)
         return model, sae, ActivationLoader(dump, self.cfg.train_batch_size, self.cfg.seed, device)
 
     @classmethod
     def load_session_from_pretrained(cls, path: str | Path, device: str | None = None
-                                     ) -> tuple[Any, SparseAutoencoder, ActivationLoader]:
+                                     ) -> tuple[Any, SAE, ActivationLoader]:
         """(model, sae, activations loader) for a checkpoint folder written by `train`."""
         cfg = read_cfg(Path(path))
         dev = pick_device(device or None)

@@ -2,10 +2,10 @@
 
     <run>/<tokens seen>/ or <run>/final/
         cfg.json                    training config + dump facts + SAE shape
-        sae_weights.safetensors     W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec (raw inputs)
+        sae_weights.safetensors     the architecture's inference tensors, for raw inputs (SAELens' layout)
         sparsity.safetensors        log10 feature density over the run so far
         trainer_state.json          step, tokens, counters, scale, dump identity
-        trainer_state.safetensors   training-space weights, Adam state, dead-feature state
+        trainer_state.safetensors   every training-space parameter and buffer, Adam state, dead-feature state
 
 Nothing a user loads is pickled. Each checkpoint folder appears whole (temp folder + rename).
 """
@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from shared import atomic
 from shared.errors import UserError
-from shared.sae import PARAM_NAMES
 from train.sae_trainer import Counters, SAETrainer
 
 STATE_JSON = "trainer_state.json"
@@ -40,7 +39,7 @@ def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, An
         "d_in": trainer.d_in, "d_sae": trainer.sae.cfg.d_sae, "device": str(trainer.device),
         "model_name": dump_info["model_name"], "hook_name": dump_info["hook_point"],
         "hook_layer": dump_info["hook_point_layer"], "hook_head_index": None,
-        "activation_fn_str": "relu", "finetuning_scaling_factor": False,
+        "finetuning_scaling_factor": False,
         "model_from_pretrained_kwargs": {},
         # The saved weights already include any input scaling, so loaders must not normalize again.
         "normalize_activations": "none",
@@ -85,11 +84,14 @@ def read_checkpoint_index(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:
-    out = {f"sae.{n}": getattr(trainer.sae, n).detach() for n in PARAM_NAMES}
+    """Every parameter and buffer of the SAE (whatever its architecture), Adam's state of each
+    parameter (found by parameter object), and the dead-feature trackers."""
+    out = {f"sae.{n}": t.detach() for n, t in trainer.sae.named_parameters()}
+    out |= {f"buffer.{n}": t for n, t in trainer.sae.named_buffers()}
     for n in _TRACKERS:
         out[n] = getattr(trainer, n)
-    for n in PARAM_NAMES:
-        for key, value in trainer.optimizer.state.get(getattr(trainer.sae, n), {}).items():
+    for n, param in trainer.sae.named_parameters():
+        for key, value in trainer.optimizer.state.get(param, {}).items():
             out[f"optim.{n}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -110,18 +112,21 @@ def load_trainer_state_(trainer: SAETrainer, folder: Path) -> None:
     tensors = load_file(str(folder / STATE_TENSORS), device="cpu")
     # Fused Adam keeps its step count on the parameter's device, the for-each one on the CPU.
     step_device = trainer.device if trainer.optimizer.defaults.get("fused") else torch.device("cpu")
-    for n in PARAM_NAMES:
-        param = getattr(trainer.sae, n)
-        if tuple(param.shape) != tuple(tensors[f"sae.{n}"].shape):
-            raise UserError(f"{folder}: {n} has shape {tuple(tensors[f'sae.{n}'].shape)}, this config "
-                            f"builds {tuple(param.shape)}; resume with the checkpoint's own settings")
-        param.copy_(tensors[f"sae.{n}"])
+    for n, param in trainer.sae.named_parameters():
+        saved = tensors.get(f"sae.{n}")
+        if saved is None or tuple(param.shape) != tuple(saved.shape):
+            got = "nothing" if saved is None else f"shape {tuple(saved.shape)}"
+            raise UserError(f"{folder}: holds {got} for {n}, this config builds {tuple(param.shape)}; "
+                            "resume with the checkpoint's own settings")
+        param.copy_(saved)
         opt = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
         # Moments must share the parameter's strides: fused Adam walks their memory in lockstep.
         opt = {k: v.to(step_device) if k == "step" else torch.empty_like(param).copy_(v)
                for k, v in opt.items()}
         if opt:
             trainer.optimizer.state[param] = opt
+    for n, buffer in trainer.sae.named_buffers():
+        buffer.copy_(tensors[f"buffer.{n}"])
     for n in _TRACKERS:
         getattr(trainer, n).copy_(tensors[n])
     trainer.counters = Counters(**state["counters"])

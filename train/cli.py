@@ -20,6 +20,8 @@ _SKIP = {"shards"}  # given as its own option below
 
 
 def _click_type(annotation: str) -> Any:
+    if "list" in annotation:
+        return str
     if "bool" in annotation:
         return bool
     if "int" in annotation:

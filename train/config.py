@@ -11,6 +11,9 @@ from typing import Any
 
 from shared.errors import UserError
 
+from shared.saes.registry import ARCHITECTURES, architecture_class
+
+ARCHITECTURE_NAMES = tuple(ARCHITECTURES)
 SCHEDULERS = ("constant", "constantwithwarmup", "linearwarmupdecay", "cosineannealing",
               "cosineannealingwarmup")
 SAMPLING_METHODS = ("anthropic", "l2", "none")
@@ -18,75 +21,119 @@ B_DEC_INIT = ("geometric_median", "mean", "zeros")
 NORMALIZE = ("none", "expected_norm")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+GROUPS = ("data", "sae", "optimizer", "dead_features", "evaluation", "run", "logging")
+"""Who owns each setting. `data` settings define the one stream of batches a sweep shares; `run`,
+`evaluation` and `logging` settings describe the run as a whole. Only `sae`, `optimizer` and
+`dead_features` settings may differ between the SAEs of a sweep."""
+SWEEPABLE_GROUPS = ("sae", "optimizer", "dead_features")
+
+
+def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
+    assert group in GROUPS, group
+    return field(default=default, metadata={"help": help, "group": group, **kw})
 
 
 @dataclass
 class LanguageModelSAERunnerConfig:
-    """Everything that defines one SAE training run (the seed's names where the seed had them)."""
+    """Everything that defines one SAE training run (the seed's names where the seed had them,
+    SAELens' names for the newer architectures' settings).
+
+    Flat on purpose (every key is a flag and a config-file key), with each field's owner in its
+    metadata (`GROUPS`); `section(group)` gives one owner's settings. Settings of one architecture
+    default to None, meaning "the architecture's default", so that a setting no SAE of a run uses
+    can be told apart from one left alone (`train.arch_settings` refuses the former).
+    """
 
     # Data: a dump written by `harvest`; the model/dataset fields say how to harvest it if missing.
-    shards: str | None = _f(None, "Dump folder to train from [harvested from model/hook/dataset if absent].")
-    model_name: str = _f("gelu-2l", "Model the dump comes from (used to harvest it when missing).")
-    hook_point: str = _f("blocks.0.hook_mlp_out", "Hook point (used to harvest the dump when missing).")
-    hook_point_layer: int | None = _f(None, "Layer of the hook point (informational; taken from the dump).")
-    d_in: int | None = _f(None, "Activation width; checked against the dump when given.")
-    dataset_path: str = _f("NeelNanda/c4-tokenized-2b", "Dataset to harvest from when the dump is missing.")
-    is_dataset_tokenized: bool = _f(True, "Seed name; harvest detects this itself (kept for compatibility).")
-    context_size: int = _f(128, "Tokens per context when harvesting.")
-    store_batch_size: int = _f(32, "Contexts per forward pass when harvesting.")
-    n_batches_in_buffer: int | None = _f(None, "Seed name; the shuffle buffer is shuffle_buffer_rows now.")
-
-    # SAE
-    expansion_factor: int = _f(64, "d_sae = expansion_factor x d_in (unless d_sae is given).")
-    d_sae: int | None = _f(None, "Number of features; overrides expansion_factor.")
-    b_dec_init_method: str = _f("geometric_median", "Decoder bias init: geometric_median, mean or zeros.")
+    shards: str | None = _f(None, "Dump folder to train from [harvested from model/hook/dataset if absent].", "data")
+    model_name: str = _f("gelu-2l", "Model the dump comes from (used to harvest it when missing).", "data")
+    hook_point: str = _f("blocks.0.hook_mlp_out", "Hook point (used to harvest the dump when missing).", "data")
+    hook_point_layer: int | None = _f(None, "Layer of the hook point (informational; taken from the dump).", "data")
+    d_in: int | None = _f(None, "Activation width; checked against the dump when given.", "data")
+    dataset_path: str = _f("NeelNanda/c4-tokenized-2b", "Dataset to harvest from when the dump is missing.", "data")
+    is_dataset_tokenized: bool = _f(True, "Seed name; harvest detects this itself (kept for compatibility).", "data")
+    context_size: int = _f(128, "Tokens per context when harvesting.", "data")
+    store_batch_size: int = _f(32, "Contexts per forward pass when harvesting.", "data")
+    n_batches_in_buffer: int | None = _f(None, "Seed name; the shuffle buffer is shuffle_buffer_rows now.", "data")
+    train_batch_size: int = _f(4096, "Rows (tokens) per optimizer step.", "data")
+    total_training_tokens: int | None = _f(None, "Rows to train on [one pass over the dump]; "
+                                                 "more means further epochs.", "data")
     normalize_activations: str = _f("none", "none, or expected_norm: scale inputs so E||x|| = sqrt(d_in) "
-                                            "(folded back into saved weights).")
+                                            "(folded back into saved weights).", "data")
+    shuffle_buffer_rows: int | None = _f(None, "Rows shuffled together in RAM [about 1 GiB].", "data")
+    shuffle_block_rows: int = _f(16, "Contiguous rows read together (smaller mixes better, reads slower).", "data")
+    eval_holdout_contexts: int | None = _f(None, "The dump's last contexts kept out of training for "
+                                                 "`evaluate` [1% of contexts, at most 512; 0: none].", "data")
+    seed: int = _f(42, "Seed of the SAE init, data order and resampling.", "data")
+    device: str | None = _f(None, "Device [cuda if available, else cpu].", "data")
+
+    # SAE: the architecture, its size, and the settings of each architecture (SAELens' names)
+    architecture: str = _f("standard", "SAE architecture: " + ", ".join(ARCHITECTURE_NAMES) + ".", "sae")
+    expansion_factor: int = _f(64, "d_sae = expansion_factor x d_in (unless d_sae is given).", "sae")
+    d_sae: int | None = _f(None, "Number of features; overrides expansion_factor.", "sae")
+    b_dec_init_method: str = _f("geometric_median", "Decoder bias init: geometric_median, mean or zeros.", "sae")
+    decoder_init_norm: float | None = _f(None, "Initial encoder column norm (and decoder row norm where "
+                                               "the decoder is free) [0.1].", "sae")
+    l1_coefficient: float | None = _f(None, "standard, gated: L1 weight; the L1 term is averaged over the "
+                                            "batch (seed value x train_batch_size, e.g. 3e-4 x 4096 = 1.2) [1.2].", "sae")
+    anthropic_april_update: bool | None = _f(None, "standard: L1 weighted by decoder norms, free decoder, "
+                                                   "L1 warm-up and final lr decay (Anthropic, April 2024) [off].", "sae")
+    k: int | None = _f(None, "topk, batchtopk, matryoshka_batchtopk: active features per row "
+                             "(on average over the batch for batchtopk) [32].", "sae")
+    aux_k: int | None = _f(None, "topk family: dead features the AuxK loss reconstructs the residual "
+                                 "with [d_in / 2].", "sae")
+    aux_loss_coefficient: float | None = _f(None, "topk family: weight of the AuxK loss [1/32].", "sae")
+    topk_threshold_lr: float | None = _f(None, "batchtopk family: rate of the running threshold used at "
+                                               "inference [0.01].", "sae")
+    matryoshka_widths: list[int] | None = _f(None, "matryoshka_batchtopk: nested prefix widths, comma-separated, "
+                                             "ending at d_sae [d_sae/16, d_sae/4, d_sae].", "sae")
+    l0_coefficient: float | None = _f(None, "jumprelu: weight of the L0 penalty (averaged over the batch).", "sae")
+    jumprelu_bandwidth: float | None = _f(None, "jumprelu: width of the straight-through estimator's kernel.", "sae")
+    jumprelu_init_threshold: float | None = _f(None, "jumprelu: initial threshold of every feature.", "sae")
 
     # Optimisation
-    lr: float = _f(1e-4, "Adam learning rate.")
-    l1_coefficient: float = _f(1.2, "L1 weight; the L1 term is averaged over the batch "
-                                    "(seed value x train_batch_size, e.g. 3e-4 x 4096 = 1.2).")
+    lr: float = _f(1e-4, "Adam learning rate.", "optimizer")
     lr_scheduler_name: str = _f("constant", "constant, constantwithwarmup, linearwarmupdecay, "
-                                            "cosineannealing or cosineannealingwarmup.")
-    lr_warm_up_steps: int = _f(0, "Learning-rate warm-up, in steps.")
-    l1_warm_up_steps: int = _f(0, "L1 coefficient ramps linearly from 0 over this many steps.")
-    train_batch_size: int = _f(4096, "Rows (tokens) per optimizer step.")
-    total_training_tokens: int | None = _f(None, "Rows to train on [one pass over the dump]; "
-                                                 "more means further epochs.")
-    dtype: str = _f("float32", "Parameter dtype (float32; use autocast for bfloat16 compute).")
-    autocast: bool = _f(False, "bfloat16 autocast for the SAE forward/backward.")
+                                            "cosineannealing or cosineannealingwarmup.", "optimizer")
+    lr_warm_up_steps: int = _f(0, "Learning-rate warm-up, in steps.", "optimizer")
+    lr_decay_steps: int | None = _f(None, "Linear decay of the learning rate to 0 over the last this many "
+                                          "steps, on top of the scheduler [0; 20% with anthropic_april_update].",
+                                    "optimizer")
+    l1_warm_up_steps: int | None = _f(None, "standard, gated: the L1 coefficient ramps linearly from 0 over "
+                                            "this many steps [0; 5% with anthropic_april_update].", "optimizer")
+    l0_warm_up_steps: int | None = _f(None, "jumprelu: the L0 coefficient ramps linearly from 0 over this "
+                                            "many steps [0].", "optimizer")
+    dtype: str = _f("float32", "Parameter dtype (float32; use autocast for bfloat16 compute).", "optimizer")
+    autocast: bool = _f(False, "bfloat16 autocast for the SAE forward/backward.", "optimizer")
 
     # Dead features
-    feature_sampling_method: str = _f("anthropic", "Dead-feature resampling: anthropic, l2 or none.")
-    feature_sampling_window: int = _f(1000, "Steps between resampling checks and density histograms.")
-    dead_feature_window: int = _f(500, "anthropic: a feature that has not fired for this many steps is dead.")
-    dead_feature_threshold: float = _f(1e-8, "l2: density below this over the sampling window is dead.")
-    feature_reinit_scale: float = _f(0.2, "Resampled encoder norm = this x mean alive encoder norm.")
-    resample_sample_rows: int = _f(819_200, "anthropic: rows on which the loss is measured to pick inputs.")
-
-    # Loader
-    shuffle_buffer_rows: int | None = _f(None, "Rows shuffled together in RAM [about 1 GiB].")
-    shuffle_block_rows: int = _f(16, "Contiguous rows read together (smaller mixes better, reads slower).")
+    feature_sampling_method: str | None = _f(None, "standard: dead-feature resampling: anthropic, l2 or "
+                                                   "none [anthropic].", "dead_features")
+    feature_sampling_window: int = _f(1000, "Steps between resampling checks and density histograms.",
+                                      "dead_features")
+    dead_feature_window: int = _f(500, "A feature that has not fired for this many steps is dead "
+                                       "(resampled by anthropic; reconstructs the residual in AuxK).",
+                                  "dead_features")
+    dead_feature_threshold: float | None = _f(None, "l2: density below this over the sampling window is "
+                                                    "dead [1e-8].", "dead_features")
+    feature_reinit_scale: float | None = _f(None, "Resampled encoder norm = this x mean alive encoder "
+                                                  "norm [0.2].", "dead_features")
+    resample_sample_rows: int | None = _f(None, "anthropic: rows on which the loss is measured to pick "
+                                                "inputs [819,200].", "dead_features")
 
     # Evaluation
-    eval_holdout_contexts: int | None = _f(None, "The dump's last contexts kept out of training for "
-                                                 "`evaluate` [1% of contexts, at most 512; 0: none].")
     evaluate_at_end: bool = _f(False, "Run `evaluate` on the final SAE (held-out rows and, with the "
-                                      "language model, CE loss recovered).")
+                                      "language model, CE loss recovered).", "evaluation")
 
     # Run
-    seed: int = _f(42, "Seed of the SAE init, data order and resampling.")
-    device: str | None = _f(None, "Device [cuda if available, else cpu].")
-    n_checkpoints: int = _f(0, "Evenly spaced checkpoints before the final one.")
-    checkpoint_path: str | None = _f(None, "Run folder [data/runs/<run name>].")
-    run_name: str | None = _f(None, "Run name [from d_sae, l1_coefficient, lr and the dump].")
-    log_to_wandb: bool = _f(False, "Also log to Weights & Biases (WANDB_MODE=offline works offline).")
-    wandb_project: str = _f("mats_sae_training_language_models", "wandb project.")
-    wandb_entity: str | None = _f(None, "wandb entity.")
-    wandb_log_frequency: int = _f(10, "Steps between metric logs (the only host syncs).")
+    n_checkpoints: int = _f(0, "Evenly spaced checkpoints before the final one.", "run")
+    checkpoint_path: str | None = _f(None, "Run folder [data/runs/<run name>].", "run")
+    run_name: str | None = _f(None, "Run name [from the architecture, d_sae, its sparsity setting, lr "
+                                    "and the dump].", "run")
+    log_to_wandb: bool = _f(False, "Also log to Weights & Biases (WANDB_MODE=offline works offline).", "logging")
+    wandb_project: str = _f("mats_sae_training_language_models", "wandb project.", "logging")
+    wandb_entity: str | None = _f(None, "wandb entity.", "logging")
+    wandb_log_frequency: int = _f(10, "Steps between metric logs (the only host syncs).", "logging")
 
     def __post_init__(self) -> None:
         self.dtype = _dtype_name(self.dtype)
@@ -94,20 +141,22 @@ class LanguageModelSAERunnerConfig:
             setattr(self, f.name, _coerce(f.name, str(f.type), getattr(self, f.name)))
         choices = {"lr_scheduler_name": SCHEDULERS, "feature_sampling_method": SAMPLING_METHODS,
                    "b_dec_init_method": B_DEC_INIT, "normalize_activations": NORMALIZE,
-                   "dtype": ("float32",)}
+                   "dtype": ("float32",), "architecture": ARCHITECTURE_NAMES}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
         positive = ["expansion_factor", "lr", "train_batch_size", "feature_sampling_window",
-                    "dead_feature_window", "resample_sample_rows", "wandb_log_frequency",
+                    "dead_feature_window", "wandb_log_frequency",
                     "shuffle_block_rows", "context_size", "store_batch_size"]
-        positive += [n for n in ("d_sae", "d_in", "total_training_tokens", "shuffle_buffer_rows")
-                     if getattr(self, n) is not None]
+        positive += [n for n in ("d_sae", "d_in", "total_training_tokens", "shuffle_buffer_rows", "k", "aux_k",
+                                 "resample_sample_rows", "decoder_init_norm", "jumprelu_bandwidth",
+                                 "jumprelu_init_threshold") if getattr(self, n) is not None]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("l1_coefficient", "lr_warm_up_steps", "eval_holdout_contexts", "l1_warm_up_steps", "n_checkpoints",
-                     "feature_reinit_scale", "dead_feature_threshold"):
+                     "feature_reinit_scale", "dead_feature_threshold", "aux_loss_coefficient", "topk_threshold_lr",
+                     "l0_coefficient", "l0_warm_up_steps", "lr_decay_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -115,7 +164,20 @@ class LanguageModelSAERunnerConfig:
         return self.d_sae or self.expansion_factor * d_in
 
     def default_run_name(self, d_in: int, dump_name: str) -> str:
-        return f"{self.sae_width(d_in)}-L1-{self.l1_coefficient:g}-LR-{self.lr:g}-{dump_name}"
+        """The seed's '<d_sae>-L1-<l1>-LR-<lr>-<dump>' for standard SAEs; other architectures
+        say theirs and their sparsity setting ('topk-2048-k-32-LR-...')."""
+        settings = architecture_class(self.architecture).settings_from(self.to_dict())
+        sparsity = {"l1_coefficient": "L1", "k": "k", "l0_coefficient": "L0"}
+        given = [f"{label}-{getattr(settings, key):g}" for key, label in sparsity.items()
+                 if hasattr(settings, key)]
+        head = [] if self.architecture == "standard" else [self.architecture]
+        return "-".join(head + [str(self.sae_width(d_in))] + given[:1] + [f"LR-{self.lr:g}", dump_name])
+
+    def section(self, group: str) -> dict[str, Any]:
+        """The settings one owner holds (see GROUPS), e.g. cfg.section("sae")."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown group {group!r}; groups: {GROUPS}")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == group}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,6 +202,8 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
             return None
         raise UserError(f"{name} cannot be empty")
     kind = annotation.split("|")[0].strip()
+    if kind == "list[int]":
+        return _int_list(name, value)
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -160,6 +224,23 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     if kind == "str" and not isinstance(value, str):
         raise UserError(f"{name} must be text, got {value!r}")
     return value
+
+
+def _int_list(name: str, value: Any) -> list[int]:
+    """'256,1024,4096' (a flag) or [256, 1024, 4096] (a config file) -> [256, 1024, 4096]."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise UserError(f"{name} must be a list of whole numbers such as 256,1024,4096, got {value!r}")
+    out = []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} must be a list of whole numbers such as 256,1024,4096, got {value!r}") from None
+        if isinstance(item, bool) or not number.is_integer():
+            raise UserError(f"{name} must be a list of whole numbers such as 256,1024,4096, got {value!r}")
+        out.append(int(number))
+    return out
 
 
 def _dtype_name(dtype: Any) -> str:

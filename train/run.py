@@ -22,7 +22,8 @@ from shared import atomic
 from shared.device import pick_device
 from shared.errors import UserError
 from shared.reader import Dump, open_dump
-from shared.sae import SparseAutoencoder
+from shared.saes import SAE
+from train.arch_settings import check_settings_used
 from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
 from train.holdout import split_rows
@@ -35,7 +36,7 @@ B_DEC_SAMPLE_ROWS = 16384  # rows the geometric median is computed on
 
 @dataclass
 class TrainResult:
-    sae: SparseAutoencoder  # in training space (see `final` for the saved, raw-input weights)
+    sae: SAE  # in training space (see `final` for the saved, raw-input weights)
     run_dir: Path
     final: Path  # the final checkpoint folder
     trainer: SAETrainer
@@ -170,6 +171,7 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
 def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = None,
           log: Callable[[str], None] = print, progress: bool = True, verify: bool = True) -> TrainResult:
     """Train one SAE from the dump `cfg.shards`; optionally continue a checkpoint."""
+    check_settings_used([cfg])
     data = plan_data(cfg, verify)
     name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
     run_dir = Path(cfg.checkpoint_path or Path("data") / "runs" / name)

@@ -12,11 +12,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from shared.sae import SAEConfig, SparseAutoencoder
+from shared.saes import SAE, SAEConfig, StepContext, architecture_class
+from train.arch_settings import resolved
 from train.config import LanguageModelSAERunnerConfig
 from train.geometric_median import geometric_median
 from train.resample import resample_anthropic_, resample_l2_
-from train.schedulers import l1_warmup_factor, make_lr_lambda
+from train.schedulers import make_lr_lambda, sparsity_warmup_factor
 from train.step import StepResult, explained_variance, make_optimizer, train_step_
 
 RowSampler = Callable[[int, int], torch.Tensor]  # (n_rows, seed) -> [n, d_in] raw activations
@@ -41,11 +42,16 @@ class SAETrainer:
         self.input_scale = input_scale  # x_train = x_raw * input_scale (1.0 unless expected_norm)
         self.total_steps = total_steps
         self.device = device
+        self.settings = resolved(cfg, total_steps)
+        """Effective run-level settings of this SAE (resampling, warm-ups, lr decay)."""
+        cls = architecture_class(cfg.architecture)
         torch.manual_seed(cfg.seed)  # the SAE init is a pure function of the seed
-        self.sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in)), device=device)
+        self.sae: SAE = cls(SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in)), cls.settings_from(cfg.to_dict()),
+                            device=device)
         self.optimizer = make_optimizer(self.sae, cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, make_lr_lambda(cfg.lr_scheduler_name, total_steps, cfg.lr_warm_up_steps))
+            self.optimizer, make_lr_lambda(cfg.lr_scheduler_name, total_steps, cfg.lr_warm_up_steps,
+                                           self.settings["lr_decay_steps"]))
         d_sae = self.sae.cfg.d_sae
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.window_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
@@ -69,8 +75,9 @@ class SAETrainer:
     def update(self, x: torch.Tensor) -> StepResult:
         """One optimizer step on x [batch, d_in] (already scaled); no host sync."""
         c = self.counters
-        l1 = self.cfg.l1_coefficient * l1_warmup_factor(c.step, self.cfg.l1_warm_up_steps)
-        res = train_step_(self.sae, self.optimizer, self.scheduler, x, l1, autocast=self.cfg.autocast)
+        context = StepContext(sparsity_scale=self.sparsity_scale(c.step),
+                              dead_mask=self.dead_mask() if self.sae.dead_feature_policy == "auxk" else None)
+        res = train_step_(self.sae, self.optimizer, self.scheduler, x, context, autocast=self.cfg.autocast)
         rows = x.shape[0]
         fired = res.feature_acts_fired
         self.tokens_since_fired.add_(rows).masked_fill_(fired > 0, 0)
@@ -82,9 +89,11 @@ class SAETrainer:
         self._accumulate(res, rows)
         return res
 
+    def sparsity_scale(self, step: int) -> float:
+        return sparsity_warmup_factor(step, self.settings["sparsity_warm_up_steps"])
+
     def _accumulate(self, res: StepResult, rows: int) -> None:
-        parts = {"mse": res.losses.mse, "l1": res.losses.l1, "loss": res.losses.total, "l0": res.l0,
-                 "sum_sq_err": res.sum_sq_err, "sum_sq_total": res.sum_sq_total,
+        parts = {**res.losses, "l0": res.l0, "sum_sq_err": res.sum_sq_err, "sum_sq_total": res.sum_sq_total,
                  "l2_ratio": res.l2_ratio}
         for k, v in parts.items():
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
@@ -93,9 +102,9 @@ class SAETrainer:
     # ---- dead features ---------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:
         """anthropic: no fire for dead_feature_window steps; l2: window density below threshold."""
-        if self.cfg.feature_sampling_method == "l2":
+        if self.settings["feature_sampling_method"] == "l2":
             density = self.window_fired.double() / max(1, self.counters.window_rows)
-            return density < self.cfg.dead_feature_threshold
+            return density < self.settings["dead_feature_threshold"]
         return self.tokens_since_fired >= self.cfg.dead_feature_window * self.cfg.train_batch_size
 
     def end_of_window(self) -> bool:
@@ -103,7 +112,8 @@ class SAETrainer:
 
     def resample_(self, batch: torch.Tensor, sample_rows: RowSampler) -> int:
         """At a window's end: resample dead features (if configured), then reset the window."""
-        method = self.cfg.feature_sampling_method
+        method = self.settings["feature_sampling_method"]
+        reinit_scale = self.settings["feature_reinit_scale"]
         n = 0
         if method != "none":
             step = self.counters.step
@@ -113,12 +123,10 @@ class SAETrainer:
                 int(np.random.default_rng([self.cfg.seed, step]).integers(2**62)))
             if bool(dead.any()):
                 if method == "anthropic":
-                    inputs = sample_rows(self.cfg.resample_sample_rows, step) * self.input_scale
-                    n = resample_anthropic_(self.sae, self.optimizer, dead, inputs,
-                                            self.cfg.feature_reinit_scale, gen)
+                    inputs = sample_rows(self.settings["resample_sample_rows"], step) * self.input_scale
+                    n = resample_anthropic_(self.sae, self.optimizer, dead, inputs, reinit_scale, gen)
                 else:
-                    n = resample_l2_(self.sae, self.optimizer, dead, batch,
-                                     self.cfg.feature_reinit_scale, gen)
+                    n = resample_l2_(self.sae, self.optimizer, dead, batch, reinit_scale, gen)
                 self.tokens_since_fired.masked_fill_(dead, 0)
         self.counters.n_resampled_last = n
         self.counters.n_resampled_total += n
@@ -140,8 +148,10 @@ class SAETrainer:
         n = self._sum_steps
         density = self.window_density()
         have_window = self.counters.window_rows > 0
-        out = {
-            "mse": s["mse"] / n, "l1": s["l1"] / n, "loss": s["loss"] / n, "l0": s["l0"] / n,
+        stats = ("l0", "sum_sq_err", "sum_sq_total", "l2_ratio")
+        out = {name: value / n for name, value in s.items() if name not in stats}  # the loss terms
+        out |= {
+            "l0": s["l0"] / n,
             "explained_variance": float(explained_variance(torch.tensor(s["sum_sq_err"]),
                                                            torch.tensor(s["sum_sq_total"]))),
             "l2_norm_ratio": s["l2_ratio"] / n,
@@ -150,8 +160,7 @@ class SAETrainer:
             "frac_density_below_1e-6": float((density < 1e-6).float().mean()) if have_window else math.nan,
             "n_resampled": self.counters.n_resampled_last,
             "lr": self.scheduler.get_last_lr()[0],
-            "l1_coefficient": self.cfg.l1_coefficient * l1_warmup_factor(self.counters.step - 1,
-                                                                         self.cfg.l1_warm_up_steps),
+            "sparsity_warm_up": self.sparsity_scale(self.counters.step - 1),
         }
         self._sums, self._sum_steps = {}, 0
         self.counters.n_resampled_last = 0

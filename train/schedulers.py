@@ -56,23 +56,41 @@ def _builders(total_steps: int, warm_up_steps: int) -> dict[str, LrLambda]:
 SCHEDULER_NAMES = tuple(_builders(1, 0))
 
 
-def make_lr_lambda(name: str, total_steps: int, warm_up_steps: int = 0) -> LrLambda:
-    """The multiplier of the base learning rate at each optimizer step, for LambdaLR."""
+def make_lr_lambda(name: str, total_steps: int, warm_up_steps: int = 0, decay_steps: int = 0) -> LrLambda:
+    """The multiplier of the base learning rate at each optimizer step, for LambdaLR.
+
+    `decay_steps` > 0 multiplies it by a linear ramp from 1 to 0 over the last `decay_steps`
+    steps, whatever the scheduler (Anthropic's April 2024 update decays over the last 20%).
+    """
     if name not in SCHEDULER_NAMES:
         raise UserError(f"unknown lr scheduler '{name}'; valid names: {', '.join(SCHEDULER_NAMES)}")
     if total_steps <= 0:
         raise UserError(f"total_steps must be positive, got {total_steps}")
     if not 0 <= warm_up_steps <= total_steps:
         raise UserError(f"warm_up_steps must be in [0, total_steps={total_steps}], got {warm_up_steps}")
-    return _builders(total_steps, warm_up_steps)[name]
+    if not 0 <= decay_steps <= total_steps:
+        raise UserError(f"lr_decay_steps must be in [0, total_steps={total_steps}], got {decay_steps}")
+    base = _builders(total_steps, warm_up_steps)[name]
+    if decay_steps == 0:
+        return base
+    decay_start = total_steps - decay_steps
+
+    def with_decay(step: int) -> float:
+        return base(step) * min(1.0, max(0.0, (total_steps - step) / decay_steps)) if step >= decay_start else base(step)
+
+    return with_decay
 
 
-def l1_warmup_factor(step: int, l1_warm_up_steps: int) -> float:
-    """Multiplier of l1_coefficient: linear from 0 at step 0 to 1 at `l1_warm_up_steps`.
+def sparsity_warmup_factor(step: int, warm_up_steps: int) -> float:
+    """Multiplier of the sparsity coefficient (L1 or L0): linear from 0 at step 0 to 1 at
+    `warm_up_steps`.
 
     Starting at 0 is deliberate (unlike the lr warm-up): the first steps then fit the
     reconstruction before sparsity pressure starts (Anthropic's April 2024 update).
     """
-    if l1_warm_up_steps <= 0:
+    if warm_up_steps <= 0:
         return 1.0
-    return min(1.0, step / l1_warm_up_steps)
+    return min(1.0, step / warm_up_steps)
+
+
+l1_warmup_factor = sparsity_warmup_factor  # the name earlier versions used

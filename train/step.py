@@ -1,4 +1,4 @@
-"""One SAE training step, and the optimizer it expects.
+"""One SAE training step, and the optimizer it expects; the same for every architecture.
 
 The step returns detached tensors and never calls `.item()`: a host sync per step would stall the
 GPU queue. The caller accumulates the tensors and reads them when it logs. Metrics describe the
@@ -11,13 +11,13 @@ from typing import NamedTuple
 
 import torch
 
-from shared.sae import SAELosses, SAEOutput, SparseAutoencoder
+from shared.saes.base import SAE, StepContext, TrainOutput
 
 
 class StepResult(NamedTuple):
     """What one step measured, all detached, before the update was applied."""
 
-    losses: SAELosses  # scalars: mse, l1, total
+    losses: dict[str, torch.Tensor]  # the architecture's named loss terms (scalars), plus "loss"
     feature_acts_fired: torch.Tensor  # [d_sae] int64: rows of the batch on which each feature fired
     l0: torch.Tensor  # scalar: mean number of firing features per row
     sum_sq_err: torch.Tensor  # scalar: sum over rows of ||x - x_hat||^2
@@ -26,7 +26,7 @@ class StepResult(NamedTuple):
 
 
 def explained_variance(sum_sq_err: torch.Tensor, sum_sq_total: torch.Tensor) -> torch.Tensor:
-    """1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 (FIELD.md "Metrics"), from summed step stats.
+    """1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2, from summed step stats.
 
     Summing per-batch centred totals over many steps measures the variance around each batch's
     mean, which equals the pooled variance when batches are shuffled samples of one distribution.
@@ -34,7 +34,7 @@ def explained_variance(sum_sq_err: torch.Tensor, sum_sq_total: torch.Tensor) -> 
     return 1.0 - sum_sq_err / sum_sq_total
 
 
-def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
+def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
     """Adam over the SAE's parameters, fused where the device supports it (CPU and CUDA in recent
     torch). Measured on 2 CPU cores, 4.2M parameters (512 -> 4096): ~3 ms per Adam step fused,
     ~120 ms foreach or the plain loop."""
@@ -44,39 +44,39 @@ def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(sae.parameters(), lr=lr, foreach=True)
 
 
-def train_step_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
+def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, x: torch.Tensor,
-                l1_coefficient: float, autocast: bool = False) -> StepResult:
-    """Forward, loss, backward, update, renormalise the decoder.
+                context: StepContext = StepContext(), autocast: bool = False) -> StepResult:
+    """Forward, loss, backward, the architecture's constraints, update.
 
-    x: [batch, d_in] in the parameters' dtype (cast bfloat16 dumps first).
-
-    With `autocast`, matmuls run in bfloat16 while the parameters, the loss and Adam stay float32.
-    The caller applies any L1 warm-up to `l1_coefficient`.
+    x: [batch, d_in] in the parameters' dtype (cast bfloat16 dumps first). With `autocast`,
+    matmuls run in bfloat16 while the parameters, the losses and Adam stay float32. `context`
+    carries the step's sparsity warm-up factor and dead-feature mask.
     """
-    context = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
-    with context:
-        out = sae(x)
-    out = SAEOutput(out.sae_out.to(x.dtype), out.feature_acts.to(x.dtype))
-    losses = sae.loss(x, out, l1_coefficient)
-    losses.total.backward()
-    sae.remove_gradient_parallel_to_decoder_directions_()
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    with amp:
+        out = sae.training_forward(x, context)
+    out.loss.backward()
+    sae.before_optimizer_step_()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    sae.set_decoder_norm_to_unit_norm_()
+    sae.after_optimizer_step_(out)
     optimizer.zero_grad(set_to_none=True)
-    return _measure(x, out, losses)
+    return _measure(x, out)
 
 
 @torch.no_grad()
-def _measure(x: torch.Tensor, out: SAEOutput, losses: SAELosses) -> StepResult:
+def _measure(x: torch.Tensor, out: TrainOutput) -> StepResult:
     fired = out.feature_acts > 0  # [batch, d_sae]
+    sae_out = out.sae_out.detach().to(x.dtype)
+    sum_sq_err = (x - sae_out).pow(2).sum()
+    losses = {name: t.detach().float() for name, t in out.losses.items()} | {"loss": out.loss.detach().float()}
     return StepResult(
-        losses=SAELosses(*(t.detach() for t in losses)),
+        losses=losses,
         feature_acts_fired=fired.sum(dim=0),
         l0=fired.sum(dim=-1).float().mean(),
-        sum_sq_err=losses.mse.detach() * x.shape[0],
+        sum_sq_err=sum_sq_err,
         sum_sq_total=(x - x.mean(dim=0)).pow(2).sum(),
-        l2_ratio=(out.sae_out.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean(),
+        l2_ratio=(sae_out.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean(),
     )

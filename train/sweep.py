@@ -17,14 +17,10 @@ from typing import Any, Callable
 import torch
 
 from shared.errors import UserError
-from train.config import LanguageModelSAERunnerConfig
+from train.arch_settings import check_settings_used, without_unused
+from train.config import SWEEPABLE_GROUPS, LanguageModelSAERunnerConfig
 from train.run import TrainResult, evaluate_final, make_slot, pick_device, plan_data, run_slots
 
-# Settings every SAE of a sweep must share: they define the one data stream it trains on.
-STREAM_KEYS = {"shards", "train_batch_size", "seed", "total_training_tokens", "shuffle_buffer_rows",
-               "shuffle_block_rows", "eval_holdout_contexts", "device", "checkpoint_path", "run_name",
-               "model_name", "hook_point", "dataset_path", "context_size", "normalize_activations",
-               "wandb_log_frequency", "log_to_wandb", "wandb_project", "wandb_entity"}
 MEMORY_HEADROOM = 0.8  # plan to use at most this fraction of free memory
 
 
@@ -53,12 +49,15 @@ def parse_sweep_flags(flags: tuple[str, ...]) -> dict[str, list[Any]]:
 
 
 def check_sweep(sweep: dict[str, list[Any]]) -> None:
-    known = {f.name for f in fields(LanguageModelSAERunnerConfig)}
+    """Only settings of the SAEs, their optimizers and dead-feature handling may vary: the rest
+    defines the one data stream (or the run) that every SAE of the sweep shares."""
+    group = {f.name: f.metadata["group"] for f in fields(LanguageModelSAERunnerConfig)}
     for key, values in sweep.items():
-        if key not in known:
+        if key not in group:
             raise UserError(f"cannot sweep unknown key '{key}'; see `train --help`")
-        if key in STREAM_KEYS:
-            raise UserError(f"cannot sweep '{key}': all SAEs of a sweep share one data stream; "
+        if group[key] not in SWEEPABLE_GROUPS:
+            what = "data stream" if group[key] == "data" else group[key] + " settings"
+            raise UserError(f"cannot sweep '{key}': all SAEs of a sweep share one {what}; "
                             "run separate `train` commands for it")
         if not isinstance(values, list) or not values:
             raise UserError(f"sweep '{key}' needs a list of values")
@@ -69,13 +68,23 @@ def _fmt(value: Any) -> str:
 
 
 def grid(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]]) -> list[tuple[str, LanguageModelSAERunnerConfig]]:
-    """Every combination of the swept values, named like 'l1_coefficient_0.6__expansion_factor_16'."""
+    """Every distinct combination of the swept values, named like 'l1_coefficient_0.6__expansion_factor_16'.
+
+    Across architectures a combination keeps only the settings its architecture uses: with
+    `architecture=topk,jumprelu` and `k=32,64` there are two topk SAEs and one jumprelu SAE
+    (named without k), not two identical jumprelu runs.
+    """
     check_sweep(sweep)
     keys = list(sweep)
-    out = []
-    for combo in itertools.product(*(sweep[k] for k in keys)):
-        name = "__".join(f"{k}_{_fmt(v)}" for k, v in zip(keys, combo))
-        out.append((name, replace(base, **dict(zip(keys, combo)))))
+    combos = [replace(base, **dict(zip(keys, combo))) for combo in itertools.product(*(sweep[k] for k in keys))]
+    check_settings_used(combos)
+    out, seen = [], set()
+    for cfg in combos:
+        cfg = LanguageModelSAERunnerConfig.from_dict(without_unused(cfg))
+        name = "__".join(f"{k}_{_fmt(getattr(cfg, k))}" for k in keys if getattr(cfg, k) is not None)
+        if name not in seen:
+            seen.add(name)
+            out.append((name, cfg))
     return out
 
 

@@ -1,0 +1,273 @@
+"""The interface every SAE architecture implements, and what they all share.
+
+An architecture is one file in this package: a subclass of `SAE` with its own `Settings`
+dataclass, registered by its `architecture` name in `shared.saes.registry`. Generic code (the
+training step, checkpoints, evaluation) talks only to this interface:
+
+    encode(x) -> f                      x: [batch, d_in] -> f: [batch, d_sae], inference form
+    decode(f) -> x_hat                  f: [batch, d_sae] -> x_hat: [batch, d_in]
+    training_forward(x, step) -> TrainOutput   named loss terms whose sum is the loss
+    before_optimizer_step_() / after_optimizer_step_(out)   constraints and running estimates
+    inference_form() -> (architecture, tensors, cfg)        what `save` writes (SAELens' layout)
+
+All architectures read `s = x - b_dec` (the pre-encoder bias of Towards Monosemanticity), so input
+scaling folds into W_enc, W_dec and b_dec the same way for every one of them (`fold_scaling_`).
+Parameters and buffers (thresholds, running estimates) are all a resume needs: the trainer saves
+`named_parameters()` and `named_buffers()` with their Adam state.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import save_file
+
+from shared.atomic import commit, temp_path, write_json
+from shared.errors import UserError
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae_weights.safetensors"
+SAE_LENS_VERSION = "6.54.12"
+"""The SAELens release our on-disk form was checked against. SAELens reads `metadata` as written
+only when `metadata.sae_lens_version` is present; without it the folder is treated as pre-6.0."""
+
+
+@dataclass
+class SAEConfig:
+    """Shape of an SAE; how it is trained is the architecture's `Settings` and the caller's config."""
+
+    d_in: int
+    """Width of the activations it reads (the hook point's d_model)."""
+    d_sae: int
+    """Number of features (dictionary size)."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"SAE {name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class BaseSettings:
+    """Settings every architecture has. Subclasses add their own, named as in SAELens."""
+
+    decoder_init_norm: float = 0.1
+    """Initial norm of each feature's encoder column (W_enc = decoder_init_norm x the feature's
+    direction), and of its decoder row where the decoder is not held at unit norm. A small encoder
+    keeps the first pre-activations small, so features start near their threshold instead of
+    firing on most inputs (SAELens' default 0.1; Anthropic's April 2024 update)."""
+
+    def validate(self, cfg: SAEConfig) -> None:
+        if not self.decoder_init_norm > 0:
+            raise UserError(f"decoder_init_norm must be positive, got {self.decoder_init_norm}")
+
+
+class SAEOutput(NamedTuple):
+    sae_out: torch.Tensor  # [batch, d_in]: the reconstruction x_hat
+    feature_acts: torch.Tensor  # [batch, d_sae]: f, non-negative
+
+
+class StepContext(NamedTuple):
+    """What the trainer knows about this step that a loss may need."""
+
+    sparsity_scale: float = 1.0
+    """Multiplier of the sparsity coefficient (L1 or L0), for the warm-up: 0 -> 1."""
+    dead_mask: torch.Tensor | None = None
+    """[d_sae] bool: features that have not fired for `dead_feature_window` steps (AuxK)."""
+
+
+class TrainOutput(NamedTuple):
+    sae_out: torch.Tensor  # [batch, d_in]
+    feature_acts: torch.Tensor  # [batch, d_sae], as training used them
+    losses: dict[str, torch.Tensor]  # named scalar terms, each already weighted
+    loss: torch.Tensor  # their sum: what backward() runs on
+
+
+def sum_sq_err(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ||x - x_hat||^2 (summed over d_in), in float32 whatever autocast did."""
+    return (x.float() - x_hat.float()).pow(2).sum(dim=-1).mean()
+
+
+class SAE(torch.nn.Module):
+    """Base of every architecture: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in]."""
+
+    architecture: ClassVar[str]
+    Settings: ClassVar[type[BaseSettings]] = BaseSettings
+    unit_norm_decoder: ClassVar[bool] = True
+    """Decoder rows are renormalised to 1 after every step (and their parallel gradient removed)."""
+    dead_feature_policy: ClassVar[str] = "none"
+    """How training revives dead features: 'resample' (Anthropic 2023), 'auxk' (Gao et al. 2024) or 'none'."""
+
+    W_enc: torch.nn.Parameter
+    W_dec: torch.nn.Parameter
+    b_dec: torch.nn.Parameter
+
+    def __init__(self, cfg: SAEConfig, settings: BaseSettings | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.settings = settings if settings is not None else self.Settings()
+        if not isinstance(self.settings, self.Settings):
+            raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__}, got {type(self.settings).__name__}")
+        self.settings.validate(cfg)
+        self.input_scale_folded = 1.0
+        """Product of the scales passed to `fold_scaling_` (recorded in cfg.json on save)."""
+        directions = _kaiming_unit_rows(cfg.d_sae, cfg.d_in, device)  # [d_sae, d_in]
+        init_norm = self.settings.decoder_init_norm
+        # Encoder tied to the decoder's directions but small (see BaseSettings.decoder_init_norm).
+        self.W_enc = torch.nn.Parameter((directions * init_norm).T.contiguous())  # row-major, like a loaded one
+        self.W_dec = torch.nn.Parameter(directions if self.unit_norm_decoder else directions * init_norm)
+        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, device=device))
+        self.init_extra_(device)
+
+    def init_extra_(self, device: str | torch.device) -> None:
+        """Create the architecture's other parameters and buffers (called by __init__)."""
+
+    # ---- the interface ---------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """feature_acts: [batch, d_sae] -> reconstruction [batch, d_in]."""
+        return feature_acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        feature_acts = self.encode(x)
+        return SAEOutput(sae_out=self.decode(feature_acts), feature_acts=feature_acts)
+
+    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+        raise NotImplementedError
+
+    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations (x - b_dec) @ W_enc + b_enc: [batch, d_sae] (architectures with b_enc)."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    @torch.no_grad()
+    def before_optimizer_step_(self) -> None:
+        if self.unit_norm_decoder:
+            self.remove_gradient_parallel_to_decoder_directions_()
+
+    @torch.no_grad()
+    def after_optimizer_step_(self, out: TrainOutput) -> None:
+        if self.unit_norm_decoder:
+            self.set_decoder_norm_to_unit_norm_()
+
+    def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        """(architecture name SAELens loads, its tensors, extra cfg.json keys)."""
+        return self.architecture, dict(self.named_parameters()), {}
+
+    def load_inference_(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the tensors `inference_form` wrote (float32, on the target device) as this SAE's
+        own; built on the meta device, so nothing was allocated or drawn from the RNG before."""
+        self.load_state_dict(tensors, strict=True, assign=True)
+
+    # ---- shared mechanics ------------------------------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm_(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions_(self) -> None:
+        """Project out of each W_dec.grad row its component along that row.
+
+        Why: the row is renormalised after the step anyway, so the parallel component would only
+        change its length; removing it makes Adam's moments track the useful (tangent) part.
+        """
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        direction = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)  # [d_sae, d_in]
+        parallel = (grad * direction).sum(dim=1, keepdim=True)  # [d_sae, 1]
+        grad -= parallel * direction
+
+    @torch.no_grad()
+    def fold_scaling_(self, scale: float) -> None:
+        """Make a model trained on `x * scale` work on raw `x`.
+
+        With W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s (every architecture reads
+        x - b_dec through W_enc, so every pre-activation and threshold is unchanged):
+            (x - b_dec') W_enc' = (s x - b_dec) W_enc           (same features)
+            f W_dec' + b_dec' = (f W_dec + b_dec) / s           (reconstruction / s)
+        Unit-norm decoder rows then have norm 1/s: `input_scale_folded` records the scale.
+        """
+        if not scale > 0:
+            raise UserError(f"input scale to fold must be positive, got {scale}")
+        self.W_enc *= scale
+        self.b_dec /= scale
+        self.W_dec /= scale
+        self.input_scale_folded *= scale
+
+    def save(self, folder: str | Path, cfg_dict: dict[str, Any] | None = None) -> Path:
+        """Write `cfg.json` (the caller's config + shape + facts) and float32 safetensors weights,
+        in the inference form SAELens loads. Weights first, each file renamed into place, so a
+        crash never leaves a cfg.json describing weights that are not there."""
+        folder = Path(folder)
+        architecture, tensors, extra = self.inference_form()
+        cfg = self._cfg_for_saving(cfg_dict or {}, architecture, extra)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+        tmp = temp_path(folder / WEIGHTS_NAME)
+        save_file(tensors, str(tmp))
+        commit(tmp, folder / WEIGHTS_NAME)
+        write_json(folder / CFG_NAME, cfg)
+        return folder
+
+    def _cfg_for_saving(self, cfg_dict: dict[str, Any], architecture: str, extra: dict[str, Any]) -> dict[str, Any]:
+        for key, value in asdict(self.cfg).items():
+            if key in cfg_dict and cfg_dict[key] != value:
+                raise UserError(f"cfg {key}={cfg_dict[key]} disagrees with the SAE's {key}={value}")
+        metadata = {**cfg_dict.get("metadata", {}), "sae_lens_version": SAE_LENS_VERSION}
+        for key in ("hook_name", "model_name", "context_size", "prepend_bos", "hook_head_index"):
+            if key in cfg_dict:
+                metadata.setdefault(key, cfg_dict[key])
+        cfg = {**cfg_dict, **asdict(self.settings), **extra, **asdict(self.cfg),
+               "architecture": architecture, "trained_architecture": self.architecture,
+               "apply_b_dec_to_input": True, "dtype": "float32", "normalize_activations": "none",
+               "reshape_activations": "none", "metadata": metadata}
+        if self.input_scale_folded != 1.0:
+            cfg["input_scale_folded"] = self.input_scale_folded
+        return cfg
+
+    @classmethod
+    def settings_from(cls, values: dict[str, Any]) -> BaseSettings:
+        """This architecture's settings from a flat mapping (a cfg.json or the training config);
+        keys it does not use are ignored, None means the default."""
+        names = {f.name for f in fields(cls.Settings)}
+        return cls.Settings(**{k: v for k, v in values.items() if k in names and v is not None})
+
+    @classmethod
+    def load_from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        """Rebuild an SAE from a folder written by `save` (or a SAELens folder of a registered
+        architecture), whatever its architecture."""
+        from shared.saes.io import load_sae
+
+        return load_sae(path, device)
+
+
+def _kaiming_unit_rows(rows: int, cols: int, device: str | torch.device) -> torch.Tensor:
+    """[rows, cols], Kaiming-uniform then each row scaled to unit norm (random directions)."""
+    weight = torch.empty(rows, cols, device=device)
+    if weight.device.type != "meta":
+        torch.nn.init.kaiming_uniform_(weight)
+        weight /= weight.norm(dim=1, keepdim=True)
+    return weight
+
+
+def read_cfg(folder: Path) -> dict[str, Any]:
+    """The cfg.json of an SAE folder; a one-line UserError if it is missing or unusable."""
+    if not folder.is_dir():
+        raise UserError(f"SAE folder not found: {folder}")
+    cfg_path = folder / CFG_NAME
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path} is missing: not an SAE folder written by `save`")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), int) for k in ("d_in", "d_sae")):
+        raise UserError(f"{cfg_path} must hold integer 'd_in' and 'd_sae'")
+    return cfg

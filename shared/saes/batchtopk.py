@@ -1,0 +1,118 @@
+"""`batchtopk`: the BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders",
+arXiv 2412.06410); saved, and used at inference, as a JumpReLU SAE.
+
+Training keeps the k * batch largest activations of the whole batch instead of k per row:
+
+    h     = (x - b_dec) @ W_enc + b_enc                  h: [batch, d_sae]
+    f     = ReLU(h) where it is among the k * batch largest of ReLU(h) over the batch, else 0
+    x_hat = f @ W_dec + b_dec;   loss = ||x - x_hat||^2 + AuxK (as TopK)
+
+so a row may use more or fewer than k latents, k on average. Inference must not depend on the
+batch: a feature fires where h exceeds a single threshold theta,
+
+    f = ReLU(h) * (h > theta)                            (SAELens' JumpReLU encode)
+
+theta is a running estimate of the smallest activation training keeps: after each step,
+theta <- (1 - lr) theta + lr * m, with m the batch's minimum positive kept activation and
+lr = `topk_threshold_lr` (SAELens' rule). SAELens starts theta at 0, so a checkpoint taken in the
+first few hundred steps has a threshold far too low; here the first update sets theta = m (theta
+is 0 only before the first batch with a positive kept activation; a batch without one leaves it
+unchanged). It is the buffer `threshold` (saved with checkpoints, so a resume continues it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.errors import UserError
+from shared.saes.base import SAEConfig, TrainOutput
+from shared.saes.topk import Selection, TopKSAE, TopKSettings, selection_from_pairs
+
+CANDIDATES_PER_K = 4
+"""CPU: the batch's top k * batch are picked among each row's top CANDIDATES_PER_K * k (a row
+keeping all of its candidates falls back to the whole batch): 3.7x faster than one top-k over
+batch * d_sae values at batch 4096, d_sae 16384, k 32 on 2 cores."""
+
+
+@dataclass
+class BatchTopKSettings(TopKSettings):
+    topk_threshold_lr: float = 0.01
+    """Rate of the running estimate of the inference threshold (SAELens' default)."""
+
+    def validate(self, cfg: SAEConfig) -> None:
+        super().validate(cfg)
+        lr = self.topk_threshold_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1:
+            raise UserError(f"topk_threshold_lr must be a number in (0, 1], got {lr!r}")
+
+
+def batch_topk_selection(acts: torch.Tensor, n_keep: int) -> Selection:
+    """The n_keep largest entries of acts [batch, d_sae] (non-negative), as pairs sorted by row."""
+    batch, d_sae = acts.shape
+    n_keep = min(n_keep, batch * d_sae)
+    m = min(d_sae, CANDIDATES_PER_K * math.ceil(n_keep / batch))
+    if acts.device.type == "cpu" and m < d_sae:
+        # Exact unless some row keeps all m of its candidates (then its next value might belong
+        # too). Checking that is a host sync, which is free on the CPU only.
+        cand_vals, cand_idx = acts.topk(m, dim=-1)  # [batch, m]
+        top = cand_vals.reshape(-1).topk(n_keep, sorted=False).indices
+        rows = top // m
+        if int(torch.bincount(rows, minlength=batch).max()) < m:
+            return selection_from_pairs(rows, cand_idx.reshape(-1)[top], batch, d_sae)
+    top = acts.reshape(-1).topk(n_keep, sorted=False).indices
+    return selection_from_pairs(top // d_sae, top % d_sae, batch, d_sae)
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+    Settings = BatchTopKSettings
+    settings: BatchTopKSettings
+    threshold: torch.Tensor
+
+    def init_extra_(self, device: str | torch.device) -> None:
+        super().init_extra_(device)
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=device))
+        self._kept_min: torch.Tensor | None = None
+        """Minimum positive activation the latest training_forward kept (inf if none), for the
+        update after the step (cheaper than searching the dense feature_acts for it)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, d_in] -> f: [batch, d_sae]; JumpReLU at the learned threshold (per-row,
+        unlike training)."""
+        h = self.hidden_pre(x)
+        return torch.relu(h) * (h > self.threshold)
+
+    def training_selection(self, h: torch.Tensor) -> Selection:
+        return batch_topk_selection(torch.relu(h), self.settings.k * h.shape[0])
+
+    def _note_kept_(self, vals: torch.Tensor) -> None:
+        with torch.no_grad():
+            kept = vals.detach().float()
+            self._kept_min = torch.where(kept > 0, kept, math.inf).amin()
+
+    @torch.no_grad()
+    def after_optimizer_step_(self, out: TrainOutput) -> None:
+        super().after_optimizer_step_(out)
+        self.update_threshold_(out)
+
+    @torch.no_grad()
+    def update_threshold_(self, out: TrainOutput) -> None:
+        """theta <- (1 - lr) theta + lr * (minimum positive kept activation); theta <- that
+        minimum on the first update; unchanged if the batch kept nothing positive. No host sync."""
+        batch_min, self._kept_min = self._kept_min, None
+        if batch_min is None:  # no training_forward noted it: read the activations
+            acts = out.feature_acts.detach().float()
+            batch_min = torch.where(acts > 0, acts, math.inf).amin()
+        lr = self.settings.topk_threshold_lr
+        theta = self.threshold
+        updated = torch.where(theta > 0, (1 - lr) * theta + lr * batch_min, batch_min)
+        self.threshold.copy_(torch.where(torch.isfinite(batch_min), updated, theta))
+
+    def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        """SAELens loads a BatchTopK SAE as JumpReLU, the threshold repeated per feature."""
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
+                   "threshold": self.threshold.expand(self.cfg.d_sae)}
+        return "jumprelu", tensors, {}

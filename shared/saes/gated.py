@@ -1,0 +1,89 @@
+"""`gated`: the Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated
+Sparse Autoencoders", arXiv 2404.16014).
+
+Which features fire and how strongly are decided by two paths that share W_enc's directions:
+
+    s         = x - b_dec
+    pi        = s @ W_enc + b_gate                          gate pre-activation [batch, d_sae]
+    magnitude = relu(s @ (W_enc * exp(r_mag)) + b_mag)      per-feature rescaled encoder
+    f         = 1[pi > 0] * magnitude
+    x_hat     = f @ W_dec + b_dec
+
+    loss = ||x - x_hat||^2                                             "mse"
+         + l1_coefficient * sum_i relu(pi_i) * ||W_dec_i||             "l1_loss"
+         + ||relu(pi) @ sg(W_dec) + sg(b_dec) - x||^2                  "aux_loss"
+    (each averaged over rows; sg = stop-gradient)
+
+The L1 penalty sits on the gate only, so it does not shrink the magnitudes (the shrinkage the
+paper set out to remove); the gate 1[pi > 0] passes no gradient, and the auxiliary loss teaches
+the gate path to reconstruct through a frozen copy of the decoder, as in the paper. The decoder is
+free (the L1 weighs each feature by its decoder norm instead) and starts at `decoder_init_norm`.
+
+On disk (SAELens' `gated`): W_enc, W_dec, b_dec, b_gate, r_mag, b_mag (no b_enc).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.errors import UserError
+from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput, sum_sq_err
+
+
+@dataclass
+class GatedSettings(BaseSettings):
+    l1_coefficient: float = 1.2
+    """Weight of the gate's L1 term (sum_i relu(pi_i) * ||W_dec_i||, averaged over rows), for
+    inputs normalised to E||x|| = sqrt(d_in); the same name and scale as the standard SAE's."""
+
+    def validate(self, cfg: SAEConfig) -> None:
+        super().validate(cfg)
+        if not self.l1_coefficient >= 0:
+            raise UserError(f"l1_coefficient must not be negative, got {self.l1_coefficient}")
+
+
+class GatedSAE(SAE):
+    architecture = "gated"
+    Settings = GatedSettings
+    unit_norm_decoder = False
+    settings: GatedSettings
+    b_gate: torch.nn.Parameter
+    r_mag: torch.nn.Parameter
+    b_mag: torch.nn.Parameter
+
+    def init_extra_(self, device: str | torch.device) -> None:
+        d_sae = self.cfg.d_sae
+        self.b_gate = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+        self.r_mag = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+        self.b_mag = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+
+    def gate_and_magnitude(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pi, magnitude): the gate pre-activations and relu'd magnitudes, each [batch, d_sae]."""
+        s = x - self.b_dec
+        pi = s @ self.W_enc + self.b_gate
+        magnitude = torch.relu(s @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag)
+        return pi, magnitude
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, d_in] -> 1[pi > 0] * magnitude: [batch, d_sae], as SAELens computes it."""
+        pi, magnitude = self.gate_and_magnitude(x)
+        return (pi > 0).to(magnitude.dtype) * magnitude
+
+    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+        pi, magnitude = self.gate_and_magnitude(x)
+        feature_acts = (pi > 0).to(magnitude.dtype) * magnitude
+        sae_out = self.decode(feature_acts)
+        gate_acts = torch.relu(pi)
+        l1 = (gate_acts.float() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        losses = {"mse": sum_sq_err(x, sae_out),
+                  "l1_loss": self.settings.l1_coefficient * step.sparsity_scale * l1,
+                  "aux_loss": sum_sq_err(x, via_gate)}
+        return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l1_loss"] + losses["aux_loss"])
+
+    def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
+                   "b_gate": self.b_gate, "r_mag": self.r_mag, "b_mag": self.b_mag}
+        return "gated", tensors, {}

@@ -1,0 +1,52 @@
+"""Loading an SAE folder (`cfg.json` + `sae_weights.safetensors`), dispatching on its architecture."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from shared.errors import UserError
+from shared.saes.base import SAE, WEIGHTS_NAME, SAEConfig, read_cfg
+from shared.saes.registry import architecture_class
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """The SAE saved in `path`, as the class its cfg.json's `architecture` names (an SAE trained
+    as BatchTopK or Matryoshka comes back as the JumpReLU SAE it was saved as)."""
+    folder = Path(path)
+    cfg = read_cfg(folder)
+    cls = architecture_class(str(cfg.get("architecture", "standard")))
+    tensors = _read_weights(folder / WEIGHTS_NAME, device)
+    # Built on the meta device: no memory, and no draw from torch's RNG for an init that the
+    # saved weights replace (loading must not change what a seeded run does next).
+    sae = cls(SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"]), cls.settings_from(cfg), device="meta")
+    _check_tensors(folder, tensors, sae)
+    sae.load_inference_({name: t.to(torch.float32) for name, t in tensors.items()})
+    sae.input_scale_folded = float(cfg.get("input_scale_folded", 1.0))
+    return sae
+
+
+def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the SAE folder holds no weights")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} could not be read as safetensors ({e})") from None
+
+
+def _check_tensors(folder: Path, tensors: dict[str, torch.Tensor], sae: SAE) -> None:
+    _, expected, _ = sae.inference_form()
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise UserError(f"{folder / WEIGHTS_NAME} lacks tensors {missing} (has {sorted(tensors)})")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise UserError(f"{folder / WEIGHTS_NAME} holds tensors {extra} that a {sae.architecture} SAE does not have")
+    for name, want in expected.items():
+        got = tuple(tensors[name].shape)
+        if tuple(want.shape) != got:
+            raise UserError(f"{folder / WEIGHTS_NAME}: {name} has shape {got}, but cfg.json "
+                            f"(d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) implies {tuple(want.shape)}")

@@ -1,0 +1,76 @@
+"""`matryoshka_batchtopk`: the Matryoshka BatchTopK SAE (Bussmann et al. 2025, "Learning
+Multi-Level Features with Matryoshka Sparse Autoencoders", arXiv 2503.17547; Nabeshima 2025);
+saved, and used at inference, as a JumpReLU SAE, like BatchTopK.
+
+One BatchTopK encoding f (see batchtopk.py); with widths m_1 < m_2 < ... < m_n = d_sae, every
+prefix of the dictionary must reconstruct x on its own:
+
+    x_hat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec
+    loss    = sum_j ||x - x_hat_j||^2 + AuxK                (each averaged over rows)
+
+so the first latents learn general features and later ones refine them instead of absorbing
+them. Loss terms: "mse" is the full width's (x_hat_n, the SAE's reconstruction), "inner_mse_<m_j>"
+the others'; AuxK reads the full reconstruction's residual.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import UserError
+from shared.saes.base import SAEConfig, sum_sq_err
+from shared.saes.batchtopk import BatchTopKSAE, BatchTopKSettings
+from shared.saes.topk import Selection, is_plain_int
+
+
+@dataclass
+class MatryoshkaBatchTopKSettings(BatchTopKSettings):
+    matryoshka_widths: list[int] | None = None
+    """Prefix widths, strictly increasing; d_sae is appended if the last is smaller. None ->
+    [d_sae // 16, d_sae // 4, d_sae], each at least k, duplicates dropped."""
+
+    def validate(self, cfg: SAEConfig) -> None:
+        super().validate(cfg)
+        matryoshka_widths(self, cfg)
+
+
+def matryoshka_widths(settings: MatryoshkaBatchTopKSettings, cfg: SAEConfig) -> list[int]:
+    """The prefix widths the settings mean for this shape (the last is d_sae); UserError if bad."""
+    widths = settings.matryoshka_widths
+    if widths is None:
+        return sorted({min(max(w, settings.k), cfg.d_sae) for w in (cfg.d_sae // 16, cfg.d_sae // 4, cfg.d_sae)})
+    if not isinstance(widths, (list, tuple)) or not widths or not all(is_plain_int(w) and w > 0 for w in widths):
+        raise UserError(f"matryoshka_widths must be a non-empty list of positive integers, got {widths!r}")
+    widths = list(widths)
+    if any(a >= b for a, b in zip(widths, widths[1:])):
+        raise UserError(f"matryoshka_widths must be strictly increasing, got {widths}")
+    if widths[-1] > cfg.d_sae:
+        raise UserError(f"matryoshka_widths must not exceed d_sae={cfg.d_sae}, got {widths}")
+    return widths if widths[-1] == cfg.d_sae else widths + [cfg.d_sae]
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    architecture = "matryoshka_batchtopk"
+    Settings = MatryoshkaBatchTopKSettings
+    settings: MatryoshkaBatchTopKSettings
+
+    @property
+    def widths(self) -> list[int]:
+        """Prefix widths, strictly increasing, the last d_sae."""
+        return matryoshka_widths(self.settings, self.cfg)
+
+    def reconstruction_losses(self, x: torch.Tensor, sel: Selection, vals: torch.Tensor,
+                              dense: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One term per prefix; x_hat_j built as x_hat_{j-1} + the next group's contribution."""
+        losses: dict[str, torch.Tensor] = {}
+        sae_out = self.b_dec.expand(x.shape[0], -1)
+        lo = 0
+        widths = self.widths
+        for width in widths:
+            sae_out = sae_out + self._decode_pairs(sel, vals, dense, lo, width)
+            name = "mse" if width == widths[-1] else f"inner_mse_{width}"
+            losses[name] = sum_sq_err(x, sae_out)
+            lo = width
+        # Generic code reads "mse" first.
+        return {"mse": losses.pop("mse"), **losses}, sae_out

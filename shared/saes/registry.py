@@ -1,0 +1,18 @@
+"""Architecture name (cfg.json's `architecture`) -> class. Adding an architecture is one new file
+in this package and one line here."""
+from __future__ import annotations
+
+from shared.errors import UserError
+from shared.saes.base import SAE
+from shared.saes.standard import StandardSAE
+
+ARCHITECTURES: dict[str, type[SAE]] = {
+    "standard": StandardSAE,
+}
+
+
+def architecture_class(name: str) -> type[SAE]:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise UserError(f"unknown SAE architecture '{name}'; known: {', '.join(ARCHITECTURES)}") from None

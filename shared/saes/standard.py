@@ -1,0 +1,76 @@
+"""`standard`: the ReLU SAE with an L1 penalty (Towards Monosemanticity, Anthropic 2023; the seed).
+
+    f     = ReLU((x - b_dec) @ W_enc + b_enc)      f: [batch, d_sae]
+    x_hat = f @ W_dec + b_dec                      x_hat: [batch, d_in]
+    loss  = ||x - x_hat||^2 + l1_coefficient * sum_i |f_i|        (each averaged over the batch)
+
+with the rows of W_dec held at unit norm, so the L1 penalty cannot be dodged by shrinking f and
+growing W_dec. `anthropic_april_update` switches to Anthropic's April 2024 recipe ("Circuits
+Updates - April 2024"): the L1 term weights each feature by its decoder norm,
+sum_i |f_i| * ||W_dec_i||, which makes the constraint unnecessary, so the decoder is free and
+starts at `decoder_init_norm`. (The recipe's L1 warm-up and final lr decay are training settings:
+`l1_warm_up_steps`, `lr_decay_steps`, given defaults by the config when the update is on.)
+Dead features are resampled (`feature_sampling_method`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.errors import UserError
+from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput, sum_sq_err
+
+
+@dataclass
+class StandardSettings(BaseSettings):
+    l1_coefficient: float = 1.2
+    """Weight of the L1 term, which is averaged over the batch (the seed summed it: seed value x
+    train_batch_size is the value here)."""
+    anthropic_april_update: bool = False
+    """L1 weighted by decoder row norms and no unit-norm constraint (Anthropic, April 2024)."""
+
+    def validate(self, cfg: SAEConfig) -> None:
+        super().validate(cfg)
+        if not self.l1_coefficient >= 0:
+            raise UserError(f"l1_coefficient must not be negative, got {self.l1_coefficient}")
+
+
+class StandardSAE(SAE):
+    architecture = "standard"
+    Settings = StandardSettings
+    dead_feature_policy = "resample"
+    settings: StandardSettings
+    b_enc: torch.nn.Parameter
+
+    def __init__(self, cfg: SAEConfig, settings: StandardSettings | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        # The constraint is per instance: the April update drops it.
+        self.unit_norm_decoder = not (settings and settings.anthropic_april_update)
+        super().__init__(cfg, settings, device)
+
+    def init_extra_(self, device: str | torch.device) -> None:
+        self.b_enc = torch.nn.Parameter(torch.zeros(self.cfg.d_sae, device=device))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, d_in] -> feature activations [batch, d_sae]."""
+        return torch.relu(self.hidden_pre(x))
+
+    def l1_penalty(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of sum_i |f_i| (times ||W_dec_i|| with the April update)."""
+        if self.settings.anthropic_april_update:
+            return (feature_acts.float() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        return feature_acts.float().abs().sum(dim=-1).mean()
+
+    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+        feature_acts = self.encode(x)
+        sae_out = self.decode(feature_acts)
+        coefficient = self.settings.l1_coefficient * step.sparsity_scale
+        losses = {"mse": sum_sq_err(x, sae_out), "l1_loss": coefficient * self.l1_penalty(feature_acts)}
+        return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l1_loss"])
+
+    def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return "standard", tensors, {"activation_fn_str": "relu"}
+

@@ -1,0 +1,77 @@
+"""Which config settings each SAE architecture uses, derived from the architectures themselves.
+
+An architecture uses the fields of its `Settings` dataclass, the warm-up of its sparsity
+coefficient, and the dead-feature settings of its policy (resampling or AuxK). A setting that is
+given but used by no SAE of a run is refused: a silently ignored `--k` is a wasted sweep.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from shared.errors import UserError
+from shared.saes.base import SAE
+from shared.saes.registry import ARCHITECTURES, architecture_class
+from train.config import LanguageModelSAERunnerConfig
+
+RESAMPLING_SETTINGS = ("feature_sampling_method", "dead_feature_threshold", "feature_reinit_scale",
+                       "resample_sample_rows")
+WARM_UP_SETTING = {"l1_coefficient": "l1_warm_up_steps", "l0_coefficient": "l0_warm_up_steps"}
+"""The warm-up that goes with each sparsity coefficient."""
+RESAMPLING_DEFAULTS = {"feature_sampling_method": "anthropic", "dead_feature_threshold": 1e-8,
+                       "feature_reinit_scale": 0.2, "resample_sample_rows": 819_200}
+
+
+def used_settings(cls: type[SAE]) -> set[str]:
+    names = {f.name for f in fields(cls.Settings)}
+    names |= {warm for coef, warm in WARM_UP_SETTING.items() if coef in names}
+    if cls.dead_feature_policy == "resample":
+        names |= set(RESAMPLING_SETTINGS)
+    if cls.dead_feature_policy in ("resample", "auxk"):
+        names.add("dead_feature_window")
+    return names
+
+
+def specific_settings() -> set[str]:
+    """Settings some architectures use and others do not (all default to None in the config)."""
+    every = [used_settings(cls) for cls in ARCHITECTURES.values()]
+    return set.union(*every) - set.intersection(*every)
+
+
+def check_settings_used(configs: list[LanguageModelSAERunnerConfig]) -> None:
+    """Refuse a setting given (not None) in some config that no SAE of the run uses."""
+    architectures = sorted({c.architecture for c in configs})
+    used = set().union(*(used_settings(architecture_class(a)) for a in architectures))
+    for name in sorted(specific_settings() - used):
+        if any(getattr(c, name) is not None for c in configs):
+            users = [a for a, cls in ARCHITECTURES.items() if name in used_settings(cls)]
+            raise UserError(f"{name} is a setting of {', '.join(users)}, but this run trains only "
+                            f"{', '.join(architectures)}: drop {name} or set architecture")
+
+
+def without_unused(cfg: LanguageModelSAERunnerConfig) -> dict[str, Any]:
+    """The config's values with the settings its own architecture does not use set to None (a
+    sweep's grid point then carries only what applies to it)."""
+    used = used_settings(architecture_class(cfg.architecture))
+    return {k: (None if k in specific_settings() and k not in used else v) for k, v in cfg.to_dict().items()}
+
+
+def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, Any]:
+    """Effective values of the run-level settings left at None: resampling, warm-ups and the lr
+    decay (the April 2024 update's L1 warm-up over the first 5% and decay over the last 20%)."""
+    april = bool(cfg.anthropic_april_update)
+    out: dict[str, Any] = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
+                           for k, v in RESAMPLING_DEFAULTS.items()}
+    cls = architecture_class(cfg.architecture)
+    if cls.dead_feature_policy != "resample":
+        out["feature_sampling_method"] = "none"
+    out["l1_warm_up_steps"] = _or(cfg.l1_warm_up_steps, round(0.05 * total_steps) if april else 0)
+    out["l0_warm_up_steps"] = _or(cfg.l0_warm_up_steps, 0)
+    out["lr_decay_steps"] = _or(cfg.lr_decay_steps, round(0.2 * total_steps) if april else 0)
+    coefficient = next((c for c in WARM_UP_SETTING if c in {f.name for f in fields(cls.Settings)}), None)
+    out["sparsity_warm_up_steps"] = out[WARM_UP_SETTING[coefficient]] if coefficient else 0
+    return out
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
