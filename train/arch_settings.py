@@ -19,7 +19,7 @@ RESAMPLING_SETTINGS = ("feature_sampling_method", "dead_feature_threshold", "fea
 WARM_UP_SETTING = {"l1_coefficient": "l1_warm_up_steps", "l0_coefficient": "l0_warm_up_steps"}
 """The warm-up that goes with each sparsity coefficient."""
 RESAMPLING_DEFAULTS = {"feature_sampling_method": "anthropic", "dead_feature_threshold": 1e-8,
-                       "feature_reinit_scale": 0.2, "resample_sample_rows": 819_200}
+                       "feature_reinit_scale": 0.2, "resample_sample_rows": 819_200, "dead_feature_window": 500}
 
 
 def used_settings(cls: type[SAE]) -> set[str]:
@@ -58,7 +58,8 @@ def without_unused(cfg: LanguageModelSAERunnerConfig) -> dict[str, Any]:
 
 def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, Any]:
     """Effective values of the run-level settings left at None: resampling, warm-ups and the lr
-    decay (the April 2024 update's L1 warm-up over the first 5% and decay over the last 20%)."""
+    decay (the April 2024 update's L1 warm-up over the first 5% and decay over the last 20%; an
+    L0 warm-up over the first 5% for JumpReLU)."""
     april = bool(cfg.anthropic_april_update)
     out: dict[str, Any] = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
                            for k, v in RESAMPLING_DEFAULTS.items()}
@@ -66,7 +67,9 @@ def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, A
     if cls.dead_feature_policy != "resample":
         out["feature_sampling_method"] = "none"
     out["l1_warm_up_steps"] = _or(cfg.l1_warm_up_steps, round(0.05 * total_steps) if april else 0)
-    out["l0_warm_up_steps"] = _or(cfg.l0_warm_up_steps, 0)
+    # JumpReLU: a feature that stops firing gets no gradient again, so let the reconstruction
+    # settle before the L0 pressure (measured on planted features: fewer dropped features).
+    out["l0_warm_up_steps"] = _or(cfg.l0_warm_up_steps, round(0.05 * total_steps))
     out["lr_decay_steps"] = _or(cfg.lr_decay_steps, round(0.2 * total_steps) if april else 0)
     coefficient = next((c for c in WARM_UP_SETTING if c in {f.name for f in fields(cls.Settings)}), None)
     out["sparsity_warm_up_steps"] = out[WARM_UP_SETTING[coefficient]] if coefficient else 0

@@ -75,7 +75,8 @@ class LanguageModelSAERunnerConfig:
     decoder_init_norm: float | None = _f(None, "Initial encoder column norm (and decoder row norm where "
                                                "the decoder is free) [0.1].", "sae")
     l1_coefficient: float | None = _f(None, "standard, gated: L1 weight; the L1 term is averaged over the "
-                                            "batch (seed value x train_batch_size, e.g. 3e-4 x 4096 = 1.2) [1.2].", "sae")
+                                            "batch (seed value x train_batch_size, e.g. 3e-4 x 4096 = 1.2) "
+                                            "[standard 1.2, gated 3].", "sae")
     anthropic_april_update: bool | None = _f(None, "standard: L1 weighted by decoder norms, free decoder, "
                                                    "L1 warm-up and final lr decay (Anthropic, April 2024) [off].", "sae")
     k: int | None = _f(None, "topk, batchtopk, matryoshka_batchtopk: active features per row "
@@ -87,9 +88,9 @@ class LanguageModelSAERunnerConfig:
                                                "inference [0.01].", "sae")
     matryoshka_widths: list[int] | None = _f(None, "matryoshka_batchtopk: nested prefix widths, comma-separated, "
                                              "ending at d_sae [d_sae/16, d_sae/4, d_sae].", "sae")
-    l0_coefficient: float | None = _f(None, "jumprelu: weight of the L0 penalty (averaged over the batch).", "sae")
-    jumprelu_bandwidth: float | None = _f(None, "jumprelu: width of the straight-through estimator's kernel.", "sae")
-    jumprelu_init_threshold: float | None = _f(None, "jumprelu: initial threshold of every feature.", "sae")
+    l0_coefficient: float | None = _f(None, "jumprelu: weight of the L0 penalty (averaged over the batch) [1].", "sae")
+    jumprelu_bandwidth: float | None = _f(None, "jumprelu: width of the straight-through estimator's kernel [0.05].", "sae")
+    jumprelu_init_threshold: float | None = _f(None, "jumprelu: initial threshold of every feature [0.1].", "sae")
 
     # Optimisation
     lr: float = _f(1e-4, "Adam learning rate.", "optimizer")
@@ -102,7 +103,7 @@ class LanguageModelSAERunnerConfig:
     l1_warm_up_steps: int | None = _f(None, "standard, gated: the L1 coefficient ramps linearly from 0 over "
                                             "this many steps [0; 5% with anthropic_april_update].", "optimizer")
     l0_warm_up_steps: int | None = _f(None, "jumprelu: the L0 coefficient ramps linearly from 0 over this "
-                                            "many steps [0].", "optimizer")
+                                            "many steps [5% of the steps].", "optimizer")
     dtype: str = _f("float32", "Parameter dtype (float32; use autocast for bfloat16 compute).", "optimizer")
     autocast: bool = _f(False, "bfloat16 autocast for the SAE forward/backward.", "optimizer")
 
@@ -111,9 +112,9 @@ class LanguageModelSAERunnerConfig:
                                                    "none [anthropic].", "dead_features")
     feature_sampling_window: int = _f(1000, "Steps between resampling checks and density histograms.",
                                       "dead_features")
-    dead_feature_window: int = _f(500, "A feature that has not fired for this many steps is dead "
-                                       "(resampled by anthropic; reconstructs the residual in AuxK).",
-                                  "dead_features")
+    dead_feature_window: int | None = _f(None, "A feature that has not fired for this many steps is dead "
+                                              "(resampled by anthropic; reconstructs the residual in AuxK) "
+                                              "[500].", "dead_features")
     dead_feature_threshold: float | None = _f(None, "l2: density below this over the sampling window is "
                                                     "dead [1e-8].", "dead_features")
     feature_reinit_scale: float | None = _f(None, "Resampled encoder norm = this x mean alive encoder "
@@ -146,10 +147,10 @@ class LanguageModelSAERunnerConfig:
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
         positive = ["expansion_factor", "lr", "train_batch_size", "feature_sampling_window",
-                    "dead_feature_window", "wandb_log_frequency",
+                    "wandb_log_frequency",
                     "shuffle_block_rows", "context_size", "store_batch_size"]
         positive += [n for n in ("d_sae", "d_in", "total_training_tokens", "shuffle_buffer_rows", "k", "aux_k",
-                                 "resample_sample_rows", "decoder_init_norm", "jumprelu_bandwidth",
+                                 "resample_sample_rows", "decoder_init_norm", "dead_feature_window", "jumprelu_bandwidth",
                                  "jumprelu_init_threshold") if getattr(self, n) is not None]
         for name in positive:
             if not getattr(self, name) > 0:

@@ -105,7 +105,7 @@ class SAETrainer:
         if self.settings["feature_sampling_method"] == "l2":
             density = self.window_fired.double() / max(1, self.counters.window_rows)
             return density < self.settings["dead_feature_threshold"]
-        return self.tokens_since_fired >= self.cfg.dead_feature_window * self.cfg.train_batch_size
+        return self.tokens_since_fired >= self.settings["dead_feature_window"] * self.cfg.train_batch_size
 
     def end_of_window(self) -> bool:
         return self.counters.step % self.cfg.feature_sampling_window == 0

@@ -20,7 +20,11 @@ is theta times the above (chain rule). Decoder rows are held at unit norm (Gemma
 
 On disk (SAELens' `jumprelu`): W_enc, b_enc, W_dec, b_dec and the raw `threshold` = exp(log_threshold).
 A BatchTopK or Matryoshka SAE is saved in this form too, with one shared threshold that can be 0:
-loading stores log(0) = -inf, whose exp is exactly 0, so such a folder encodes as relu(h), exactly.
+loading stores log(0) = -inf, whose exp is exactly 0, so such a folder encodes as relu(h), exactly
+(trained further, such a threshold stays 0: its log-space gradient is theta times the above).
+Thresholds this class saved load back exactly (`log_of_threshold`); another tool's threshold that
+no float32 log reproduces is off by ~1e-7 relative, so only pre-activations that close to it
+could fire differently than in SAELens.
 """
 from __future__ import annotations
 
@@ -38,19 +42,30 @@ from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOut
 class JumpReLUSettings(BaseSettings):
     l0_coefficient: float = 1.0
     """Weight of the L0 term (mean over rows of the number of firing features) against the MSE,
-    which is summed over d_in: set for inputs normalised to E||x|| = sqrt(d_in), where the typical
-    squared norm a feature explains is about d_in / L0 (~15 for d_in = 768, L0 = 50), so 1.0
-    asks a feature to pay for itself several times over. Raise it for a lower L0. (The paper's
-    lambda, on inputs of unit mean squared norm, is this divided by d_in. SAELens' default.)"""
+    which is summed over d_in; set for inputs normalised to E||x|| = sqrt(d_in). A feature is
+    worth firing on a row when it removes more than l0_coefficient of squared error there; a
+    typical feature explains about d_in / L0 of ||x||^2 (~15 for d_in = 768, L0 = 50). Raise it
+    for a lower L0. (SAELens' default; the paper's lambda, on inputs of unit mean squared norm, is
+    this divided by d_in.) On planted features (3 per row, each ~d_in / 3 of ||x||^2): 1.0 found
+    the planted L0; 0.3 kept L0 ~5 with split features; 3.0 dropped the weakest at d_in = 16."""
     jumprelu_bandwidth: float = 0.05
     """Width eps of the straight-through estimators' rectangle kernel, in pre-activation units
-    (SAELens' default; the paper's 0.001 is for inputs of unit mean squared norm, about
-    0.001 * sqrt(d_in) here). Wider: more pre-activations inform each threshold (less noise,
-    more bias); too narrow and thresholds hardly move."""
-    jumprelu_init_threshold: float = 0.01
-    """Initial threshold theta of every feature (in pre-activation units). Small, so features start
-    firing on most inputs they point towards; the L0 term then raises it. Adam moves
-    log_threshold by about lr per step, so from 0.01 to ~1 takes ~4.6 / lr steps."""
+    (SAELens' default; the paper's 0.001 is for inputs of unit mean squared norm, ~0.001 *
+    sqrt(d_in) here). Only pre-activations within eps/2 of a threshold move it: wider means less
+    noise and more bias. On planted features 0.05 to 0.5 all worked (0.2-0.5 slightly better
+    with small batches); the initial threshold mattered far more."""
+    jumprelu_init_threshold: float = 0.1
+    """Initial threshold theta of every feature (pre-activation units): about the spread of the
+    first pre-activations (decoder_init_norm x ||x - b_dec|| / sqrt(d_in) ~ 0.1 on normalised
+    inputs), so each feature starts firing on a fair share of inputs (~16%) and sparsity is
+    learnt from the start. Much smaller stalls: Adam moves log_threshold by at most ~lr per
+    step, so theta's absolute rate is ~theta * lr, and the encoder learns a dense code faster
+    than the L0 term raises thresholds; when they catch up, features die rather than
+    reorganise (a feature that never fires gets no gradient). Measured on planted features
+    (1500 steps at lr 3e-3, or 4000 at 1e-3): from 0.01 (SAELens' default) L0 ended ~40 of 64,
+    from 0.03 ~13, both with mean max cosine 0.54-0.62; from 0.1 L0 reached the planted 3 and
+    the cosine 0.87-0.99 (and >= 0.988 over 6 seeds at lr 1e-2 for 400 steps, with the L0
+    coefficient warmed up over the first 100)."""
 
     def validate(self, cfg: SAEConfig) -> None:
         super().validate(cfg)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from shared.errors import UserError
 from shared.saes.base import SAE
+from shared.saes.gated import GatedSAE
+from shared.saes.jumprelu import JumpReLUSAE
 from shared.saes.standard import StandardSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {
     "standard": StandardSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
 }
 
 

@@ -189,20 +189,21 @@ class TopKSAE(SAE):
         sparse = self.sparse_decode
         batch = x.shape[0]
         s = x - self.b_dec
-        if sparse:
-            with torch.no_grad():  # its gradient comes from _GatheredPreacts, at the chosen pairs only
-                h = s @ self.W_enc + self.b_enc
-        else:
-            h = s @ self.W_enc + self.b_enc
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
+            # Sparse: no graph; the gradient comes from _GatheredPreacts, at the chosen pairs only.
+            h = torch.addmm(self.b_enc, s, self.W_enc)  # [batch, d_sae]
         sel = self.training_selection(h.detach())
         vals = torch.relu(self._gather(s, h, sel, sparse))  # [n]
         self._note_kept_(vals)
         dense = None if sparse else self._dense(sel, vals, batch)
         losses, sae_out = self.reconstruction_losses(x, sel, vals, dense)
-        # The trainer only counts firing features in feature_acts: the sparse path builds it
-        # without a graph.
-        feature_acts = self._dense(sel, vals.detach(), batch) if dense is None else dense
         losses["auxk_loss"] = self.auxk_loss(x, sae_out, s, h, step.dead_mask, sparse)
+        if dense is None:
+            # The trainer only counts firing features in feature_acts: no graph needed, and h's
+            # memory is free now (writing it beats faulting in a fresh [batch, d_sae]).
+            feature_acts = h.zero_().index_put_((sel.rows, sel.cols), vals.detach().to(h.dtype))
+        else:
+            feature_acts = dense
         return TrainOutput(sae_out, feature_acts, losses, sum(losses.values()))
 
     def _note_kept_(self, vals: torch.Tensor) -> None:

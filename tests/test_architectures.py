@@ -1,0 +1,123 @@
+"""Every architecture through the generic machinery: config, sweeps, checkpoints, exact resume."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import fields, replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shared.saes import ARCHITECTURES, load_sae
+from test_train import small_cfg, sparse_dump
+from train.arch_settings import specific_settings, used_settings, without_unused
+from train.cli import main as train_main
+from train.config import LanguageModelSAERunnerConfig
+from train.run import train
+from train.sweep import grid, train_sweep
+
+ALL = sorted(ARCHITECTURES)
+# Small settings each architecture can train with on a 32-wide toy dump.
+SETTINGS = {"standard": dict(l1_coefficient=0.05), "gated": dict(l1_coefficient=0.05),
+            "topk": dict(k=4, aux_k=8), "batchtopk": dict(k=4, aux_k=8),
+            "matryoshka_batchtopk": dict(k=4, aux_k=8, matryoshka_widths=[16, 64]),
+            "jumprelu": dict(l0_coefficient=0.01, jumprelu_init_threshold=0.05)}
+
+
+def cfg_for(tmp_path, arch: str, run: str, **kw) -> LanguageModelSAERunnerConfig:
+    settings = dict(architecture=arch, total_training_tokens=256 * 24, n_checkpoints=2, feature_sampling_window=8,
+                    dead_feature_window=4, normalize_activations="expected_norm") | SETTINGS[arch] | kw
+    # small_cfg sets resampling settings; an architecture that does not resample must not get them.
+    return LanguageModelSAERunnerConfig.from_dict(without_unused(small_cfg(tmp_path / "dump", tmp_path / run, **settings)))
+
+
+@pytest.fixture
+def dump(tmp_path):
+    return sparse_dump(tmp_path / "dump", n_rows=2048, n_features=16, per_row=2)
+
+
+def test_every_architecture_setting_is_a_config_key_owned_by_the_sae():
+    group = {f.name: f.metadata["group"] for f in fields(LanguageModelSAERunnerConfig)}
+    defaults = {f.name: f.default for f in fields(LanguageModelSAERunnerConfig)}
+    for name, cls in ARCHITECTURES.items():
+        for f in fields(cls.Settings):
+            assert group.get(f.name) == "sae", (name, f.name)
+    for name in specific_settings():
+        assert defaults[name] is None, name  # so a given value can be told from a default
+    assert "k" in used_settings(ARCHITECTURES["topk"]) if "topk" in ARCHITECTURES else True
+    assert "feature_sampling_method" in used_settings(ARCHITECTURES["standard"])
+
+
+def test_a_setting_no_sae_uses_is_refused(tmp_path, dump):
+    if "topk" not in ARCHITECTURES:
+        pytest.skip("topk not registered")
+    got = CliRunner().invoke(train_main, ["--shards", str(tmp_path / "dump"), "--k", "32", "--quiet",
+                                          "--checkpoint-path", str(tmp_path / "run")])
+    assert got.exit_code == 2
+    message = got.output.strip()
+    assert "\n" not in message and "k is a setting of topk" in message and "standard" in message, message
+    assert not (tmp_path / "run").exists()
+    got = CliRunner().invoke(train_main, ["--shards", str(tmp_path / "dump"), "--architecture", "topk",
+                                          "--l1-coefficient", "2", "--quiet"])
+    assert got.exit_code == 2 and "l1_coefficient is a setting of" in got.output
+
+
+def test_a_grid_across_architectures_keeps_only_the_settings_each_uses(tmp_path):
+    if not {"topk", "jumprelu"} <= set(ARCHITECTURES):
+        pytest.skip("topk/jumprelu not registered")
+    base = LanguageModelSAERunnerConfig(shards=str(tmp_path))
+    names = [name for name, _ in grid(base, {"architecture": ["topk", "jumprelu"], "k": [32, 64]})]
+    assert names == ["architecture_topk__k_32", "architecture_topk__k_64", "architecture_jumprelu"]
+    cfgs = dict(grid(base, {"architecture": ["topk", "jumprelu"], "k": [32, 64]}))
+    assert cfgs["architecture_jumprelu"].k is None and cfgs["architecture_topk__k_64"].k == 64
+    with pytest.raises(Exception, match="cannot sweep 'train_batch_size'.*data stream"):
+        grid(base, {"train_batch_size": [1, 2]})
+    with pytest.raises(Exception, match="k is a setting of"):
+        grid(base, {"architecture": ["standard", "gated"], "k": [32, 64]})
+
+
+def test_config_sections_partition_the_settings():
+    cfg = LanguageModelSAERunnerConfig()
+    sections = {g: cfg.section(g) for g in ("data", "sae", "optimizer", "dead_features", "evaluation", "run", "logging")}
+    names = [n for s in sections.values() for n in s]
+    assert sorted(names) == sorted(f.name for f in fields(cfg)) and len(names) == len(set(names))
+    assert "train_batch_size" in sections["data"] and "k" in sections["sae"] and "lr" in sections["optimizer"]
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_resume_equals_uninterrupted_and_checkpoints_load(tmp_path, dump, arch):
+    """Every parameter and buffer (thresholds, running estimates) with its Adam state survives."""
+    full = train(cfg_for(tmp_path, arch, "full"), progress=False)
+    index = json.loads((full.run_dir / "checkpoints.json").read_text())
+    middle = full.run_dir / index[0]["folder"]
+    shutil.copytree(middle, tmp_path / "mid")
+    resumed = train(cfg_for(tmp_path, arch, "resumed"), resume_from=tmp_path / "mid", progress=False)
+    for name in ("sae_weights.safetensors", "trainer_state.safetensors"):
+        assert (resumed.final / name).read_bytes() == (full.final / name).read_bytes(), (arch, name)
+    # The saved SAE works on raw activations and equals the trained one (trained on scaled inputs).
+    loaded = load_sae(full.final)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    scale = full.trainer.input_scale
+    with torch.no_grad():
+        trained = full.sae(x * scale)
+        got = loaded(x)
+    torch.testing.assert_close(got.feature_acts, trained.feature_acts, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.sae_out, trained.sae_out / scale, rtol=1e-4, atol=1e-5)
+    cfg = json.loads((full.final / "cfg.json").read_text())
+    assert cfg["trained_architecture"] == arch and cfg["metadata"]["hook_name"]
+
+
+def test_mixed_architecture_sweep_equals_solo_runs(tmp_path, dump):
+    archs = ALL
+    base = cfg_for(tmp_path, "standard", "sweep", n_checkpoints=0, total_training_tokens=256 * 8)
+    base = LanguageModelSAERunnerConfig.from_dict(base.to_dict() | {"l1_coefficient": None})
+    sweep = {"architecture": archs}
+    results = train_sweep(base, sweep, progress=False)
+    assert [r.run_dir.name for r in results] == [f"architecture_{a}" for a in archs]
+    for arch, r in zip(archs, results):
+        solo_cfg = LanguageModelSAERunnerConfig.from_dict(without_unused(replace(
+            base, architecture=arch, checkpoint_path=str(tmp_path / f"solo_{arch}"))))
+        solo = train(solo_cfg, progress=False)
+        assert (r.final / "sae_weights.safetensors").read_bytes() == \
+            (solo.final / "sae_weights.safetensors").read_bytes(), arch
