@@ -84,6 +84,9 @@ class LanguageModelSAERunnerConfig:
     aux_k: int | None = _f(None, "topk family: dead features the AuxK loss reconstructs the residual "
                                  "with [d_in / 2].", "sae")
     aux_loss_coefficient: float | None = _f(None, "topk family: weight of the AuxK loss [1/32].", "sae")
+    sparse_decode: bool | None = _f(None, "topk family: decode from the k chosen features per row instead of "
+                                          "a dense matmul (same numbers, faster when k is small) "
+                                          "[when k x 8 <= d_sae].", "sae")
     topk_threshold_lr: float | None = _f(None, "batchtopk family: rate of the running threshold used at "
                                                "inference [0.01].", "sae")
     matryoshka_widths: list[int] | None = _f(None, "matryoshka_batchtopk: nested prefix widths, comma-separated, "

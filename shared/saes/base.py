@@ -85,6 +85,9 @@ class TrainOutput(NamedTuple):
     feature_acts: torch.Tensor  # [batch, d_sae], as training used them
     losses: dict[str, torch.Tensor]  # named scalar terms, each already weighted
     loss: torch.Tensor  # their sum: what backward() runs on
+    fired: torch.Tensor | None = None
+    """[d_sae]: rows of the batch on which each feature fired, when the architecture counts them
+    cheaper than a scan of the dense feature_acts (the sparse TopK path: a bincount of k pairs)."""
 
 
 def sum_sq_err(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -198,13 +198,16 @@ class TopKSAE(SAE):
         dense = None if sparse else self._dense(sel, vals, batch)
         losses, sae_out = self.reconstruction_losses(x, sel, vals, dense)
         losses["auxk_loss"] = self.auxk_loss(x, sae_out, s, h, step.dead_mask, sparse)
+        fired = None
         if dense is None:
             # The trainer only counts firing features in feature_acts: no graph needed, and h's
             # memory is free now (writing it beats faulting in a fresh [batch, d_sae]).
             feature_acts = h.zero_().index_put_((sel.rows, sel.cols), vals.detach().to(h.dtype))
+            # Counted from the k pairs per row (weights, not a mask index: no host sync).
+            fired = torch.bincount(sel.cols, weights=(vals.detach() > 0).float(), minlength=self.cfg.d_sae)
         else:
             feature_acts = dense
-        return TrainOutput(sae_out, feature_acts, losses, sum(losses.values()))
+        return TrainOutput(sae_out, feature_acts, losses, sum(losses.values()), fired)
 
     def _note_kept_(self, vals: torch.Tensor) -> None:
         """Hook for running estimates over the kept activations (BatchTopK's threshold)."""
