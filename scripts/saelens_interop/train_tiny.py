@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from shared.dump_writer import write_dump
 from shared.saes import ARCHITECTURES, load_sae
+from train.arch_settings import without_unused
 from train.config import LanguageModelSAERunnerConfig
 from train.run import train
 
@@ -42,6 +43,7 @@ def main(out: Path) -> None:
             total_training_tokens=256 * 40, lr=3e-3, normalize_activations="expected_norm",
             b_dec_init_method="mean", eval_holdout_contexts=0, device="cpu", dead_feature_window=10,
             feature_sampling_window=20, checkpoint_path=str(out / arch), **SETTINGS.get(arch, {}))
+        cfg = LanguageModelSAERunnerConfig.from_dict(without_unused(cfg))  # e.g. no dead window for jumprelu
         result = train(cfg, progress=False, log=lambda s: None)
         sae = load_sae(result.final)
         x = 3.0 * torch.randn(64, sae.cfg.d_in, generator=torch.Generator().manual_seed(1)) + 0.5
