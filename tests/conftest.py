@@ -73,3 +73,14 @@ def text_dataset(tmp_path) -> Path:
         for _ in range(60):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80)))}) + "\n")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread gains nothing, and on a busy machine every op waits for the
+    descheduled one (measured on a recovery test: 2 s alone, over 60 s beside another process
+    with 2 threads; 2 s with 1). Test modules of tiny SAEs use it with `pytestmark`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from shared.saes.jumprelu import JumpReLUFunction, JumpReLUSAE, JumpReLUSettings
 from train.step import make_optimizer, train_step_
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread gains nothing and waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -23,13 +23,7 @@ ARCHS = [TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE]
 IDS = [cls.architecture for cls in ARCHS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread gains nothing on a busy machine (see test_sae_core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(cls, d_in: int = 8, d_sae: int = 32, seed: int = 0, **settings):

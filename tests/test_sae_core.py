@@ -22,15 +22,7 @@ from train.step import train_step_ as generic_train_step_
 RESAMPLERS = [resample_anthropic_, resample_l2_]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread gains nothing, and on a busy machine every op waits
-    for the descheduled one (measured on the recovery test: 2 s alone, over 60 s beside another
-    process with 2 threads; 2 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sae(d_in: int = 8, d_sae: int = 16, seed: int = 0) -> SparseAutoencoder:

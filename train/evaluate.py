@@ -1,6 +1,7 @@
 """Evaluate a trained SAE on the contexts its dump held out of training.
 
-Two kinds of metrics (definitions in FIELD.md, "Metrics"):
+Two kinds of metrics (explained variance pooled over rows, not averaged per token; CE loss recovered
+against zero ablation, as in Bricken et al. 2023 and Gao et al. 2024):
   - reconstruction, from the stored activations alone: MSE, explained variance, L0, feature density;
   - downstream, with the language model: next-token cross-entropy with the SAE's reconstruction
     spliced in at the hook, against the clean run and zero/mean ablation of the hook.
@@ -29,7 +30,7 @@ DENSE_THRESHOLD = 0.1
 """A feature firing on more than this fraction of rows counts as dense (it acts like a bias,
 not like a sparse feature)."""
 RARE_THRESHOLDS = {"1e-5": 1e-5, "1e-6": 1e-6}
-"""FIELD.md also asks for the fraction of features with density below each of these."""
+"""Also reported: the fraction of features with density below each of these (rare features)."""
 
 
 # ----------------------------------------------------------------------------- tokens
