@@ -481,5 +481,5 @@ def test_training_recovers_known_sparse_directions():
     max_cos = (directions @ sae.W_dec.detach().T).max(dim=1).values
     print(f"mean max cosine {max_cos.mean():.4f} (min {max_cos.min():.4f}), "
           f"l0 {result.l0:.2f}, {elapsed:.1f}s")
-    assert max_cos.mean() >= 0.9
+    assert max_cos.mean() >= 0.95
     assert explained_variance(result.sum_sq_err, result.sum_sq_total) > 0.85

@@ -3,6 +3,7 @@
     summary.csv / summary.json    one row per SAE: its swept settings and final metrics
     frontier_l0_ev.png            L0 against explained variance, Pareto frontier marked
     frontier_l0_ce.png            L0 against CE loss recovered (when evaluated with the model)
+    frontier_l0_kl.png            L0 against KL(clean || with SAE) (idem; lower is better)
     feature_density.png           log10 feature density histogram per SAE
     loss_curves.png               MSE and L0 against step per SAE
     plots.json                    which SAEs each plot shows
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from shared import atomic
 from train.metrics_log import METRICS
 
-PLOTS = ("frontier_l0_ev.png", "frontier_l0_ce.png", "feature_density.png", "loss_curves.png")
+PLOTS = ("frontier_l0_ev.png", "frontier_l0_ce.png", "frontier_l0_kl.png", "feature_density.png", "loss_curves.png")
 COLUMNS = ("train_mse", "train_explained_variance", "train_l0", "train_frac_dead", "eval_mse", "eval_explained_variance",
            "eval_l0", "eval_frac_dead", "eval_frac_dense", "ce_clean", "ce_with_sae",
            "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae")
@@ -64,29 +65,51 @@ def pareto_front(x: list[float], y: list[float]) -> list[int]:
     return front
 
 
-def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: Path, plt) -> list[str]:
-    """Draw one point per SAE that has both values; returns the names drawn."""
+def _series(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, list[int]]:
+    """Rows grouped by their swept non-numeric values (architecture, on/off switches), so that one
+    line per architecture runs through its numeric settings (k, coefficients)."""
+    categorical = [k for k in keys if any(isinstance(r.get(k), (str, bool)) for r in rows)]
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        name = ", ".join(f"{r[k]}" if k == "architecture" else f"{k}={r[k]}" for k in categorical
+                         if r.get(k) not in (None, False))
+        groups.setdefault(name, []).append(i)
+    return groups
+
+
+def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: Path, plt,
+                   keys: list[str] | None = None, higher_is_better: bool = True) -> list[str]:
+    """Draw one point per SAE that has both values; returns the names drawn. With swept
+    architectures (or other non-numeric settings), one coloured line per group."""
     x_key = "eval_l0" if all(r.get("eval_l0") is not None for r in rows) else "train_l0"
-    pts = [(r[x_key], r[y_key], r.get("label", r["name"])) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
-    if not pts:
+    have = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+    if not have:
         return []
-    x, y, _ = zip(*pts)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter(x, y, color="tab:blue", zorder=2)
-    for xi, yi, n in pts:
-        ax.annotate(n, (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    front = pareto_front(list(x), list(y))
-    ax.plot([x[i] for i in front], [y[i] for i in front], color="tab:red", marker="o", zorder=3,
-            label="frontier")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    groups = _series(have, keys or [])
+    for n, (group, members) in enumerate(groups.items()):
+        members = sorted(members, key=lambda i: have[i][x_key])
+        xs, ys = [have[i][x_key] for i in members], [have[i][y_key] for i in members]
+        ax.plot(xs, ys, marker="o", color=f"C{n % 10}", label=group or None, zorder=2,
+                linestyle="-" if len(groups) > 1 else "none")
+        if len(groups) == 1:
+            for i in members:
+                ax.annotate(have[i].get("label", have[i]["name"]), (have[i][x_key], have[i][y_key]),
+                            fontsize=7, xytext=(4, 4), textcoords="offset points")
+    x = [r[x_key] for r in have]
+    y = [r[y_key] if higher_is_better else -r[y_key] for r in have]
+    front = pareto_front(x, y)
+    ax.plot([x[i] for i in front], [have[i][y_key] for i in front], color="black", linestyle=":",
+            zorder=3, label="frontier")
     ax.set_xscale("log")
     ax.set_xlabel("L0 (features active per token)" + (" on held-out rows" if x_key == "eval_l0" else ""))
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
-    ax.legend()
-    if rows and rows[0].get("label_keys"):
+    ax.legend(fontsize=7)
+    if len(groups) == 1 and rows and rows[0].get("label_keys"):
         ax.set_title(f"points labelled {rows[0]['label_keys']}", fontsize=9)
     _save(fig, path, plt)
-    return [r["name"] for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+    return [r["name"] for r in have]
 
 
 def _save(fig, path: Path, plt) -> None:
@@ -182,6 +205,7 @@ def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],
     for row in rows:  # short point labels for the plots: the swept values only
         row["label"] = ", ".join(str(row[k]) for k in keys)
         row["label_keys"] = ", ".join(keys)
+    swept = list(keys)
     keys = ["name", *keys, *[c for c in COLUMNS if any(r.get(c) is not None for r in rows)]]
     atomic.write_json(root / "summary.json", [{k: v for k, v in r.items() if not k.startswith("label")}
                                               for r in rows])
@@ -192,9 +216,12 @@ def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],
     ev_key = "eval_explained_variance" if all(r.get("eval_explained_variance") is not None for r in rows) \
         else "train_explained_variance"
     drawn = {
-        "frontier_l0_ev.png": _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png", plt),
+        "frontier_l0_ev.png": _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png",
+                                             plt, swept),
         "frontier_l0_ce.png": _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered",
-                                             root / "frontier_l0_ce.png", plt),
+                                             root / "frontier_l0_ce.png", plt, swept),
+        "frontier_l0_kl.png": _frontier_plot(rows, "kl_clean_sae", "KL(clean || with SAE)",
+                                             root / "frontier_l0_kl.png", plt, swept, higher_is_better=False),
         "feature_density.png": _density_plot([(e.name, e.final) for e in entries],
                                              root / "feature_density.png", plt),
         "loss_curves.png": _curves_plot([(e.name, e.run_dir) for e in entries], root / "loss_curves.png", plt),

@@ -147,7 +147,7 @@ class SAE(torch.nn.Module):
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations (x - b_dec) @ W_enc + b_enc: [batch, d_sae] (architectures with b_enc)."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # bias fused: one pass fewer over [batch, d_sae]
 
     @torch.no_grad()
     def before_optimizer_step_(self) -> None:

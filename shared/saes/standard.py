@@ -59,9 +59,12 @@ class StandardSAE(SAE):
 
     def l1_penalty(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Mean over rows of sum_i |f_i| (times ||W_dec_i|| with the April update)."""
+        # f >= 0 (a ReLU), so |f| = f: no abs, whose forward and backward would each cost a pass
+        # over [batch, d_sae]; the weighted sum is one matrix-vector product.
+        rows = feature_acts.shape[0]
         if self.settings.anthropic_april_update:
-            return (feature_acts.float() * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        return feature_acts.float().abs().sum(dim=-1).mean()
+            return (feature_acts.float() @ self.W_dec.norm(dim=1)).sum() / rows
+        return feature_acts.float().sum() / rows
 
     def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
         feature_acts = self.encode(x)
