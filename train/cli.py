@@ -42,7 +42,7 @@ def config_options(func):
             continue
         flag = f.name.replace("_", "-")
         kind = _click_type(str(f.type))
-        help_text = f.metadata.get("help", "") + _default_text(f)
+        help_text = f"({f.metadata['group']}) " + f.metadata.get("help", "") + _default_text(f)
         if kind is bool:
             decl = [f"--{flag}/--no-{flag}"]
             func = click.option(*decl, f.name, default=None, help=help_text)(func)
@@ -76,7 +76,8 @@ def read_config_file(path: str) -> dict[str, Any]:
                    "own config unless flags say otherwise; or a sweep folder, to continue all its SAEs.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="Train a grid in lockstep from one read of the dump; repeat for more keys "
-                   "(e.g. --sweep l1_coefficient=0.6,1.2 --sweep expansion_factor=16,64).")
+                   "(e.g. --sweep l1_coefficient=0.6,1.2 --sweep expansion_factor=16,64, or "
+                   "--sweep architecture=topk,jumprelu --sweep k=32,64).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -84,7 +85,11 @@ def read_config_file(path: str) -> dict[str, Any]:
 def main(shards, config_file, resume_from, sweeps, verify, quiet, **flags) -> None:
     """Train a sparse autoencoder from an activation dump, never touching the language model.
 
-    Example: train --shards data/gelu2l_l0 --l1-coefficient 1.2 --expansion-factor 32
+    Examples: train --shards data/gelu2l_l0 --l1-coefficient 1.2 --expansion-factor 32;
+    train --shards data/gelu2l_l0 --sweep architecture=topk,batchtopk --sweep k=32,64
+
+    Each option says which part of the run owns it: (data) settings define the stream of batches
+    that every SAE of a sweep shares; only (sae), (optimizer) and (dead_features) ones can be swept.
     """
     from train.run import train
     from train.sweep import parse_sweep_flags, resume_sweep, train_sweep
