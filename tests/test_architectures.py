@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shared.saes import ARCHITECTURES, load_sae
+from shared.saes import ARCHITECTURES, SAEConfig, load_sae
 from test_train import small_cfg, sparse_dump
 from train.arch_settings import specific_settings, used_settings, without_unused
 from train.cli import main as train_main
@@ -75,6 +75,21 @@ def test_a_grid_across_architectures_keeps_only_the_settings_each_uses(tmp_path)
         grid(base, {"train_batch_size": [1, 2]})
     with pytest.raises(Exception, match="k is a setting of"):
         grid(base, {"architecture": ["standard", "gated"], "k": [32, 64]})
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_every_architecture_takes_any_leading_dims(arch):
+    """Evaluation splices the SAE into the model, where activations are [batch, pos, d_in]."""
+    cls = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    sae = cls(SAEConfig(8, 64), cls.settings_from(SETTINGS[arch]))
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = sae(x)
+        flat = sae(x.reshape(15, 8))
+    assert out.sae_out.shape == (3, 5, 8) and out.feature_acts.shape == (3, 5, 64)
+    torch.testing.assert_close(out.sae_out.reshape(15, 8), flat.sae_out)
+    torch.testing.assert_close(out.feature_acts.reshape(15, 64), flat.feature_acts)
 
 
 def test_config_sections_partition_the_settings():

@@ -149,8 +149,10 @@ class SAE(torch.nn.Module):
         raise NotImplementedError
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-activations (x - b_dec) @ W_enc + b_enc: [batch, d_sae] (architectures with b_enc)."""
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # bias fused: one pass fewer over [batch, d_sae]
+        """Pre-activations (x - b_dec) @ W_enc + b_enc: [..., d_in] -> [..., d_sae] (architectures with b_enc)."""
+        s = (x - self.b_dec).reshape(-1, self.cfg.d_in)  # any leading dims ([batch, pos, d_in] in evaluation)
+        h = torch.addmm(self.b_enc, s, self.W_enc)  # bias fused: one pass fewer over [batch, d_sae]
+        return h.reshape(*x.shape[:-1], self.cfg.d_sae)
 
     @torch.no_grad()
     def before_optimizer_step_(self) -> None:
