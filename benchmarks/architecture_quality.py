@@ -20,10 +20,13 @@ PANELS = (("eval_explained_variance", "explained variance"), ("ce_loss_recovered
 
 
 def rows_of(folders: list[Path]) -> list[dict]:
-    rows = []
+    """Every SAE of the sweeps; a later sweep's SAE replaces an earlier one with the same
+    architecture and setting (a re-run after a fix)."""
+    rows: dict[tuple, dict] = {}
     for folder in folders:
-        rows += json.loads((folder / "summary.json").read_text())
-    return sorted(rows, key=lambda r: (list(SETTING).index(r["architecture"]), r.get("eval_l0") or 0))
+        for r in json.loads((folder / "summary.json").read_text()):
+            rows[(r["architecture"], r[SETTING[r["architecture"]]])] = r
+    return sorted(rows.values(), key=lambda r: (list(SETTING).index(r["architecture"]), r.get("eval_l0") or 0))
 
 
 def table(rows: list[dict]) -> str:
