@@ -136,3 +136,14 @@ def test_mixed_architecture_sweep_equals_solo_runs(tmp_path, dump):
         solo = train(solo_cfg, progress=False)
         assert (r.final / "sae_weights.safetensors").read_bytes() == \
             (solo.final / "sae_weights.safetensors").read_bytes(), arch
+
+
+def test_list_settings_and_run_names():
+    cfg = LanguageModelSAERunnerConfig(architecture="matryoshka_batchtopk", matryoshka_widths="64,256,1024")
+    assert cfg.matryoshka_widths == [64, 256, 1024]
+    with pytest.raises(Exception, match="matryoshka_widths must be a list of whole numbers"):
+        LanguageModelSAERunnerConfig(matryoshka_widths="a,b")
+    # The seed's run name for standard SAEs; others say their architecture and sparsity setting.
+    assert LanguageModelSAERunnerConfig().default_run_name(512, "d") == "32768-L1-1.2-LR-0.0001-d"
+    assert LanguageModelSAERunnerConfig(architecture="topk", k=32).default_run_name(512, "d") == \
+        "topk-32768-k-32-LR-0.0001-d"
