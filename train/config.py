@@ -94,6 +94,8 @@ class LanguageModelSAERunnerConfig:
     l0_coefficient: float | None = _f(None, "jumprelu: weight of the L0 penalty (averaged over the batch) [1].", "sae")
     jumprelu_bandwidth: float | None = _f(None, "jumprelu: width of the straight-through estimator's kernel [0.05].", "sae")
     jumprelu_init_threshold: float | None = _f(None, "jumprelu: initial threshold of every feature [0.1].", "sae")
+    jumprelu_threshold_lr: float | None = _f(None, "jumprelu: Adam learning rate of log(threshold), apart from "
+                                                   "lr (slower thresholds cannot keep up) [0.1].", "sae")
 
     # Optimisation
     lr: float = _f(1e-4, "Adam learning rate.", "optimizer")
@@ -154,7 +156,7 @@ class LanguageModelSAERunnerConfig:
                     "shuffle_block_rows", "context_size", "store_batch_size"]
         positive += [n for n in ("d_sae", "d_in", "total_training_tokens", "shuffle_buffer_rows", "k", "aux_k",
                                  "resample_sample_rows", "decoder_init_norm", "dead_feature_window", "jumprelu_bandwidth",
-                                 "jumprelu_init_threshold") if getattr(self, n) is not None]
+                                 "jumprelu_init_threshold", "jumprelu_threshold_lr") if getattr(self, n) is not None]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")

@@ -105,9 +105,6 @@ class SAE(torch.nn.Module):
     dead_feature_policy: ClassVar[str] = "none"
     """How training revives dead features: 'resample' (Anthropic 2023), 'auxk' (Gao et al. 2024) or 'none'."""
 
-    lr_scales: ClassVar[dict[str, float]] = {}
-    """Learning-rate multipliers of named parameters (JumpReLU's threshold); the rest use lr."""
-
     W_enc: torch.nn.Parameter
     W_dec: torch.nn.Parameter
     b_dec: torch.nn.Parameter
@@ -169,11 +166,9 @@ class SAE(torch.nn.Module):
         return self.architecture, dict(self.named_parameters()), {}
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups: one at `lr`, plus one per entry of `lr_scales`."""
-        scaled = {name: p for name, p in self.named_parameters() if name in self.lr_scales}
-        groups = [{"params": [p for name, p in self.named_parameters() if name not in scaled], "lr": lr}]
-        groups += [{"params": [p], "lr": lr * self.lr_scales[name]} for name, p in scaled.items()]
-        return groups
+        """Optimizer parameter groups; an architecture may give a parameter its own rate
+        (JumpReLU's threshold). The first group's lr is the one logged."""
+        return [{"params": list(self.parameters()), "lr": lr}]
 
     def load_inference_(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take the tensors `inference_form` wrote (float32, on the target device) as this SAE's
