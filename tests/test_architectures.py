@@ -147,3 +147,22 @@ def test_list_settings_and_run_names():
     assert LanguageModelSAERunnerConfig().default_run_name(512, "d") == "32768-L1-1.2-LR-0.0001-d"
     assert LanguageModelSAERunnerConfig(architecture="topk", k=32).default_run_name(512, "d") == \
         "topk-32768-k-32-LR-0.0001-d"
+
+
+def test_auxk_runs_only_once_some_feature_is_dead():
+    """AuxK's top-k over the dead latents is skipped while none is dead (checked on log steps)."""
+    from train.sae_trainer import SAETrainer
+
+    cfg = LanguageModelSAERunnerConfig(architecture="topk", k=4, dead_feature_window=3, wandb_log_frequency=2,
+                                       train_batch_size=8, device="cpu")
+    trainer = SAETrainer(cfg, d_in=8, input_scale=1.0, total_steps=100, device=torch.device("cpu"))
+    assert trainer.auxk_mask() is None  # step 0: nothing can have been silent for 3 steps
+    trainer.counters.step = 4
+    trainer.tokens_since_fired[5] = 3 * 8  # feature 5 silent for the whole window
+    mask = trainer.auxk_mask()
+    assert mask is not None and mask.tolist() == [i == 5 for i in range(trainer.sae.cfg.d_sae)]
+    trainer.tokens_since_fired.zero_()
+    trainer.counters.step = 5  # not a check step: the last check's answer holds
+    assert trainer.auxk_mask() is not None and not trainer.auxk_mask().any()
+    trainer.counters.step = 6
+    assert trainer.auxk_mask() is None

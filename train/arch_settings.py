@@ -18,7 +18,7 @@ RESAMPLING_SETTINGS = ("feature_sampling_method", "dead_feature_threshold", "fea
                        "resample_sample_rows")
 WARM_UP_SETTING = {"l1_coefficient": "l1_warm_up_steps", "l0_coefficient": "l0_warm_up_steps"}
 """The warm-up that goes with each sparsity coefficient."""
-RESAMPLING_DEFAULTS = {"feature_sampling_method": "anthropic", "dead_feature_threshold": 1e-8,
+DEAD_FEATURE_DEFAULTS = {"feature_sampling_method": "anthropic", "dead_feature_threshold": 1e-8,
                        "feature_reinit_scale": 0.2, "resample_sample_rows": 819_200, "dead_feature_window": 500}
 
 
@@ -62,7 +62,7 @@ def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, A
     L0 warm-up over the first 5% for JumpReLU)."""
     april = bool(cfg.anthropic_april_update)
     out: dict[str, Any] = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
-                           for k, v in RESAMPLING_DEFAULTS.items()}
+                           for k, v in DEAD_FEATURE_DEFAULTS.items()}
     cls = architecture_class(cfg.architecture)
     if cls.dead_feature_policy != "resample":
         out["feature_sampling_method"] = "none"

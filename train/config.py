@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from shared.errors import UserError
-
 from shared.saes.registry import ARCHITECTURES, architecture_class
 
 ARCHITECTURE_NAMES = tuple(ARCHITECTURES)

@@ -74,13 +74,12 @@ def _measure(x: torch.Tensor, out: TrainOutput) -> StepResult:
         # Counting in float32 is ~2x faster than summing bools on CPU, and exact below 2^24 rows.
         fired_count = (out.feature_acts > 0).float().sum(dim=0).to(torch.int64)  # [d_sae]
     sae_out = out.sae_out.detach().to(x.dtype)
-    sum_sq_err = (x - sae_out).pow(2).sum()
     losses = {name: t.detach().float() for name, t in out.losses.items()} | {"loss": out.loss.detach().float()}
     return StepResult(
         losses=losses,
         feature_acts_fired=fired_count,
         l0=fired_count.sum().float() / x.shape[0],
-        sum_sq_err=sum_sq_err,
+        sum_sq_err=out.losses["mse"].detach() * x.shape[0],  # every architecture's "mse": mean over rows
         sum_sq_total=(x - x.mean(dim=0)).pow(2).sum(),
         l2_ratio=(sae_out.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean(),
     )

@@ -83,7 +83,7 @@ class StepContext(NamedTuple):
 class TrainOutput(NamedTuple):
     sae_out: torch.Tensor  # [batch, d_in]
     feature_acts: torch.Tensor  # [batch, d_sae], as training used them
-    losses: dict[str, torch.Tensor]  # named scalar terms, each already weighted
+    losses: dict[str, torch.Tensor]  # named scalar terms, each already weighted; always "mse" (`sum_sq_err`)
     loss: torch.Tensor  # their sum: what backward() runs on
     fired: torch.Tensor | None = None
     """[d_sae]: rows of the batch on which each feature fired, when the architecture counts them

@@ -96,16 +96,15 @@ class BatchTopKSAE(TopKSAE):
     @torch.no_grad()
     def after_optimizer_step_(self, out: TrainOutput) -> None:
         super().after_optimizer_step_(out)
-        self.update_threshold_(out)
+        self.update_threshold_()
 
     @torch.no_grad()
-    def update_threshold_(self, out: TrainOutput) -> None:
+    def update_threshold_(self) -> None:
         """theta <- (1 - lr) theta + lr * (minimum positive kept activation); theta <- that
         minimum on the first update; unchanged if the batch kept nothing positive. No host sync."""
         batch_min, self._kept_min = self._kept_min, None
-        if batch_min is None:  # no training_forward noted it: read the activations
-            acts = out.feature_acts.detach().float()
-            batch_min = torch.where(acts > 0, acts, math.inf).amin()
+        if batch_min is None:  # no training_forward since the last update: nothing to learn from
+            return
         lr = self.settings.topk_threshold_lr
         theta = self.threshold
         updated = torch.where(theta > 0, (1 - lr) * theta + lr * batch_min, batch_min)
