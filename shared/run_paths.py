@@ -1,0 +1,44 @@
+"""Paths recorded in run folders, read back safely from any working directory.
+
+A run folder records its dump as an absolute path (cfg.json's `shards`) and everything inside
+itself by plain names relative to the folder (SAE folders of a sweep, checkpoint folders), so that
+`evaluate` or `--resume-from` work from any directory and after the folder is moved. Folders
+written before that recorded paths relative to the working directory of the training run; those
+still resolve when read from that directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+
+
+def plain_name(name: Any, where: str) -> str:
+    """`name` if it is a plain file name (no separator, not '.' or '..', not absolute); else a
+    one-line error. Names read back from a run's files become paths inside the run's folder: a
+    crafted one must not make a resume write, or an evaluation read, outside it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\0" in name or Path(name).is_absolute():
+        raise UserError(f"{where}: {name!r} is not a plain folder name inside the run folder; "
+                        "the file was edited or damaged: restore it or start the run again")
+    return name
+
+
+def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Path:
+    """The dump an SAE folder was trained on, from its cfg.json (`cfg`).
+
+    Absolute paths are used as they are; a relative one is tried against the SAE folder, then
+    against the working directory (folders written before paths were recorded absolute). A dump
+    that is not found is a one-line error asking for `--shards`.
+    """
+    recorded = cfg.get("shards")
+    if not recorded:
+        raise UserError(f"{sae_folder}/cfg.json names no dump: pass --shards DUMP_FOLDER")
+    path = Path(recorded)
+    candidates = [path] if path.is_absolute() else [Path(sae_folder) / path, path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve() if not candidate.is_absolute() else candidate
+    raise UserError(f"the dump {recorded} that {sae_folder} was trained on was not found (moved or "
+                    "deleted?): pass --shards DUMP_FOLDER")
