@@ -13,8 +13,11 @@ from shared.dump_writer import write_dump
 from shared.errors import UserError
 from shared.reader import open_dump
 from shared.sae import SAEConfig, SparseAutoencoder
-from train.evaluate import (EvalConfig, ce_metrics, context_tokens, evaluate_checkpoint, format_example,
-                            load_tokenizer, reconstruction_metrics, top_examples)
+from train.evaluation.downstream import ce_metrics
+from train.evaluation.examples import format_example, load_tokenizer, top_examples
+from train.evaluation.reconstruction import reconstruction_metrics
+from train.evaluation.run_eval import EvalConfig, evaluate_checkpoint
+from train.evaluation.tokens import context_tokens
 
 HOOK = "blocks.0.hook_mlp_out"
 CONTEXT, N_CONTEXTS, DOC_LEN = 32, 32, 100  # harvest: ceil(1000 / 32) = 32 contexts of 32 tokens
@@ -372,7 +375,7 @@ def test_shared_ablation_baselines_give_the_same_metrics(bridge, ce_tokens):
 def test_evaluate_cli_bad_feature_list(tmp_path):
     from click.testing import CliRunner
 
-    from train.evaluate_cli import main as evaluate_main
+    from train.evaluation.cli import main as evaluate_main
 
     (tmp_path / "cfg.json").write_text("{}")
     for args, needle in ((["--top-examples", "2", "--features", "a,b"], "comma-separated integers"),

@@ -128,7 +128,7 @@ def test_sweep_evaluated_with_the_model(tiny_model, token_dataset, tmp_path):
     from helpers import run_harvest
 
     from train.config import LanguageModelSAERunnerConfig
-    from train.evaluate_cli import main as evaluate_main
+    from train.evaluation.cli import main as evaluate_main
 
     run_harvest("--model", str(tiny_model), "--dataset", str(token_dataset), "--out", str(tmp_path / "dump"),
                 "--context-size", "32", "--tokens", "3200", "--shard-rows", "1000")

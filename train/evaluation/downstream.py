@@ -1,0 +1,110 @@
+"""Downstream metrics: the language model's next-token loss with the SAE spliced in at its hook.
+
+CE loss recovered is measured against zero ablation of the hook (Bricken et al. 2023, "Towards
+Monosemanticity"; Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), and against
+mean ablation; KL is from the clean next-token distribution to the spliced one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from shared.errors import UserError
+from shared.models import check_hook
+from shared.saes import SAE
+
+
+@torch.inference_mode()
+def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
+               mean_activation: torch.Tensor, skip_bos: bool, batch_size: int,
+               device: str | torch.device, baselines: dict | None = None) -> dict[str, float | None]:
+    """Next-token cross-entropy of a TransformerBridge `model` with the hook's output replaced.
+
+    tokens: [n, T] int64; mean_activation: [d_in]. Four runs per batch of contexts: clean, SAE
+    reconstruction spliced in, zero ablation, mean ablation. Losses average over all predicted
+    positions (0..T-2 predicting 1..T-1). With `skip_bos` position 0 keeps its clean activation
+    in every patched run: the SAE never saw BOS rows, and BOS is outside what it is judged on.
+    `baselines`, a dict the caller keeps across SAEs evaluated on the same tokens, saves the two
+    ablation runs for every SAE after the first (a sweep pays for them once).
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise UserError(f"need tokens of shape [contexts, >= 2 positions], got {tuple(tokens.shape)}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    check_hook(model, hook)
+    device = torch.device(device)
+    mean_activation = mean_activation.to(device, torch.float32)
+    patches = {
+        "sae": lambda x: sae(x.float()).sae_out,
+        "zero": torch.zeros_like,
+        "mean": lambda x: mean_activation.expand_as(x).contiguous(),
+    }
+    sums = {name: 0.0 for name in ("clean", "sae", "zero", "mean", "kl")}
+    count = 0
+    for b in range(0, tokens.shape[0], batch_size):
+        batch = tokens[b : b + batch_size].to(device)  # [batch, T]
+        clean = _log_probs(model(batch))  # [batch, T-1, vocab]
+        sums["clean"] += float(_nll_sum(clean, batch))
+        key = (hook, b, tuple(batch.shape), int(batch.sum()))
+        cached = baselines.get(key) if baselines is not None else None
+        if cached is not None:
+            sums["zero"] += cached["zero"]
+            sums["mean"] += cached["mean"]
+        for name, patch in patches.items():
+            if cached is not None and name in ("zero", "mean"):
+                continue
+            before = sums[name]
+            logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice(patch, skip_bos))])
+            patched = _log_probs(logits)
+            sums[name] += float(_nll_sum(patched, batch))
+            if name == "sae":
+                # KL(p_clean || p_sae) summed over the vocabulary, for each predicted position.
+                sums["kl"] += float((clean.exp() * (clean - patched)).sum(-1).double().sum())
+            elif baselines is not None:
+                baselines.setdefault(key, {})[name] = sums[name] - before
+        count += batch.shape[0] * (batch.shape[1] - 1)
+    return _ce_summary({name: total / count for name, total in sums.items()})
+
+
+def _splice(patch: Any, skip_bos: bool) -> Any:
+    """A hook function replacing the hook's output [batch, pos, d_in] by `patch(output)`."""
+
+    def hook_fn(acts: torch.Tensor, hook: Any) -> torch.Tensor:
+        new = patch(acts).to(acts.dtype)
+        if skip_bos:
+            new = torch.cat([acts[:, :1], new[:, 1:]], dim=1)
+        return new
+
+    return hook_fn
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """logits [batch, T, vocab] -> float32 log-probabilities of the predictions [batch, T-1, vocab]."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _nll_sum(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of tokens[:, 1:]; log_probs: [batch, T-1, vocab]."""
+    target = tokens[:, 1:].unsqueeze(-1)  # [batch, T-1, 1]
+    return -log_probs.gather(-1, target).double().sum()
+
+
+def _ce_summary(mean: dict[str, float]) -> dict[str, float | None]:
+    clean, sae, zero, ablate_mean = mean["clean"], mean["sae"], mean["zero"], mean["mean"]
+    return {
+        "ce_clean": clean,
+        "ce_with_sae": sae,
+        "ce_zero_ablation": zero,
+        "ce_mean_ablation": ablate_mean,
+        "ce_loss_recovered": _recovered(baseline=zero, clean=clean, patched=sae),
+        "ce_loss_recovered_mean_ablation": _recovered(baseline=ablate_mean, clean=clean, patched=sae),
+        "kl_clean_sae": mean["kl"],
+    }
+
+
+def _recovered(baseline: float, clean: float, patched: float) -> float | None:
+    """(L_baseline - L_patched) / (L_baseline - L_clean); None when ablating changes nothing."""
+    gap = baseline - clean
+    return (baseline - patched) / gap if gap != 0 and math.isfinite(gap) else None

@@ -1,0 +1,118 @@
+"""Reconstruction and sparsity of an SAE over dump rows, from the stored activations alone.
+
+Explained variance is pooled over rows (total squared error over total variance), not averaged
+per token.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shared.errors import UserError
+from shared.reader import Dump
+from shared.saes import SAE
+
+DENSE_THRESHOLD = 0.1
+"""A feature firing on more than this fraction of rows counts as dense (it acts like a bias,
+not like a sparse feature)."""
+RARE_THRESHOLDS = {"1e-5": 1e-5, "1e-6": 1e-6}
+"""Also reported: the fraction of features with density below each of these (rare features)."""
+
+
+@torch.inference_mode()
+def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
+                           device: str | torch.device, chunk_rows: int = 8192) -> dict[str, Any]:
+    """Reconstruction and sparsity of `sae` (already on `device`) over dump rows [start, stop).
+
+    The SAE reads raw activations, as saved checkpoints expect, in float32. Returns JSON-able
+    scalars plus `density` ([d_sae] float tensor, fraction of rows each feature fired on), which
+    callers pop before serializing.
+    """
+    start, stop = rows
+    if not 0 <= start < stop <= dump.n_rows:
+        raise UserError(f"rows [{start}, {stop}) are empty or outside the dump's {dump.n_rows} rows")
+    if dump.d_in != sae.cfg.d_in:
+        raise UserError(f"the SAE reads d_in={sae.cfg.d_in} but the dump {dump.path} has d_in={dump.d_in}")
+    device = torch.device(device)
+    sums = _ReconstructionSums(dump.d_in, sae.cfg.d_sae, device)
+    for a in range(start, stop, chunk_rows):
+        x = dump.activations(a, min(a + chunk_rows, stop)).to(device, torch.float32)  # [chunk, d_in]
+        sums.add_(x, sae(x))
+    return sums.metrics()
+
+
+class _ReconstructionSums:
+    """float64 running sums, one pass over the rows.
+
+    The total variance uses sums of x - c with c the first chunk's mean (the "shifted data"
+    formula): sum||x - mean||^2 = sum||x - c||^2 - n ||mean - c||^2 stays exact when the mean is
+    large compared with the spread, where the unshifted sum||x||^2 - n||mean||^2 cancels badly.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, device: torch.device) -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.shift: torch.Tensor | None = None  # [d_in]
+        self.sum_shifted = torch.zeros(d_in, **f64)  # sum of (x - c)
+        self.sum_sq_shifted = torch.zeros((), **f64)  # sum of ||x - c||^2
+        self.sum_sq_err = torch.zeros((), **f64)  # sum of ||x - x_hat||^2
+        self.active = torch.zeros((), **f64)  # non-zero features, summed over rows
+        self.fired = torch.zeros(d_sae, dtype=torch.int64, device=device)  # rows each feature fired on
+        self.sum_sq_out = torch.zeros((), **f64)  # sum of ||x_hat||^2
+        self.sum_dot = torch.zeros((), **f64)  # sum of x_hat . x
+        self.sum_norm_ratio = torch.zeros((), **f64)  # sum of ||x_hat|| / ||x|| over rows with x != 0
+        self.n_nonzero = 0
+
+    def add_(self, x: torch.Tensor, out: Any) -> None:
+        """x: [rows, d_in]; out: the SAE's output on x (sae_out [rows, d_in], feature_acts [rows, d_sae])."""
+        x64 = x.double()
+        if self.shift is None:
+            self.shift = x64.mean(0)
+        centred = x64 - self.shift
+        self.n += x.shape[0]
+        self.sum_shifted += centred.sum(0)
+        self.sum_sq_shifted += centred.pow(2).sum()
+        out64 = out.sae_out.double()
+        self.sum_sq_err += (x64 - out64).pow(2).sum()
+        self.sum_sq_out += out64.pow(2).sum()
+        self.sum_dot += (out64 * x64).sum()
+        x_norm = x64.norm(dim=1)
+        nonzero = x_norm > 0
+        self.sum_norm_ratio += (out64.norm(dim=1)[nonzero] / x_norm[nonzero]).sum()
+        self.n_nonzero += int(nonzero.sum())
+        firing = out.feature_acts > 0  # [rows, d_sae]
+        self.active += firing.sum()
+        self.fired += firing.sum(0)
+
+    def metrics(self) -> dict[str, Any]:
+        n = self.n
+        total_var = float(self.sum_sq_shifted - self.sum_shifted.pow(2).sum() / n)
+        sq_err = float(self.sum_sq_err)
+        density = (self.fired.double() / n).float().cpu()  # [d_sae]
+        out: dict[str, Any] = {
+            "n_rows": n,
+            "mse": sq_err / n,
+            "explained_variance": 1.0 - sq_err / total_var if total_var > 0 else None,
+            "l0": float(self.active) / n,
+            "frac_dead": float((self.fired == 0).double().mean()),
+            "frac_dense": float((density > DENSE_THRESHOLD).double().mean()),
+        }
+        out.update(self._scale_metrics())
+        for name, threshold in RARE_THRESHOLDS.items():
+            out[f"frac_density_below_{name}"] = float((density < threshold).double().mean())
+        out["density"] = density
+        return out
+
+    def _scale_metrics(self) -> dict[str, float | None]:
+        """Is the reconstruction systematically too small (shrinkage, which an L1 penalty causes)?
+
+        relative_reconstruction_bias: the gamma minimising E||x_hat / gamma - x||^2, i.e.
+        E||x_hat||^2 / E[x_hat . x] (Wright & Sharkey 2024, "Addressing Feature Suppression in
+        SAEs"); 1 is unbiased, below 1 shrinks. l2_norm_ratio: mean over rows of ||x_hat|| / ||x||.
+        """
+        dot = float(self.sum_dot)
+        return {
+            "relative_reconstruction_bias": float(self.sum_sq_out) / dot if dot > 0 else None,
+            "l2_norm_ratio": float(self.sum_norm_ratio) / self.n_nonzero if self.n_nonzero else None,
+        }

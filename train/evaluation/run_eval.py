@@ -1,0 +1,113 @@
+"""Evaluate one trained SAE folder on the contexts its dump held out of training."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import DumpError, UserError
+from shared.models import load_model
+from shared.reader import Dump, open_dump
+from shared.saes import SAE
+from shared.saes.io import load_sae
+from shared.saes.base import read_cfg
+from train.evaluation.downstream import ce_metrics
+from train.evaluation.geometry import decoder_neighbours, duplicate_fraction
+from train.evaluation.reconstruction import reconstruction_metrics
+from train.evaluation.tokens import context_tokens
+from train.holdout import split_rows
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate a checkpoint folder written by `train`."""
+
+    holdout_contexts: int | None = None
+    """Held-out contexts (the dump's last ones) to evaluate on [what training held out]."""
+    with_model: bool = True
+    """Also run the language model for the cross-entropy metrics (False: reconstruction only)."""
+    batch_contexts: int = 8
+    """Contexts per forward pass of the language model."""
+    max_eval_contexts: int | None = 256
+    """At most this many held-out contexts go through the model (None: all of them)."""
+    device: str | None = None
+    """Device for the SAE and the model [cuda if available, else cpu]."""
+
+    def __post_init__(self) -> None:
+        if self.holdout_contexts is not None and self.holdout_contexts < 0:
+            raise UserError(f"holdout contexts must be >= 0, got {self.holdout_contexts}")
+        if self.batch_contexts < 1:
+            raise UserError(f"batch contexts must be at least 1, got {self.batch_contexts}")
+        if self.max_eval_contexts is not None and self.max_eval_contexts < 1:
+            raise UserError(f"max eval contexts must be at least 1, got {self.max_eval_contexts}")
+
+
+def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None = None,
+                        model: Any = None, baselines: dict | None = None) -> dict[str, Any]:
+    """Metrics of the SAE in `sae_folder` on its dump's held-out contexts, as one flat JSON-able dict.
+
+    The dump is the one cfg.json names (`shards`) unless `dump_path` is given; `model` (a
+    TransformerBridge) saves loading the model the dump was harvested from.
+    """
+    sae_folder = Path(sae_folder)
+    sae_cfg = read_cfg(sae_folder)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dump = _open_eval_dump(sae_folder, sae_cfg, dump_path)
+    requested = cfg.holdout_contexts
+    if requested is None:  # what training held out (absent from older checkpoints: the default)
+        requested = sae_cfg.get("eval_holdout_contexts")
+    rows = _heldout_rows(dump, requested)
+    n_heldout = (rows[1] - rows[0]) // dump.manifest.rows_per_context
+    sae = load_sae(sae_folder, device=device)
+    out: dict[str, Any] = {"sae": str(sae_folder), "dump": str(dump.path), "hook": dump.manifest.hook,
+                           "n_eval_contexts": n_heldout}
+    metrics = reconstruction_metrics(sae, dump, rows, device)
+    metrics.pop("density")
+    out.update(metrics)
+    nearest, _ = decoder_neighbours(sae.W_dec.detach(), k=1)
+    out["frac_near_duplicate"] = duplicate_fraction(nearest[:, 0])
+    if cfg.with_model:
+        out.update(_ce_on_heldout(sae, dump, n_heldout, cfg, device, model, baselines))
+    return out
+
+
+def _open_eval_dump(sae_folder: Path, sae_cfg: dict[str, Any], dump_path: str | None) -> Dump:
+    path = dump_path or sae_cfg.get("shards")
+    if not path:
+        raise UserError(f"{sae_folder}/cfg.json names no dump (`shards`); pass the dump folder")
+    dump = open_dump(path)
+    if dump.d_in != sae_cfg["d_in"]:
+        raise UserError(f"the SAE reads d_in={sae_cfg['d_in']} but the dump {dump.path} has d_in={dump.d_in}")
+    hook = sae_cfg.get("hook_name")
+    if hook is not None and hook != dump.manifest.hook:
+        raise UserError(f"the SAE was trained on hook '{hook}' but the dump {dump.path} holds "
+                        f"'{dump.manifest.hook}'")
+    return dump
+
+
+def _heldout_rows(dump: Dump, requested: int | None) -> tuple[int, int]:
+    try:
+        _, rows = split_rows(dump, requested)
+    except ValueError as e:
+        raise UserError(f"{e} of {dump.path}; pass fewer --holdout-contexts") from None
+    if rows[0] == rows[1]:
+        raise UserError(f"no contexts of {dump.path} are held out of training: train with a holdout "
+                        "(--eval-holdout-contexts) or pass --holdout-contexts")
+    return rows
+
+
+def _ce_on_heldout(sae: SAE, dump: Dump, n_heldout: int, cfg: EvalConfig,
+                   device: torch.device, model: Any, baselines: dict | None = None) -> dict[str, Any]:
+    """CE metrics on the first `max_eval_contexts` held-out contexts."""
+    m = dump.manifest
+    if model is None:
+        model = load_model(m.model, str(device))
+    if m.stats is None:
+        raise DumpError(f"{dump.path}/manifest.json has no stats (mean activation); re-harvest the dump")
+    n = n_heldout if cfg.max_eval_contexts is None else min(n_heldout, cfg.max_eval_contexts)
+    tokens = context_tokens(dump, m.n_contexts - n_heldout, n)
+    mean = torch.tensor(m.stats["mean"], dtype=torch.float32)
+    ce = ce_metrics(model, sae, m.hook, tokens, mean, m.skip_bos, cfg.batch_contexts, device, baselines)
+    return {"n_ce_contexts": n, **ce}
