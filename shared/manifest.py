@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import DumpError
+from shared.manifest_check import FORMAT_VERSION, FORMATS, STORAGE_DTYPES, validate
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "FORMATS", "MANIFEST_NAME", "SHARD_ARRAYS", "STORAGE_DTYPES", "Manifest",
+           "ShardEntry", "fingerprint", "read_manifest", "shard_name"]
+
 MANIFEST_NAME = "manifest.json"
 SHARD_ARRAYS = ("activations", "tokens", "context", "position")
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("safetensors", "zarr")
 
 
 def shard_name(index: int, fmt: str) -> str:
@@ -89,16 +90,11 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: Path | str = "manifest") -> "Manifest":
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise DumpError(
-                f"{where}: format_version {raw.get('format_version')!r} is not {FORMAT_VERSION}; "
-                "re-harvest it with this version of mats-sae-training"
-            )
+    def from_dict(cls, raw: Any, where: Path | str = "manifest") -> "Manifest":
+        """Build from parsed JSON after checking every field (shared.manifest_check); unknown keys
+        are ignored so that newer harvests stay readable."""
+        validate(raw, str(where))
         names = set(cls.__dataclass_fields__)
-        missing = sorted(n for n in names if n not in raw and n not in ("compression", "extra"))
-        if missing:
-            raise DumpError(f"{where}: manifest lacks {', '.join(missing)}; re-harvest the dump")
         kwargs = {k: v for k, v in raw.items() if k in names}
         kwargs["shards"] = [ShardEntry(**s) for s in raw["shards"]]
         return cls(**kwargs)
@@ -129,7 +125,5 @@ def read_manifest(folder: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DumpError(f"{path} is not valid JSON ({e}); re-harvest the dump") from None
-    try:
-        return Manifest.from_dict(raw, where=path)
-    except TypeError as e:
-        raise DumpError(f"{path} is malformed ({e}); re-harvest the dump") from None
+    return Manifest.from_dict(raw, where=path)
+

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from shared.errors import DumpError
-from shared.manifest import Manifest, read_manifest
-from shared.shard_files import ShardArrays, activations_to_torch, checksum, open_shard
+from shared.manifest import Manifest, ShardEntry, read_manifest
+from shared.shard_files import INDEX_DTYPES, ShardArrays, activations_to_torch, checksum, open_shard
 
 
 @dataclass
@@ -90,22 +90,61 @@ class Dump:
                 )
 
 
-def _check_shard(path: Path, arrays: ShardArrays, rows: int, d_in: int) -> None:
+def _check_shapes(path: Path, arrays: ShardArrays, rows: int, d_in: int) -> None:
     shape = tuple(arrays.activations.shape)
     if shape != (rows, d_in):
         raise DumpError(f"{path} holds activations of shape {shape}, manifest says ({rows}, {d_in}); "
                         "the shard is damaged, re-harvest the dump")
-    for name in ("tokens", "context", "position"):
+    for name in INDEX_DTYPES:
         if tuple(getattr(arrays, name).shape) != (rows,):
-            raise DumpError(f"{path}: '{name}' has {getattr(arrays, name).shape[0]} rows, "
-                            f"manifest says {rows}; re-harvest the dump")
+            raise DumpError(f"{path}: '{name}' has shape {tuple(getattr(arrays, name).shape)}, "
+                            f"manifest says ({rows},); re-harvest the dump")
+
+
+def _check_dtypes(path: Path, arrays: ShardArrays, dtype: str) -> None:
+    """The bytes are what the manifest says: float32 bytes read as bfloat16 would be garbage that
+    no checksum notices (the checksum covers the file, not its interpretation)."""
+    if arrays.storage_dtype != dtype:
+        raise DumpError(f"{path} stores {arrays.storage_dtype or 'unknown'} activations but the "
+                        f"manifest says dtype {dtype}; the manifest does not describe this shard, "
+                        "re-harvest the dump")
+    for name, expected in INDEX_DTYPES.items():
+        if np.dtype(getattr(arrays, name).dtype) != np.dtype(expected):
+            raise DumpError(f"{path}: '{name}' is {np.dtype(getattr(arrays, name).dtype)}, not "
+                            f"{np.dtype(expected)}; re-harvest the dump")
+
+
+def _check_contexts(path: Path, arrays: ShardArrays, first_row: int, rows: int, rpc: int) -> None:
+    """Rows are stored context by context, so a shard's first and last rows name known contexts.
+
+    Reads two numbers per shard, and catches shards swapped or copied from another dump even
+    without `verify`.
+    """
+    expected = (first_row // rpc, (first_row + rows - 1) // rpc)
+    got = (int(arrays.context[0]), int(arrays.context[rows - 1]))
+    if got != expected:
+        raise DumpError(f"{path} holds contexts {got[0]}..{got[1]}, but its manifest rows belong to "
+                        f"contexts {expected[0]}..{expected[1]}: shards were swapped or come from "
+                        "another dump; re-harvest the dump")
+
+
+def _open_shard_checked(folder: Path, manifest: Manifest, entry: ShardEntry) -> ShardArrays:
+    file = folder / entry.file
+    arrays = open_shard(file, manifest.format)
+    _check_shapes(file, arrays, entry.rows, manifest.d_in)
+    _check_dtypes(file, arrays, manifest.dtype)
+    _check_contexts(file, arrays, entry.first_row, entry.rows, manifest.rows_per_context)
+    return arrays
 
 
 def open_dump(path: str | Path, verify: bool = False, require_complete: bool = True) -> Dump:
     """Open the dump in folder `path`.
 
-    Checks the manifest, that every shard it lists exists with the stated shape (truncation shows
-    here), and with `verify=True` every checksum. Refuses an incomplete dump unless asked not to.
+    Checks every field of the manifest (shared.manifest_check), that every shard it lists exists
+    inside the folder with the stated shape and dtypes and holds the contexts its rows should
+    (truncation and swapped shards show here), and with `verify=True` every checksum, which also
+    catches changed bytes (a NaN written over an activation). Refuses an incomplete dump unless
+    asked not to.
     """
     path = Path(path)
     if not path.exists():
@@ -114,19 +153,9 @@ def open_dump(path: str | Path, verify: bool = False, require_complete: bool = T
     if require_complete and not manifest.complete:
         raise DumpError(f"{path} is an incomplete dump (harvest was interrupted); "
                         f"finish it with `harvest --resume --out {path}` and the same options")
-    shards, starts, row = [], [], 0
-    for entry in manifest.shards:
-        if entry.first_row != row:
-            raise DumpError(f"{path}/manifest.json: shard {entry.file} starts at row {entry.first_row}, "
-                            f"expected {row}; re-harvest the dump")
-        file = path / entry.file
-        arrays = open_shard(file, manifest.format)
-        _check_shard(file, arrays, entry.rows, manifest.d_in)
-        shards.append(arrays)
-        starts.append(row)
-        row += entry.rows
-    if manifest.complete and row != manifest.n_rows:
-        raise DumpError(f"{path}/manifest.json lists {row} rows in shards but n_rows={manifest.n_rows}")
+    # Row continuity and totals were checked with the manifest; here only the files remain.
+    shards = [_open_shard_checked(path, manifest, entry) for entry in manifest.shards]
+    starts = [entry.first_row for entry in manifest.shards]
     dump = Dump(path=path, manifest=manifest, _shards=shards, _starts=starts)
     if verify:
         dump.verify()

@@ -20,6 +20,8 @@ from shared.errors import DumpError
 # numpy has no bfloat16: such activations are stored/mapped as their raw 16-bit words.
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _ST_CODE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+_ST_STORAGE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+INDEX_DTYPES = {"tokens": np.int32, "context": np.int64, "position": np.int32}
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ZARR_CHUNK_ROWS = 16384
 
@@ -32,6 +34,9 @@ class ShardArrays:
     tokens: Any  # [rows] int32: the token at that row
     context: Any  # [rows] int64: global context index
     position: Any  # [rows] int32: position inside the context
+    storage_dtype: str | None = None
+    """What the file says its activations are ("float32", "bfloat16", "float16"; None if none of
+    them): numpy maps bfloat16 as uint16, so the array's dtype alone cannot tell."""
 
 
 def stored_to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -116,6 +121,9 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DumpError(f"{path} is corrupted (unreadable safetensors header)") from None
+    if not isinstance(header, dict) or not all(_header_entry_ok(v) for k, v in header.items()
+                                               if k != "__metadata__"):
+        raise DumpError(f"{path} is corrupted (malformed safetensors header); re-harvest the dump")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise DumpError(
@@ -123,6 +131,16 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             "re-harvest the dump (or `harvest --resume` if it was interrupted)"
         )
     return header, 8 + n
+
+
+def _header_entry_ok(info: Any) -> bool:
+    """One tensor's header entry: a dtype this format uses, a shape, and its byte range."""
+    try:
+        begin, end = info["data_offsets"]
+        return (info["dtype"] in _ST_CODE and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+                and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+    except (TypeError, KeyError, ValueError):
+        return False
 
 
 def open_safetensors(path: Path) -> ShardArrays:
@@ -137,13 +155,17 @@ def open_safetensors(path: Path) -> ShardArrays:
         info = header[name]
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
+        # A byte range that disagrees with the shape would map the wrong bytes or run off the end.
+        if end - begin != np.dtype(_ST_CODE[info["dtype"]]).itemsize * int(np.prod(shape)):
+            raise DumpError(f"{path}: '{name}' spans {end - begin} bytes, not its shape {list(shape)} "
+                            f"in {info['dtype']}; the shard is corrupted, re-harvest the dump")
         if end == begin:
             views[name] = np.zeros(shape, dtype=_ST_CODE[info["dtype"]])
             continue
         # mode "c" (copy-on-write) gives a writable, zero-copy mapping torch accepts without warning.
         views[name] = np.memmap(path, dtype=_ST_CODE[info["dtype"]], mode="c",
                                 offset=base + begin, shape=shape)
-    return ShardArrays(**views)
+    return ShardArrays(**views, storage_dtype=_ST_STORAGE.get(header["activations"]["dtype"]))
 
 
 def open_zarr(path: Path) -> ShardArrays:
@@ -153,9 +175,17 @@ def open_zarr(path: Path) -> ShardArrays:
         raise DumpError(f"shard {path} is missing; the dump is damaged, re-harvest it")
     try:
         group = zarr.open_group(str(path), mode="r")
-        return ShardArrays(**{n: group[n] for n in ("activations", "tokens", "context", "position")})
+        arrays = {n: group[n] for n in ("activations", "tokens", "context", "position")}
+        return ShardArrays(**arrays, storage_dtype=_zarr_storage_dtype(arrays["activations"]))
     except Exception as e:  # zarr raises many types for a damaged store
         raise DumpError(f"{path} is corrupted or incomplete ({type(e).__name__}: {e})") from None
+
+
+def _zarr_storage_dtype(activations: Any) -> str | None:
+    """bfloat16 is stored as uint16 words with an attribute saying so (write_zarr)."""
+    if activations.dtype == np.uint16:
+        return "bfloat16" if activations.attrs.get("storage_dtype") == "bfloat16" else None
+    return {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(np.dtype(activations.dtype))
 
 
 def open_shard(path: Path, fmt: str) -> ShardArrays:
