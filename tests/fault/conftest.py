@@ -1,0 +1,75 @@
+"""Fixtures of the fault suite, and its summary: what was tried and how the tools answered."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fault._support import SEED, TALLY
+
+# Test module -> the table its entries are counted in.
+TABLES = {"test_corruption": "corruptions", "test_bad_cli": "bad_inputs", "test_disk_full": "disk_full"}
+_LABELS = {"corruptions": "refused", "bad_inputs": "one-line errors",
+           "disk_full": "one-line error, then resumed identical"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_process():
+    """Tiny tensors everywhere: one thread is as fast and does not fight the other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    table = TABLES.get(item.module.__name__.rpartition(".")[2]) if item.module else None
+    if table is None:
+        return
+    name = item.callspec.id if hasattr(item, "callspec") else item.name
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        if hasattr(report, "wasxfail") and report.outcome == "skipped":
+            TALLY.entry(table, name, "xfail")
+        elif report.outcome == "passed":
+            TALLY.entry(table, name, "ok")
+        elif report.outcome == "failed":
+            TALLY.entry(table, name, "failed")
+
+
+def summary_lines(summary: dict) -> list[str]:
+    lines = []
+    kills = summary.get("kills")
+    if kills:
+        tools = ", ".join(f"{tool} {row['tried']}" for tool, row in kills["by_tool"].items())
+        lines.append(f"kills: {kills['tried']} tried ({tools}); {kills['identical']} resumed identical, "
+                     f"{kills['restart']} told to restart (then identical), {kills['failed']} failed")
+    for table, label in _LABELS.items():
+        row = summary.get(table)
+        if row:
+            lines.append(f"{table.replace('_', ' ')}: {row['tried']} tried; {row['ok']} {label}, "
+                         f"{row['xfail']} xfail (fix pending), {row['failed']} failed")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    summary = TALLY.summary()
+    if not summary:
+        return
+    terminalreporter.section("fault suite")
+    for line in summary_lines(summary):
+        terminalreporter.write_line(line)
+    record = {"seed": SEED, "summary": summary, "kills": TALLY.kills, "entries": TALLY.entries}
+    if getattr(config, "cache", None) is not None:
+        config.cache.set("fault/counts", record)
+        path = config.cache.mkdir("fault") / "counts.json"
+    else:
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.gettempdir()) / "fault_counts.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    terminalreporter.write_line(f"counts written to {path}")
