@@ -1,12 +1,12 @@
 """`harvest`: the command line over `harvest.run.harvest`."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from harvest.config import HarvestConfig
-from shared.errors import UserError
+from shared.cli_errors import one_line_errors
+
+INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -58,9 +58,9 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
 
     Example: harvest --hook blocks.0.hook_mlp_out --tokens 1000000
     """
-    from harvest.run import harvest
+    with one_line_errors("harvest", interrupted=INTERRUPTED):
+        from harvest.run import harvest
 
-    try:
         cfg = HarvestConfig(
             hooks=list(hooks), model=model, dataset=dataset, split=split, text_column=text_column,
             context_size=context_size, batch_size=batch_size, tokens=tokens, prepend_bos=prepend_bos,
@@ -69,12 +69,5 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
             out=out, device=device, seed=seed, shuffle_documents=shuffle_documents,
             shuffle_buffer_docs=shuffle_buffer_docs, resume=resume, overwrite=overwrite)
         result = harvest(cfg, log=lambda s: click.echo(s, err=True), progress=not quiet)
-    except UserError as e:
-        click.echo(f"harvest: error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("harvest: interrupted; finished shards are kept: rerun the same command with "
-                   "--resume to continue", err=True)
-        sys.exit(130)
     for hook, folder in result.folders.items():
         click.echo(f"{hook}: {folder}")

@@ -61,8 +61,10 @@ class HarvestConfig:
             raise UserError(f"shard-rows must be positive, got {self.shard_rows}")
         if self.skip_bos and not self.prepend_bos:
             raise UserError("--skip-bos needs --prepend-bos (there is no BOS position to skip)")
-        if self.skip_bos and self.context_size < 2:
-            raise UserError("--skip-bos needs --context-size of at least 2")
+        if self.prepend_bos and self.context_size < 2:
+            # BOS alone would fill every context, leaving no room for the dataset's tokens.
+            raise UserError(f"--context-size {self.context_size} leaves no room for tokens after BOS; "
+                            "use --context-size 2 or more, or --no-prepend-bos")
         for name, allowed in (("dtype", STORAGE_DTYPES), ("model_dtype", STORAGE_DTYPES), ("format", FORMATS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, "

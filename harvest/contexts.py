@@ -10,6 +10,19 @@ import numpy as np
 from shared.errors import UserError
 
 
+def too_few_tokens(have_contexts: int, n_contexts: int, context_size: int) -> UserError:
+    """The dataset ran out: say how much it holds and what to ask for instead."""
+    if have_contexts == 0:
+        # "--tokens 0 or less" would be refused: an empty dataset needs another dataset.
+        return UserError(f"the dataset holds no tokens in even one {context_size}-token context (is it "
+                         "empty, whitespace only, or is --text-column the wrong column?); give a "
+                         "dataset with text in it, or a smaller --context-size")
+    have = have_contexts * context_size
+    return UserError(f"the dataset holds only {have:,} tokens ({have_contexts:,} whole contexts), fewer "
+                     f"than the {n_contexts * context_size:,} asked for; pass --tokens {have} or less, "
+                     "or a larger dataset")
+
+
 def pack_contexts(docs: Iterable[Sequence[int]], context_size: int, bos: int | None,
                   prepend_bos: bool) -> Iterator[np.ndarray]:
     """Concatenate documents, split into pieces, put BOS at each context start.
@@ -82,12 +95,7 @@ class BatchProducer:
                 if index == self._n:
                     break
             if index < self._n:
-                have = index * self._context_size
-                raise UserError(
-                    f"the dataset holds only {have:,} tokens ({index:,} whole contexts), fewer than "
-                    f"the {self._n * self._context_size:,} asked for; pass --tokens {have} or less, "
-                    "or a larger dataset"
-                )
+                raise too_few_tokens(index, self._n, self._context_size)
             self._put(None)
         except BaseException as e:  # hand any failure to the consumer, which re-raises it
             self._put(e)

@@ -42,6 +42,30 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]  # type: ignore[return-value]
 
 
+def not_utf8(name: str | Path, e: UnicodeDecodeError) -> UserError:
+    return UserError(f"{name} is not UTF-8 text ({e.reason}); convert it to UTF-8 "
+                     "(e.g. iconv -t UTF-8) or pass a pretokenized dataset")
+
+
+def _load_local(builder: str, files: list[str], path: Path) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+    except StopIteration:  # the json builder reads a first record to learn the columns
+        raise UserError(f"{path} holds no records; give a dataset with at least one document") from None
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+
+
+def rows(stream: Any, name: str) -> Iterator[dict[str, Any]]:
+    """The stream's rows; undecodable text is the user's to convert, not a crash."""
+    try:
+        yield from stream
+    except UnicodeDecodeError as e:
+        raise not_utf8(name, e) from None
+
+
 def _open_stream(name: str, split: str) -> tuple[Any, str]:
     import datasets
 
@@ -57,8 +81,7 @@ def _open_stream(name: str, split: str) -> tuple[Any, str]:
         return ds, "saved"
     if path.exists():
         builder, files = _local_files(path)
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-        return ds, f"{builder} files"
+        return _load_local(builder, files, path), f"{builder} files"
     try:
         # Streaming: only the documents actually consumed are ever downloaded.
         return datasets.load_dataset(name, split=split, streaming=True), "hub"
@@ -68,13 +91,13 @@ def _open_stream(name: str, split: str) -> tuple[Any, str]:
                         f"(no network here? pass a local folder or files): {msg}") from None
 
 
-def _columns(ds: Any) -> list[str]:
+def _columns(ds: Any, name: str) -> list[str]:
     names = getattr(ds, "column_names", None)
     if names:
         return list(names)
-    first = next(iter(ds), None)
+    first = next(rows(ds, name), None)
     if first is None:
-        raise UserError("the dataset is empty")
+        raise UserError("the dataset is empty; give one with at least one document")
     return list(first)
 
 
@@ -82,7 +105,7 @@ def open_documents(name: str, split: str, text_column: str, seed: int, shuffle: 
                    shuffle_buffer: int) -> DocumentSource:
     """Open `name` and decide: pretokenized (`tokens`/`input_ids`) or raw text (`text_column`)."""
     ds, kind = _open_stream(name, split)
-    columns = _columns(ds)
+    columns = _columns(ds, name)
     token_col = next((c for c in TOKEN_COLUMNS if c in columns), None)
     if token_col is None and text_column not in columns:
         raise UserError(f"dataset '{name}' has neither a tokens/input_ids column nor text column "
@@ -106,13 +129,13 @@ def open_documents(name: str, split: str, text_column: str, seed: int, shuffle: 
 def iter_token_docs(source: DocumentSource, tokenizer: Any, batch_docs: int = 64) -> Iterator[list[int]]:
     """Yield each document's token ids; raw text is tokenized in batches (fast tokenizers)."""
     if source.tokenized:
-        for row in source.stream:
+        for row in rows(source.stream, source.dataset_name):
             yield list(row[source.column])
         return
     if tokenizer is None:
         raise UserError("the dataset is raw text but the model has no tokenizer; use a tokenized dataset")
     pending: list[str] = []
-    for row in source.stream:
+    for row in rows(source.stream, source.dataset_name):
         pending.append(row[source.column] or "")
         if len(pending) == batch_docs:
             yield from tokenizer(pending, add_special_tokens=False)["input_ids"]

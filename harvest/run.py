@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from harvest.config import SHARD_BYTES, HarvestConfig
-from harvest.contexts import BatchProducer, pack_contexts
+from harvest.contexts import BatchProducer, pack_contexts, too_few_tokens
 from harvest.data import DocumentSource, iter_token_docs, open_documents
 from harvest.target import Existing, check_disk, inspect_folder, out_folders
 from harvest.writer import ShardWriter
@@ -92,13 +92,11 @@ def _validate(cfg: HarvestConfig, model: Any, source: DocumentSource) -> None:
     if n_ctx is not None and cfg.context_size > n_ctx:
         raise UserError(f"--context-size {cfg.context_size} exceeds the model's n_ctx {n_ctx}; "
                         f"use --context-size {n_ctx} or less")
-    needed = cfg.n_contexts * cfg.context_size
     if source.exact_tokens is not None:
         body = cfg.context_size - 1 if cfg.prepend_bos else cfg.context_size
-        available = (source.exact_tokens // body) * cfg.context_size
-        if available < needed:
-            raise UserError(f"the dataset holds about {available:,} tokens in whole contexts, fewer "
-                            f"than the {needed:,} asked for; pass --tokens {available} or less")
+        available = source.exact_tokens // body  # whole contexts the dataset can fill
+        if available < cfg.n_contexts:
+            raise too_few_tokens(available, cfg.n_contexts, cfg.context_size)
 
 
 @dataclass

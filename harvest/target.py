@@ -1,9 +1,12 @@
 """Where a harvest writes, and what to do with what is already there (fresh, resume, refuse)."""
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from shared import atomic
 from shared.errors import UserError
@@ -28,19 +31,50 @@ class Existing:
     done: bool
 
 
+_SHARD_TEMP = re.compile(r"\.shard_\d{6}\.(safetensors|zarr)\.tmp")
+
+
+def _only_leftovers(folder: Path) -> bool:
+    """Only the temp files of a harvest that stopped before its first manifest landed."""
+    manifest_temp = atomic.temp_path(folder / MANIFEST_NAME).name
+    return all(p.name == manifest_temp or _SHARD_TEMP.fullmatch(p.name) for p in folder.iterdir())
+
+
+def _looks_like_dump(folder: Path) -> bool:
+    """A manifest.json harvest could have written, valid or not: --overwrite may delete it."""
+    try:
+        raw = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "format_version" in raw and "shards" in raw
+
+
+def _start_afresh(folder: Path, resume: bool, overwrite: bool) -> Existing:
+    """A folder holding only crash leftovers: nothing to resume, so both flags start again."""
+    if not (resume or overwrite):
+        raise UserError(f"{folder} holds only the temp files of a harvest that stopped before "
+                        "writing its manifest; pass --overwrite (or --resume) to start it again")
+    for p in folder.iterdir():
+        atomic.remove(p)
+    return Existing(None, False)
+
+
 def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
     """Decide fresh / resume / done, or refuse with a message saying what to do."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file, not a folder; choose another --out")
     if not folder.exists() or not any(folder.iterdir()):
         return Existing(None, False)
+    if _only_leftovers(folder):
+        return _start_afresh(folder, resume, overwrite)
     if not (folder / MANIFEST_NAME).is_file():
         raise UserError(f"{folder} holds files that are not a dump; choose another --out "
                         "(harvest never deletes what it did not write)")
-    old = read_manifest(folder)
-    if overwrite:
+    if overwrite and _looks_like_dump(folder):
+        # Before validating: a damaged dump is exactly what --overwrite must be able to replace.
         shutil.rmtree(folder)
         return Existing(None, False)
+    old = read_manifest(folder)
     if old.config_fingerprint != config_fingerprint:
         raise UserError(f"{folder} holds a different dump ({old.model}, {old.hook}, "
                         f"{old.n_contexts or 'unfinished'} contexts, other settings); "
@@ -58,13 +92,21 @@ def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrit
     return Existing(old, False)
 
 
-def check_disk(folders: list[Path], bytes_needed: int, log) -> None:
+def human_bytes(n: float) -> str:
+    """Sizes in the unit that shows them: a small dump is KB, not "0.00 GB"."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_disk(folders: list[Path], bytes_needed: int, log: Callable[[str], None]) -> None:
     """Print the dump size and the free space; refuse when it will not fit."""
     probe = folders[0]
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    log(f"dump will take {bytes_needed / 1e9:.2f} GB; {free / 1e9:.1f} GB free at {probe.resolve()}")
+    log(f"dump will take {human_bytes(bytes_needed)}; {human_bytes(free)} free at {probe.resolve()}")
     if bytes_needed > free:
-        raise UserError(f"not enough disk space: need {bytes_needed / 1e9:.2f} GB, "
-                        f"{free / 1e9:.2f} GB free; ask for fewer --tokens or another --out")
+        raise UserError(f"not enough disk space: need {human_bytes(bytes_needed)}, "
+                        f"{human_bytes(free)} free; ask for fewer --tokens or another --out")

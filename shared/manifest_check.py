@@ -155,7 +155,7 @@ def check_fields(raw: dict[str, Any], checks: dict[str, Check], where: str, pref
     """Every field present (optional ones aside) and of the right type and range."""
     missing = [n for n in checks if n not in raw and n not in OPTIONAL_FIELDS]
     if missing:
-        raise fail(where, prefix or "manifest", f"lacks {', '.join(missing)}")
+        raise fail(where, prefix.rstrip(".") or "manifest", f"lacks {', '.join(missing)}")
     for name, check in checks.items():
         if name in raw and (expected := check(raw[name])) is not None:
             raise fail(where, f"'{prefix}{name}'", f"must be {expected}, got {_short(raw[name])}")
