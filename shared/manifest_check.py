@@ -31,17 +31,13 @@ _FIX = "re-harvest the dump"
 Check = Callable[[Any], "str | None"]
 
 
-class ManifestProblem(DumpError):
-    pass
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def fail(where: str, field: str, problem: str) -> ManifestProblem:
-    return ManifestProblem(f"{where}: {field} {problem}; {_FIX}")
+def fail(where: str, field: str, problem: str) -> DumpError:
+    return DumpError(f"{where}: {field} {problem}; {_FIX}")
 
 
 # ---- value checks ----------------------------------------------------------------------------
@@ -50,7 +46,7 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def integer(minimum: int, optional: bool = False) -> Check:
@@ -93,6 +89,10 @@ def number_list(length: int) -> Check:
             return None
         return f"a list of {length} finite numbers (d_in)"
     return check
+
+
+def sha256_checksum(value: Any) -> str | None:
+    return None if isinstance(value, str) and _CHECKSUM.fullmatch(value) else "'sha256:' and 64 hex digits"
 
 
 def plain_file_name(value: Any) -> str | None:
@@ -144,8 +144,8 @@ SHARD_FIELDS: dict[str, Check] = {
     "file": plain_file_name,
     "rows": integer(1),
     "first_row": integer(0),
-    "checksum": lambda v: None if isinstance(v, str) and _CHECKSUM.fullmatch(v) else "'sha256:' and 64 hex digits",
-    "sum": lambda v: None,  # its length depends on d_in: checked in check_shards
+    "checksum": sha256_checksum,
+    "sum": of_type(list),  # its length and numbers are checked in check_shards, with d_in
     "sum_sq_norm": finite_number,
     "sum_norm": finite_number,
 }
@@ -185,8 +185,8 @@ def check_shards(raw: dict[str, Any], where: str) -> None:
         next_row += entry["rows"]
 
 
-def check_totals(raw: dict[str, Any], where: str) -> None:
-    """The counts agree: contexts x rows per context = rows = rows listed in shards (once complete)."""
+def check_settings(raw: dict[str, Any], where: str) -> None:
+    """How contexts were built: settings harvest never combines differently."""
     if raw["rows_per_context"] != raw["context_size"] - (1 if raw["skip_bos"] else 0):
         raise fail(where, "'rows_per_context'", f"is {raw['rows_per_context']}, but context_size "
                    f"{raw['context_size']} with skip_bos {raw['skip_bos']} gives "
@@ -197,6 +197,10 @@ def check_totals(raw: dict[str, Any], where: str) -> None:
         raise fail(where, "'bos_token_id'", "is null, but prepend_bos is true")
     if raw.get("compression") is not None and raw["format"] != "zarr":
         raise fail(where, "'compression'", f"is {raw['compression']} for a {raw['format']} dump (zarr only)")
+
+
+def check_totals(raw: dict[str, Any], where: str) -> None:
+    """The counts agree: contexts x rows per context = rows = rows listed in shards (once complete)."""
     if raw["n_tokens"] != raw["n_contexts"] * raw["context_size"]:
         raise fail(where, "'n_tokens'", f"is {raw['n_tokens']}, but n_contexts x context_size = "
                    f"{raw['n_contexts'] * raw['context_size']}")
@@ -236,5 +240,6 @@ def validate(raw: Any, where: str) -> None:
                         f"{FORMAT_VERSION}; re-harvest it with this version of mats-sae-training")
     check_fields(raw, FIELDS, where)
     check_shards(raw, where)
+    check_settings(raw, where)
     check_totals(raw, where)
     check_stats(raw, where)

@@ -118,6 +118,8 @@ BAD_MANIFESTS = {
     "harvest_config a list": (_set("harvest_config", []), "'harvest_config'"),
     "NaN shard statistic": (_set_shard(0, "sum_norm", float("nan")), "'shards[0].sum_norm'"),
     "compression on safetensors": (_set("compression", "zstd"), "'compression'"),
+    "prepend_bos without a BOS id": (_set("prepend_bos", True), "'bos_token_id' is null"),
+    "skip_bos without prepend_bos": (lambda raw: raw.update(skip_bos=True, rows_per_context=63), "'skip_bos'"),
 }
 
 
@@ -172,6 +174,16 @@ def test_manifest_rows_must_match_shard_shapes(tmp_path):
         n_contexts=15, n_tokens=15 * 64, n_rows=960, stats=dict(raw["stats"], rows=960),
         shards=raw["shards"][:3] + [dict(raw["shards"][3], rows=192)]))
     _refused(folder, "shard_000003.safetensors holds activations of shape (256, 8)", "(192, 8)")
+
+
+def test_shard_header_with_a_foreign_dtype_is_one_error(tmp_path):
+    """A dtype code harvest never writes was a KeyError from deep inside the reader."""
+    folder = _dump(tmp_path / "d")
+    shard = folder / "shard_000001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data.replace(b'"dtype":"F32"', b'"dtype":"U32"', 1))
+    with pytest.raises(DumpError, match="shard_000001.safetensors is corrupted .malformed safetensors header"):
+        open_dump(folder)
 
 
 def test_incomplete_manifest_is_validated_too(tmp_path):
