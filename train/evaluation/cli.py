@@ -1,12 +1,13 @@
-"""`evaluate`: held-out metrics and CE loss recovered for trained SAEs, and top examples."""
+"""`evaluate`: held-out metrics and CE loss recovered for trained SAEs, top examples, dashboards."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from shared import atomic
+from shared.cli_errors import one_line_errors
 from shared.errors import UserError
 
 
@@ -25,21 +26,57 @@ def _targets(path: Path) -> tuple[list[Path], Path | None]:
                     "(expected cfg.json, final/cfg.json or sweep.json)")
 
 
-def _print_top_examples(final: Path, dump_path: str | None, features: list[int], n: int, device: str) -> None:
-    from shared.reader import open_dump
-    from shared.sae import SparseAutoencoder, read_cfg
-    from train.evaluation.examples import format_example, load_tokenizer, top_examples
+class _Dumps:
+    """Each dump opened (and its checksums verified) once, however many SAEs read it."""
 
-    cfg = read_cfg(final)
-    dump = open_dump(dump_path or cfg["shards"])
-    sae = SparseAutoencoder.load_from_pretrained(final, device=device)
+    def __init__(self, shards: str | None, verify: bool) -> None:
+        self.shards, self.verify, self.opened = shards, verify, {}
+
+    def for_sae(self, final: Path) -> Any:
+        from shared.run_paths import dump_path_for
+        from shared.saes.base import read_cfg
+        from train.evaluation.run_eval import check_dump_fits
+
+        cfg = read_cfg(final)
+        path = Path(self.shards) if self.shards else dump_path_for(final, cfg)
+        key = str(path.resolve())
+        if key not in self.opened:
+            from shared.reader import open_dump
+
+            self.opened[key] = open_dump(path, verify=self.verify)
+        check_dump_fits(final, cfg, self.opened[key])
+        return self.opened[key]
+
+
+def _tokenizer(dump: Any) -> Any:
+    from train.evaluation.examples import load_tokenizer
+
+    m = dump.manifest
+    tokenizer = load_tokenizer(m.model) or (load_tokenizer(m.tokenizer) if m.tokenizer else None)
+    if tokenizer is None:
+        click.echo("(no tokenizer available offline: showing token ids)", err=True)
+    return tokenizer
+
+
+def _parse_features(features: str) -> list[int]:
+    try:
+        feats = [int(f) for f in features.split(",") if f.strip()]
+    except ValueError:
+        raise UserError(f"--features must be comma-separated integers, got '{features}'") from None
+    if not feats:
+        raise UserError("--top-examples needs --features, e.g. --features 0,5,17")
+    return feats
+
+
+def _print_top_examples(final: Path, dump: Any, features: list[int], n: int, device: str) -> None:
+    from shared.saes import load_sae
+    from train.evaluation.examples import format_example, top_examples
+
+    sae = load_sae(final, device=device)
     bad = [f for f in features if not 0 <= f < sae.cfg.d_sae]
     if bad:
         raise UserError(f"features {bad} out of range: this SAE has {sae.cfg.d_sae} features")
-    tokenizer = load_tokenizer(dump.manifest.model) or (
-        load_tokenizer(dump.manifest.tokenizer) if dump.manifest.tokenizer else None)
-    if tokenizer is None:
-        click.echo("(no tokenizer available offline: showing token ids)", err=True)
+    tokenizer = _tokenizer(dump)
     found = top_examples(sae, dump, features, n, device=device)
     for feature in features:
         click.echo(f"feature {feature}:")
@@ -50,76 +87,116 @@ def _print_top_examples(final: Path, dump_path: str | None, features: list[int],
             click.echo("  (never fires on these rows)")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _model_or_none(dump: Any, device: str) -> Any:
+    """The dump's model for the logit table, or None (with a note) when it cannot be loaded."""
+    from shared.models import load_model
+
+    try:
+        return load_model(dump.manifest.model, device)
+    except Exception as e:  # offline hub, missing files: the dashboard is still worth writing
+        click.echo(f"(model {dump.manifest.model} not loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                   err=True)
+        return None
+
+
+def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model: bool, quiet: bool,
+                      models: dict) -> None:
+    from shared.saes import load_sae
+    from train.evaluation.dashboard.build import build_dashboard, read_evaluation
+
+    for final in finals:
+        dump = dumps.for_sae(final)
+        key = dump.manifest.model
+        if with_model and key not in models:
+            models[key] = _model_or_none(dump, device)
+        run = final.parent
+        index = build_dashboard(load_sae(final, device=device), dump, run / "dashboard", name=run.name,
+                                model=models.get(key), tokenizer=_tokenizer(dump), evaluation=read_evaluation(run),
+                                device=device, progress=not quiet, log=lambda s: click.echo(s, err=True))
+        click.echo(f"dashboard: {index}")
+
+
+def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
+    from shared.models import load_model
+    from train.evaluation.run_eval import evaluate_checkpoint
+
+    baselines: dict = {}  # ablation losses, shared by SAEs evaluated on the same contexts
+    for final in finals:
+        dump = dumps.for_sae(final)
+        model = None
+        if cfg.with_model:
+            if models.get(dump.manifest.model) is None:
+                models[dump.manifest.model] = load_model(dump.manifest.model, cfg.device)
+            model = models[dump.manifest.model]
+        result = evaluate_checkpoint(final, cfg, model=model, baselines=baselines, dump=dump)
+        atomic.write_json(final.parent / "eval.json", result)
+        shown = ", ".join(f"{k} {result[k]:.4g}" for k in
+                          ("mse", "explained_variance", "l0", "frac_dead", "frac_dense", "ce_loss_recovered",
+                           "kl_clean_sae", "relative_reconstruction_bias", "frac_near_duplicate")
+                          if result.get(k) is not None)
+        click.echo(f"{final}: {shown}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--shards", default=None, help="Dump to evaluate on [the one the SAE was trained on].")
+@click.option("--shards", default=None, help="Dump to read [the one the SAE was trained on]; for a moved dump.")
 @click.option("--holdout-contexts", type=int, default=None,
               help="Held-out contexts at the dump's end [as in training].")
+@click.option("--metrics/--no-metrics", "with_metrics", default=True, show_default=True,
+              help="Compute the held-out metrics (eval.json).")
 @click.option("--model/--no-model", "with_model", default=True, show_default=True,
-              help="Also run the language model for CE loss recovered and KL.")
+              help="Also run the language model: CE loss recovered and KL; the dashboard's logit table.")
 @click.option("--max-eval-contexts", type=int, default=256, show_default=True,
               help="Held-out contexts run through the language model.")
 @click.option("--batch-contexts", type=int, default=8, show_default=True, help="Contexts per forward pass.")
 @click.option("--device", default=None, help="Device [cuda if available, else cpu].")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Recompute the dump's checksums before reading it.")
+@click.option("--dashboard", is_flag=True,
+              help="Also write a feature dashboard (RUN/dashboard/index.html; opens offline in a browser).")
 @click.option("--top-examples", "top_n", type=int, default=0,
-              help="Show the N contexts where each of --features fires most (no model run).")
+              help="Only show the N contexts where each of --features fires most (no model run).")
 @click.option("--features", default="", help="Comma-separated feature indices for --top-examples.")
-def main(path, shards, holdout_contexts, with_model, max_eval_contexts, batch_contexts, device, top_n,
-         features) -> None:
-    """Evaluate SAEs on the contexts their dump held out of training.
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
+         verify, dashboard, top_n, features, quiet) -> None:
+    """Evaluate SAEs on the contexts their dump held out of training, and show what their features mean.
 
     PATH is a checkpoint (data/runs/<run>/final), a run folder, or a sweep folder (which gets its
     summary table and plots rewritten with the new metrics). Results go to eval.json in each run
-    folder.
+    folder; --dashboard writes a browsable page of every feature to each run's dashboard/ folder.
 
-    Example: evaluate data/runs/quickstart --top-examples 5 --features 0,1,2
+    Examples: evaluate data/runs/quickstart --dashboard;
+    evaluate data/runs/quickstart --top-examples 5 --features 0,1,2
     """
-    from train.evaluation.run_eval import EvalConfig, evaluate_checkpoint
-    from train.run import pick_device
+    from shared.device import pick_device
+    from train.evaluation.run_eval import EvalConfig
 
-    try:
+    with one_line_errors("evaluate"):
         for name, value in (("max-eval-contexts", max_eval_contexts), ("batch-contexts", batch_contexts)):
             if value <= 0:
                 raise UserError(f"--{name} must be positive, got {value}")
-        finals, sweep_root = _targets(path)
-        dev = str(pick_device(device))
         if top_n < 0:
             raise UserError(f"--top-examples must be positive, got {top_n}")
+        if not (with_metrics or dashboard or top_n):
+            raise UserError("nothing to do: --no-metrics without --dashboard or --top-examples")
+        finals, sweep_root = _targets(path)
+        dev = str(pick_device(device))
+        dumps = _Dumps(shards, verify)
         if top_n:
-            try:
-                feats = [int(f) for f in features.split(",") if f.strip()]
-            except ValueError:
-                raise UserError(f"--features must be comma-separated integers, got '{features}'") from None
-            if not feats:
-                raise UserError("--top-examples needs --features, e.g. --features 0,5,17")
+            feats = _parse_features(features)
             for final in finals:
-                _print_top_examples(final, shards, feats, top_n, dev)
+                _print_top_examples(final, dumps.for_sae(final), feats, top_n, dev)
             return
-        cfg = EvalConfig(holdout_contexts=holdout_contexts, with_model=with_model,
-                         batch_contexts=batch_contexts, max_eval_contexts=max_eval_contexts, device=dev)
-        model = None
-        baselines: dict = {}  # ablation losses, shared by SAEs evaluated on the same contexts
-        results = []
-        for final in finals:
-            if with_model and model is None:
-                from shared.models import load_model
-                from shared.reader import open_dump
-                from shared.sae import read_cfg
+        models: dict = {}  # one language model per dump model, shared by the SAEs
+        if with_metrics:
+            cfg = EvalConfig(holdout_contexts=holdout_contexts, with_model=with_model, batch_contexts=batch_contexts,
+                             max_eval_contexts=max_eval_contexts, device=dev, verify=verify)
+            _metrics(finals, dumps, cfg, models)
+            if sweep_root is not None:
+                from train.summary import read_sweep_index, write_summary
 
-                dump = open_dump(shards or read_cfg(final)["shards"])
-                model = load_model(dump.manifest.model, dev)
-            result = evaluate_checkpoint(final, cfg, dump_path=shards, model=model, baselines=baselines)
-            atomic.write_json(final.parent / "eval.json", result)
-            results.append(result)
-            shown = ", ".join(f"{k} {result[k]:.4g}" for k in
-                              ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
-                               "ce_loss_recovered", "kl_clean_sae") if result.get(k) is not None)
-            click.echo(f"{final}: {shown}")
-        if sweep_root is not None:
-            from train.summary import read_sweep_index, write_summary
-
-            entries, keys = read_sweep_index(sweep_root)
-            write_summary(sweep_root, entries, keys, log=click.echo)
-    except UserError as e:
-        click.echo(f"evaluate: error: {e}", err=True)
-        sys.exit(2)
+                entries, keys = read_sweep_index(sweep_root)
+                write_summary(sweep_root, entries, keys, log=click.echo)
+        if dashboard:
+            _write_dashboards(finals, dumps, dev, with_model, quiet, models)

@@ -184,9 +184,19 @@ class _Running:
         self.act_max = torch.maximum(self.act_max, chunk_max)
         self._histogram_add_(f, v, chunk_max)
         window = _Windows(acts, tokens, rpc, self.cfg)
-        self.top = self.top.merged(window.examples(first_row, r, f, v, v, self.cfg.top_k, self.d_sae))
+        self.top = self._offer(self.top, window, first_row, r, f, v, v)
         keys = torch.rand(v.shape, generator=self.generator, device=v.device)
-        self.sample = self.sample.merged(window.examples(first_row, r, f, v, -keys, self.cfg.samples, self.d_sae))
+        self.sample = self._offer(self.sample, window, first_row, r, f, v, -keys)
+
+    def _offer(self, kept: Examples, window: "_Windows", first_row: int, r: torch.Tensor, f: torch.Tensor,
+               v: torch.Tensor, score: torch.Tensor) -> Examples:
+        """Merge the chunk's entries into `kept`. Only entries scoring above their feature's lowest
+        kept score can get in: filtering on that first leaves few to sort after the first chunks."""
+        m = kept.score.shape[1]
+        new = score > kept.score[:, -1][f]
+        if not bool(new.any()):
+            return kept
+        return kept.merged(window.examples(first_row, r[new], f[new], v[new], score[new], m, self.d_sae))
 
     def _histogram_add_(self, f: torch.Tensor, v: torch.Tensor, chunk_max: torch.Tensor) -> None:
         bins = self.cfg.hist_bins

@@ -12,6 +12,7 @@ from shared.models import load_model
 from shared.reader import Dump, open_dump
 from shared.saes import SAE
 from shared.saes.io import load_sae
+from shared.run_paths import dump_path_for
 from shared.saes.base import read_cfg
 from train.evaluation.downstream import ce_metrics
 from train.evaluation.geometry import decoder_neighbours, duplicate_fraction
@@ -34,6 +35,8 @@ class EvalConfig:
     """At most this many held-out contexts go through the model (None: all of them)."""
     device: str | None = None
     """Device for the SAE and the model [cuda if available, else cpu]."""
+    verify: bool = True
+    """Recompute the dump's checksums before reading it, as `train` does."""
 
     def __post_init__(self) -> None:
         if self.holdout_contexts is not None and self.holdout_contexts < 0:
@@ -45,16 +48,19 @@ class EvalConfig:
 
 
 def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None = None,
-                        model: Any = None, baselines: dict | None = None) -> dict[str, Any]:
+                        model: Any = None, baselines: dict | None = None, dump: Dump | None = None) -> dict[str, Any]:
     """Metrics of the SAE in `sae_folder` on its dump's held-out contexts, as one flat JSON-able dict.
 
-    The dump is the one cfg.json names (`shards`) unless `dump_path` is given; `model` (a
-    TransformerBridge) saves loading the model the dump was harvested from.
+    The dump is the one cfg.json names (`shards`) unless `dump_path` is given, or `dump` is already
+    open (a sweep's SAEs share one, verified once); `model` (a TransformerBridge) saves loading the
+    model the dump was harvested from.
     """
     sae_folder = Path(sae_folder)
     sae_cfg = read_cfg(sae_folder)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dump = _open_eval_dump(sae_folder, sae_cfg, dump_path)
+    if dump is None:
+        dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify)
+    check_dump_fits(sae_folder, sae_cfg, dump)
     requested = cfg.holdout_contexts
     if requested is None:  # what training held out (absent from older checkpoints: the default)
         requested = sae_cfg.get("eval_holdout_contexts")
@@ -73,18 +79,22 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     return out
 
 
-def _open_eval_dump(sae_folder: Path, sae_cfg: dict[str, Any], dump_path: str | None) -> Dump:
-    path = dump_path or sae_cfg.get("shards")
-    if not path:
-        raise UserError(f"{sae_folder}/cfg.json names no dump (`shards`); pass the dump folder")
-    dump = open_dump(path)
+def open_sae_dump(sae_folder: Path, dump_path: str | Path | None = None, verify: bool = True) -> Dump:
+    """The dump `dump_path`, or else the one the SAE in `sae_folder` was trained on, checked to fit it."""
+    sae_cfg = read_cfg(Path(sae_folder))
+    dump = open_dump(dump_path if dump_path else dump_path_for(Path(sae_folder), sae_cfg), verify=verify)
+    check_dump_fits(sae_folder, sae_cfg, dump)
+    return dump
+
+
+def check_dump_fits(sae_folder: Path, sae_cfg: dict[str, Any], dump: Dump) -> None:
+    """A one-line error unless the dump holds what the SAE reads (width and hook)."""
     if dump.d_in != sae_cfg["d_in"]:
         raise UserError(f"the SAE reads d_in={sae_cfg['d_in']} but the dump {dump.path} has d_in={dump.d_in}")
     hook = sae_cfg.get("hook_name")
     if hook is not None and hook != dump.manifest.hook:
         raise UserError(f"the SAE was trained on hook '{hook}' but the dump {dump.path} holds "
                         f"'{dump.manifest.hook}'")
-    return dump
 
 
 def _heldout_rows(dump: Dump, requested: int | None) -> tuple[int, int]:

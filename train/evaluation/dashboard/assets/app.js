@@ -1,0 +1,254 @@
+// The dashboard's page logic: an index of every feature (sort, search, pages) and a panel per
+// feature, loaded on demand from data/features_NNNN.js. Token text is only ever set through
+// textContent, so nothing in the data can inject markup.
+(function () {
+  "use strict";
+  var DASH = (window.DASH = window.DASH || {});
+  var PAGE_SIZE = 100;
+  var COLUMNS = ["feature", "log_density", "max", "mean", "top_tokens", "promoted"];
+  var state = { sortKey: "feature", sortDir: 1, page: 0, query: "", hideDead: true };
+  var chunks = {}; // chunk number -> {feature: record}
+  var waiting = {}; // chunk number -> callbacks
+
+  DASH.addFeatures = function (chunk, records) {
+    chunks[chunk] = records;
+    (waiting[chunk] || []).forEach(function (cb) { cb(records); });
+    delete waiting[chunk];
+  };
+
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (k) {
+      if (k === "text") node.textContent = attrs[k];
+      else if (k === "className") node.className = attrs[k];
+      else node.setAttribute(k, attrs[k]);
+    });
+    (children || []).forEach(function (c) { node.appendChild(c); });
+    return node;
+  }
+
+  function tokenText(id) {
+    var s = DASH.vocab && Object.prototype.hasOwnProperty.call(DASH.vocab, id) ? DASH.vocab[id] : "#" + id;
+    return s.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
+  }
+
+  function fmt(x, digits) {
+    if (x === null || x === undefined) return "";
+    return Number(x).toPrecision(digits || 3);
+  }
+
+  // ------------------------------------------------------------------ index
+
+  function indexRows() {
+    return DASH.index.rows.map(function (r) {
+      var row = {};
+      COLUMNS.forEach(function (c, i) { row[c] = r[i]; });
+      row.text = (row.top_tokens.concat(row.promoted)).map(tokenText).join(" ").toLowerCase();
+      return row;
+    });
+  }
+
+  function matches(row) {
+    if (state.hideDead && row.log_density === null) return false;
+    var q = state.query.trim().toLowerCase();
+    if (!q) return true;
+    if (/^\d+$/.test(q)) return String(row.feature) === q || row.text.indexOf(q) >= 0;
+    return row.text.indexOf(q) >= 0;
+  }
+
+  function compare(a, b) {
+    var x = a[state.sortKey], y = b[state.sortKey];
+    if (x === null) return 1; // dead features last, whatever the direction
+    if (y === null) return -1;
+    return (x < y ? -1 : x > y ? 1 : a.feature - b.feature) * state.sortDir;
+  }
+
+  function chips(ids, negative) {
+    return el("span", { className: negative ? "chips neg" : "chips" },
+      ids.map(function (id) { return el("span", { className: "tok", text: tokenText(id) }); }));
+  }
+
+  function renderIndex(all) {
+    var rows = all.filter(matches).sort(compare);
+    var pages = Math.max(1, Math.ceil(rows.length / PAGE_SIZE));
+    state.page = Math.min(state.page, pages - 1);
+    var body = document.querySelector("#index tbody");
+    body.textContent = "";
+    rows.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE).forEach(function (r) {
+      var link = el("a", { href: "#f=" + r.feature, text: String(r.feature) });
+      body.appendChild(el("tr", { "data-feature": String(r.feature) }, [
+        el("td", {}, [link]),
+        el("td", { text: r.log_density === null ? "never fires" : fmt(r.log_density) }),
+        el("td", { text: fmt(r.max) }),
+        el("td", { text: fmt(r.mean) }),
+        el("td", {}, [chips(r.top_tokens)]),
+        el("td", {}, [chips(r.promoted)]),
+      ]));
+    });
+    document.getElementById("count").textContent = rows.length + " of " + all.length + " features";
+    document.getElementById("page").textContent = "page " + (state.page + 1) + " of " + pages;
+    document.querySelectorAll("#index th").forEach(function (th) {
+      th.classList.remove("sorted-asc", "sorted-desc");
+      if (th.dataset.key === state.sortKey) th.classList.add(state.sortDir > 0 ? "sorted-asc" : "sorted-desc");
+    });
+  }
+
+  // ------------------------------------------------------------------ one feature
+
+  function loadFeature(f, cb) {
+    var chunk = Math.floor(f / DASH.meta.chunk_size);
+    if (chunks[chunk]) return cb(chunks[chunk][f]);
+    var first = !waiting[chunk];
+    (waiting[chunk] = waiting[chunk] || []).push(function (records) { cb(records[f]); });
+    if (first) {
+      var name = "data/features_" + String(chunk).padStart(4, "0") + ".js";
+      document.head.appendChild(el("script", { src: name }));
+    }
+  }
+
+  function example(ex, featureMax, label) {
+    // ex: [activation, dump row, window token ids (-1 outside the context), window activations]
+    var centre = DASH.meta.window_before;
+    var line = el("div", { className: "example" }, [el("span", { className: "val", text: label || fmt(ex[0]) })]);
+    ex[2].forEach(function (id, i) {
+      if (id < 0) return;
+      var act = ex[3][i];
+      var alpha = featureMax > 0 ? Math.min(1, act / featureMax) : 0;
+      var tok = el("span", { className: i === centre ? "tok max" : "tok", text: tokenText(id),
+        title: "activation " + fmt(act, 4) + (i === centre ? " (this example's token)" : "") });
+      tok.style.background = "rgba(255, 120, 0, " + alpha.toFixed(3) + ")";
+      tok.dataset.act = String(act);
+      line.appendChild(tok);
+    });
+    line.title = "dump row " + ex[1];
+    return line;
+  }
+
+  function histogram(hist, featureMax) {
+    var width = 460, height = 110, bins = hist.counts.length;
+    var peak = Math.max.apply(null, hist.counts.concat([1]));
+    var svgNS = "http://www.w3.org/2000/svg";
+    var svg = document.createElementNS(svgNS, "svg");
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height + 20);
+    hist.counts.forEach(function (c, i) {
+      var h = (c / peak) * height;
+      var bar = document.createElementNS(svgNS, "rect");
+      bar.setAttribute("class", "bar");
+      bar.setAttribute("x", (i * width) / bins);
+      bar.setAttribute("y", height - h);
+      bar.setAttribute("width", Math.max(1, width / bins - 1));
+      bar.setAttribute("height", h);
+      var title = document.createElementNS(svgNS, "title");
+      title.textContent = c + " rows in [" + fmt(i * hist.width) + ", " + fmt((i + 1) * hist.width) + ")";
+      bar.appendChild(title);
+      svg.appendChild(bar);
+    });
+    [[0, "start", "0"], [width, "end", fmt(hist.width * bins)]].forEach(function (t) {
+      var label = document.createElementNS(svgNS, "text");
+      label.setAttribute("x", t[0]);
+      label.setAttribute("y", height + 15);
+      label.setAttribute("text-anchor", t[1]);
+      label.setAttribute("font-size", "11");
+      label.textContent = t[2];
+      svg.appendChild(label);
+    });
+    return svg;
+  }
+
+  function logitList(pairs, negative) {
+    return el("div", {}, pairs.map(function (p) {
+      return el("div", {}, [el("span", { className: negative ? "chips neg" : "chips" },
+        [el("span", { className: "tok", text: tokenText(p[0]) })]), el("span", { text: " " + fmt(p[1]) })]);
+    }));
+  }
+
+  function renderFeature(rec) {
+    var box = document.getElementById("feature");
+    box.textContent = "";
+    if (!rec) { box.appendChild(el("p", { text: "No such feature." })); return; }
+    box.appendChild(el("h2", { text: "Feature " + rec.feature }));
+    box.appendChild(el("p", { text: rec.fired === 0 ? "Never fires on the dump's " + DASH.meta.n_rows + " rows." :
+      "Fires on " + rec.fired + " of " + DASH.meta.n_rows + " rows (density " + fmt(rec.density) +
+      ", log10 " + fmt(Math.log10(rec.density)) + "); max activation " + fmt(rec.max) +
+      ", mean when firing " + fmt(rec.mean) + "." }));
+    if (rec.fired > 0) {
+      box.appendChild(el("h3", { text: "Top activations" }));
+      var top = el("div", { id: "top-examples" });
+      rec.top.forEach(function (ex) { top.appendChild(example(ex, rec.max)); });
+      box.appendChild(top);
+      box.appendChild(el("p", { className: "note", text: "Each token is shaded by this feature's activation on it; " +
+        "the outlined token is the example's own (hover a token for its value)." }));
+      box.appendChild(el("h3", { text: "Samples from each activation range" }));
+      var ranges = el("div", { id: "range-examples" });
+      rec.ranges.forEach(function (r) {
+        ranges.appendChild(el("h4", { text: "(" + fmt(r.lo) + ", " + fmt(r.hi) + "]: about " +
+          fmt(100 * r.share, 2) + "% of the rows it fires on" }));
+        if (!r.examples.length) ranges.appendChild(el("p", { className: "note", text: "none in the sample" }));
+        r.examples.forEach(function (ex) { ranges.appendChild(example(ex, rec.max)); });
+      });
+      box.appendChild(ranges);
+      box.appendChild(el("h3", { text: "Activation histogram (non-zero activations)" }));
+      box.appendChild(histogram(rec.hist, rec.max));
+    }
+    var cols = el("div", { className: "cols" });
+    if (rec.promoted) {
+      cols.appendChild(el("div", {}, [el("h3", { text: "Promoted tokens" }), logitList(rec.promoted, false)]));
+      cols.appendChild(el("div", {}, [el("h3", { text: "Suppressed tokens" }), logitList(rec.suppressed, true)]));
+    }
+    var nb = el("div", { id: "neighbours" }, [el("h3", { text: "Nearest features (decoder cosine)" })]);
+    rec.neighbours.forEach(function (n) {
+      nb.appendChild(el("div", {}, [el("a", { href: "#f=" + n[0], text: "feature " + n[0] }), el("span", { text: "  " + fmt(n[1]) })]));
+    });
+    cols.appendChild(nb);
+    box.appendChild(cols);
+    if (rec.promoted) box.appendChild(el("p", { className: "note", text: "Promoted and suppressed tokens: the " +
+      "decoder direction times the unembedding (final norm's weight folded in), the direct path to the logits only; " +
+      "later layers can change the feature's real effect." }));
+  }
+
+  // ------------------------------------------------------------------ routing and setup
+
+  function route(all) {
+    var m = /^#f=(\d+)$/.exec(window.location.hash);
+    document.getElementById("index-view").hidden = !!m;
+    document.getElementById("feature-view").hidden = !m;
+    if (m) loadFeature(Number(m[1]), renderFeature);
+    else renderIndex(all);
+  }
+
+  function header() {
+    var meta = DASH.meta;
+    document.getElementById("title").textContent = meta.title;
+    document.title = meta.title;
+    document.getElementById("subtitle").textContent = meta.subtitle;
+    var table = document.getElementById("sae-metrics");
+    Object.keys(meta.metrics || {}).forEach(function (k) {
+      table.appendChild(el("tr", {}, [el("td", { text: k }), el("td", { text: fmt(meta.metrics[k], 4) })]));
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var all = indexRows();
+    header();
+    document.getElementById("search").addEventListener("input", function (e) {
+      state.query = e.target.value; state.page = 0; renderIndex(all);
+    });
+    document.getElementById("hide-dead").addEventListener("change", function (e) {
+      state.hideDead = e.target.checked; state.page = 0; renderIndex(all);
+    });
+    document.querySelectorAll("#index th").forEach(function (th) {
+      if (th.classList.contains("nosort")) return;
+      th.addEventListener("click", function () {
+        var key = th.dataset.key;
+        state.sortDir = state.sortKey === key ? -state.sortDir : key === "feature" ? 1 : -1;
+        state.sortKey = key; state.page = 0; renderIndex(all);
+      });
+    });
+    document.getElementById("prev").addEventListener("click", function () { state.page = Math.max(0, state.page - 1); renderIndex(all); });
+    document.getElementById("next").addEventListener("click", function () { state.page += 1; renderIndex(all); });
+    document.getElementById("back").addEventListener("click", function (e) { e.preventDefault(); window.location.hash = ""; });
+    window.addEventListener("hashchange", function () { route(all); });
+    route(all);
+  });
+})();
