@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from shared import atomic
-from shared.errors import UserError
+from shared.errors import DumpError, UserError
 from shared.manifest import MANIFEST_NAME, Manifest, read_manifest, shard_name
 from shared.models import default_dump_folder, short_model_name
 
@@ -74,7 +74,10 @@ def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrit
         # Before validating: a damaged dump is exactly what --overwrite must be able to replace.
         shutil.rmtree(folder)
         return Existing(None, False)
-    old = read_manifest(folder)
+    try:
+        old = read_manifest(folder)
+    except DumpError as e:  # harvest's way to re-harvest is --overwrite: say so
+        raise DumpError(f"{e} (harvest --overwrite replaces it)") from None
     if old.config_fingerprint != config_fingerprint:
         raise UserError(f"{folder} holds a different dump ({old.model}, {old.hook}, "
                         f"{old.n_contexts or 'unfinished'} contexts, other settings); "

@@ -305,7 +305,7 @@ def test_overwrite_replaces_a_damaged_dump(tiny_model, token_dataset, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"format_version": 1, "shards": "damaged"}))
-    _one_line(run_harvest(*_args(tiny_model, token_dataset, out), "--resume", expect_ok=False), 2, "lacks")
+    _one_line(run_harvest(*_args(tiny_model, token_dataset, out), "--resume", expect_ok=False), 2, "lacks", "--overwrite")
     run_harvest(*_args(tiny_model, token_dataset, out), "--overwrite")
     open_dump(out, verify=True)
 
