@@ -10,6 +10,7 @@ from shared.errors import DumpError, UserError
 from shared.manifest import MANIFEST_NAME, read_manifest
 from shared.models import default_dump_folder, load_model
 from shared.reader import open_dump
+from shared.run_paths import dump_path_for
 from shared.sae import SparseAutoencoder, read_cfg
 from shared.saes import SAE, SAEConfig, architecture_class
 from train.config import LanguageModelSAERunnerConfig
@@ -92,5 +93,5 @@ class LMSparseAutoencoderSessionloader:
         if "shards" not in cfg or "model_name" not in cfg:
             raise UserError(f"{path}/cfg.json names no dump or model: not a checkpoint of `train`")
         model = load_model(cfg["model_name"], str(dev))
-        dump = open_dump(cfg["shards"])
+        dump = open_dump(dump_path_for(Path(path), cfg))
         return model, sae, ActivationLoader(dump, cfg.get("train_batch_size", 4096), cfg.get("seed", 42), dev)

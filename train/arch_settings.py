@@ -10,9 +10,9 @@ from dataclasses import fields
 from typing import Any
 
 from shared.errors import UserError
-from shared.saes.base import SAE
+from shared.saes.base import SAE, SAEConfig
 from shared.saes.registry import ARCHITECTURES, architecture_class
-from train.config import LanguageModelSAERunnerConfig
+from train.config import MIN_D_SAE, LanguageModelSAERunnerConfig
 
 RESAMPLING_SETTINGS = ("feature_sampling_method", "dead_feature_threshold", "feature_reinit_scale",
                        "resample_sample_rows")
@@ -47,6 +47,21 @@ def check_settings_used(configs: list[LanguageModelSAERunnerConfig]) -> None:
             users = [a for a, cls in ARCHITECTURES.items() if name in used_settings(cls)]
             raise UserError(f"{name} is a setting of {', '.join(users)}, but this run trains only "
                             f"{', '.join(architectures)}: drop {name} or set architecture")
+
+
+def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: int) -> None:
+    """Each SAE's settings against its shape (k <= d_sae, matryoshka widths...), before any trains:
+    a sweep builds its later memory groups only after the first ones finished training."""
+    for name, cfg in named:
+        width = cfg.sae_width(d_in)
+        prefix = f"{name}: " if len(named) > 1 else ""
+        if width < MIN_D_SAE:
+            raise UserError(f"{prefix}d_sae must be at least {MIN_D_SAE}, got {width} "
+                            f"(expansion_factor {cfg.expansion_factor} x d_in {d_in})")
+        try:
+            architecture_class(cfg.architecture).settings_from(cfg.to_dict()).validate(SAEConfig(d_in, width))
+        except UserError as e:
+            raise UserError(f"{prefix}{e}") from None
 
 
 def without_unused(cfg: LanguageModelSAERunnerConfig) -> dict[str, Any]:

@@ -5,7 +5,8 @@
         sae_weights.safetensors     the architecture's inference tensors, for raw inputs (SAELens' layout)
         sparsity.safetensors        log10 feature density over the run so far
         trainer_state.json          step, tokens, counters, scale, dump identity
-        trainer_state.safetensors   every training-space parameter and buffer, Adam state, dead-feature state
+        trainer_state.safetensors   every training-space parameter and buffer, Adam state, dead-feature state,
+                                    metric sums not yet logged
 
 Nothing a user loads is pickled. Each checkpoint folder appears whole (temp folder + rename).
 """
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from shared import atomic
 from shared.errors import UserError
+from shared.run_paths import plain_name
 from train.sae_trainer import Counters, SAETrainer
 
 STATE_JSON = "trainer_state.json"
@@ -29,6 +31,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 SPARSITY = "sparsity.safetensors"
 CHECKPOINT_INDEX = "checkpoints.json"
 _TRACKERS = ("tokens_since_fired", "window_fired", "fired_total")
+_METRIC_SUM = "metric_sum."
 
 
 def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +63,7 @@ def save_checkpoint(folder: Path, trainer: SAETrainer, dump_info: dict[str, Any]
     save_file({"sparsity": trainer.log10_density().cpu().contiguous()}, str(tmp / SPARSITY))
     save_file(_state_tensors(trainer), str(tmp / STATE_TENSORS))
     state = {"counters": asdict(trainer.counters), "scheduler_last_epoch": trainer.scheduler.last_epoch,
+             "metric_sum_steps": trainer.pending_metrics()[1],
              "input_scale": trainer.input_scale, "total_steps": trainer.total_steps,
              "dump": dump_info, "config": trainer.cfg.to_dict()}
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
@@ -78,9 +82,15 @@ def _index_checkpoint(folder: Path, trainer: SAETrainer) -> None:
 
 
 def read_checkpoint_index(run_dir: Path) -> list[dict[str, Any]]:
-    """[{folder, step, tokens}] of a run's checkpoints, oldest first ([] if none yet)."""
+    """[{folder, step, tokens}] of a run's checkpoints, oldest first ([] if none yet); each folder
+    a plain name inside the run folder."""
     path = Path(run_dir) / CHECKPOINT_INDEX
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    entries = json.loads(path.read_text())
+    for e in entries:
+        plain_name(e.get("folder"), str(path))
+    return entries
 
 
 def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:
@@ -90,6 +100,7 @@ def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:
     out |= {f"buffer.{n}": t for n, t in trainer.sae.named_buffers()}
     for n in _TRACKERS:
         out[n] = getattr(trainer, n)
+    out |= {_METRIC_SUM + k: v for k, v in trainer.pending_metrics()[0].items()}
     for n, param in trainer.sae.named_parameters():
         for key, value in trainer.optimizer.state.get(param, {}).items():
             out[f"optim.{n}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -130,6 +141,8 @@ def load_trainer_state_(trainer: SAETrainer, folder: Path) -> None:
     for n in _TRACKERS:
         getattr(trainer, n).copy_(tensors[n])
     trainer.counters = Counters(**state["counters"])
+    sums = {k[len(_METRIC_SUM):]: v for k, v in tensors.items() if k.startswith(_METRIC_SUM)}
+    trainer.restore_pending_metrics_(sums, state.get("metric_sum_steps", 0))
     trainer.scheduler.last_epoch = state["scheduler_last_epoch"]
     lr = [base * fn(trainer.scheduler.last_epoch)
           for base, fn in zip(trainer.scheduler.base_lrs, trainer.scheduler.lr_lambdas)]

@@ -6,14 +6,15 @@ keys) sets values that flags then override.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import click
 
+from shared.cli_errors import one_line_errors
 from shared.errors import UserError
+from shared.run_paths import dump_path_for
 from train.config import LanguageModelSAERunnerConfig
 
 _SKIP = {"shards"}  # given as its own option below
@@ -81,8 +82,11 @@ def read_config_file(path: str) -> dict[str, Any]:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a run (or sweep) with other settings already in --checkpoint-path; without it "
+                   "that is refused. Never needed to continue a folder's own checkpoint.")
 @config_options
-def main(shards, config_file, resume_from, sweeps, verify, quiet, **flags) -> None:
+def main(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, **flags) -> None:
     """Train a sparse autoencoder from an activation dump, never touching the language model.
 
     Examples: train --shards data/gelu2l_l0 --l1-coefficient 1.2 --expansion-factor 32;
@@ -91,43 +95,50 @@ def main(shards, config_file, resume_from, sweeps, verify, quiet, **flags) -> No
     Each option says which part of the run owns it: (data) settings define the stream of batches
     that every SAE of a sweep shares; only (sae), (optimizer) and (dead_features) ones can be swept.
     """
+    with one_line_errors("train", interrupted="interrupted before a checkpoint was saved: continue from "
+                                              "the run's newest checkpoint with --resume-from, if it has one"):
+        for final in _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags):
+            click.echo(str(final))
+
+
+def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags) -> list[Path]:
+    """The command's body: the final checkpoint folder of every SAE trained."""
     from train.run import train
     from train.sweep import parse_sweep_flags, resume_sweep, train_sweep
 
     log = lambda s: click.echo(s, err=True)  # noqa: E731
-    try:
-        if resume_from and (Path(resume_from) / "sweep.json").is_file():
-            if sweeps or config_file or any(v is not None for v in flags.values()):
-                raise UserError("a sweep resumes with its own settings: pass only --resume-from SWEEP_FOLDER")
-            for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify):
-                click.echo(str(r.final))
-            return
-        raw = {}
-        if resume_from:  # a checkpoint carries its run's config: flags may still override it
-            from train.checkpoint import read_state
+    if resume_from and (Path(resume_from) / "sweep.json").is_file():
+        if sweeps or config_file or overwrite or any(v is not None for v in flags.values()):
+            raise UserError("a sweep resumes with its own settings: pass only --resume-from SWEEP_FOLDER")
+        return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify)]
+    raw = checkpoint_config(Path(resume_from), find_dump=shards is None) if resume_from else {}
+    raw.update(read_config_file(config_file) if config_file else {})
+    sweep = raw.pop("sweep", None) or {}
+    if not isinstance(sweep, dict):
+        raise UserError(f"{config_file}: 'sweep' must map config keys to lists of values")
+    sweep.update(parse_sweep_flags(sweeps))
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if shards is not None:
+        raw["shards"] = shards
+    cfg = LanguageModelSAERunnerConfig.from_dict(raw, where=config_file or "flags")
+    if sweep:
+        if resume_from:
+            raise UserError("to continue a sweep, pass only --resume-from SWEEP_FOLDER")
+        return [r.final for r in train_sweep(cfg, sweep, log=log, progress=not quiet, verify=verify,
+                                              overwrite=overwrite)]
+    return [train(cfg, resume_from=resume_from, log=log, progress=not quiet, verify=verify,
+                  overwrite=overwrite).final]
 
-            raw.update(read_state(Path(resume_from))["config"])
-        raw.update(read_config_file(config_file) if config_file else {})
-        sweep = raw.pop("sweep", None) or {}
-        if not isinstance(sweep, dict):
-            raise UserError(f"{config_file}: 'sweep' must map config keys to lists of values")
-        sweep.update(parse_sweep_flags(sweeps))
-        raw.update({k: v for k, v in flags.items() if v is not None})
-        if shards is not None:
-            raw["shards"] = shards
-        cfg = LanguageModelSAERunnerConfig.from_dict(raw, where=config_file or "flags")
-        if sweep:
-            if resume_from:
-                raise UserError("to continue a sweep, pass only --resume-from SWEEP_FOLDER")
-            results = train_sweep(cfg, sweep, log=log, progress=not quiet, verify=verify)
-            for r in results:
-                click.echo(str(r.final))
-            return
-        result = train(cfg, resume_from=resume_from, log=log, progress=not quiet, verify=verify)
-    except UserError as e:
-        click.echo(f"train: error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("train: interrupted", err=True)
-        sys.exit(130)
-    click.echo(str(result.final))
+
+def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
+    """A checkpoint's run config, for flags to override: it continues in the run folder holding
+    the checkpoint (wherever that is now) and, unless --shards says otherwise (`find_dump`
+    False), on the dump it was trained on."""
+    from train.checkpoint import read_state
+
+    state = read_state(checkpoint)
+    raw = dict(state["config"])
+    raw["checkpoint_path"] = str(checkpoint.resolve().parent)
+    if find_dump:
+        raw["shards"] = str(dump_path_for(checkpoint, state.get("dump") or raw))
+    return raw

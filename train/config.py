@@ -5,6 +5,7 @@ Config keys are snake_case; every key is also a `train --kebab-case` flag and ma
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -150,20 +151,7 @@ class LanguageModelSAERunnerConfig:
         for name, allowed in choices.items():
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
-        positive = ["expansion_factor", "lr", "train_batch_size", "feature_sampling_window",
-                    "wandb_log_frequency",
-                    "shuffle_block_rows", "context_size", "store_batch_size"]
-        positive += [n for n in ("d_sae", "d_in", "total_training_tokens", "shuffle_buffer_rows", "k", "aux_k",
-                                 "resample_sample_rows", "decoder_init_norm", "dead_feature_window", "jumprelu_bandwidth",
-                                 "jumprelu_init_threshold", "jumprelu_threshold_lr") if getattr(self, n) is not None]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("l1_coefficient", "lr_warm_up_steps", "eval_holdout_contexts", "l1_warm_up_steps", "n_checkpoints",
-                     "feature_reinit_scale", "dead_feature_threshold", "aux_loss_coefficient", "topk_threshold_lr",
-                     "l0_coefficient", "l0_warm_up_steps", "lr_decay_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        _check_ranges(self)
 
     def sae_width(self, d_in: int) -> int:
         return self.d_sae or self.expansion_factor * d_in
@@ -194,6 +182,46 @@ class LanguageModelSAERunnerConfig:
         if unknown:
             raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; see `train --help`")
         return cls(**raw)
+
+
+POSITIVE_INTS = ("expansion_factor", "train_batch_size", "feature_sampling_window", "wandb_log_frequency",
+                 "shuffle_block_rows", "context_size", "store_batch_size", "d_in", "total_training_tokens",
+                 "shuffle_buffer_rows", "n_batches_in_buffer", "k", "aux_k", "resample_sample_rows",
+                 "dead_feature_window")
+NON_NEGATIVE_INTS = ("seed", "hook_point_layer", "eval_holdout_contexts", "n_checkpoints", "lr_warm_up_steps",
+                     "lr_decay_steps", "l1_warm_up_steps", "l0_warm_up_steps")
+POSITIVE_FLOATS = ("lr", "decoder_init_norm", "jumprelu_bandwidth", "jumprelu_init_threshold",
+                   "jumprelu_threshold_lr")
+NON_NEGATIVE_FLOATS = ("l1_coefficient", "aux_loss_coefficient", "l0_coefficient", "feature_reinit_scale")
+FRACTIONS = {"topk_threshold_lr": (False, "(0, 1]"), "dead_feature_threshold": (True, "[0, 1]")}
+"""Rates and densities: (whether 0 is allowed, how the range reads)."""
+MIN_D_SAE = 2  # a single feature is no dictionary: its density plots and per-feature statistics break
+
+
+def _check_ranges(cfg: "LanguageModelSAERunnerConfig") -> None:
+    """Every number in its range, and finite: an inf lr or a NaN coefficient would otherwise train
+    to NaN weights for the whole run. Settings left at None (the architecture's default) pass."""
+    def given(names):
+        return [(n, getattr(cfg, n)) for n in names if getattr(cfg, n) is not None]
+
+    for name, value in given(POSITIVE_INTS):
+        if not value > 0:
+            raise UserError(f"{name} must be positive, got {value}")
+    for name, value in given(NON_NEGATIVE_INTS):
+        if value < 0:
+            raise UserError(f"{name} must not be negative, got {value}")
+    for name, value in given(POSITIVE_FLOATS):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{name} must be a positive finite number, got {value}")
+    for name, value in given(NON_NEGATIVE_FLOATS):
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{name} must be a finite number >= 0, got {value}")
+    for name, value in given(FRACTIONS):
+        zero_ok, text = FRACTIONS[name]
+        if not (0 <= value <= 1 and (zero_ok or value > 0)):
+            raise UserError(f"{name} must be in {text}, got {value}")
+    if cfg.d_sae is not None and cfg.d_sae < MIN_D_SAE:
+        raise UserError(f"d_sae must be at least {MIN_D_SAE}, got {cfg.d_sae}")
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:

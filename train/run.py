@@ -10,7 +10,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,13 +22,15 @@ from shared import atomic
 from shared.device import pick_device
 from shared.errors import UserError
 from shared.reader import Dump, open_dump
+from shared.run_paths import plain_name
 from shared.saes import SAE
-from train.arch_settings import check_settings_used
+from train.arch_settings import check_settings_used, check_shapes
 from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
 from train.holdout import split_rows
 from train.loader import ActivationLoader
 from train.metrics_log import MetricsLog
+from train.run_folder import own_run_folder
 from train.sae_trainer import SAETrainer
 
 B_DEC_SAMPLE_ROWS = 16384  # rows the geometric median is computed on
@@ -81,10 +83,15 @@ def steps_for_tokens(total_tokens: int, n_rows: int, batch_size: int) -> int:
     return epochs * per_epoch + math.ceil(rest / batch_size)
 
 
+class NonFiniteError(UserError):
+    """Training diverged: a loss or a weight became NaN or infinite."""
+
+
 def dump_identity(dump: Dump, train_rows: tuple[int, int]) -> dict[str, Any]:
-    """What a checkpoint records about its activations (and what a resume must match)."""
+    """What a checkpoint records about its activations (and what a resume must match); the dump
+    path absolute, so the run folder finds it from any directory."""
     m = dump.manifest
-    return {"shards": str(dump.path), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
+    return {"shards": str(Path(dump.path).resolve()), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
             "hook_point_layer": m.layer, "model_name": m.model, "dataset_path": m.dataset,
             "context_size": m.context_size, "prepend_bos": m.prepend_bos, "skip_bos": m.skip_bos,
             "d_in_dump": m.d_in, "train_rows": list(train_rows),
@@ -168,19 +175,45 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
     return Slot(name, trainer, metrics, run_dir, checkpoints)
 
 
+def with_absolute_dump(cfg: LanguageModelSAERunnerConfig) -> LanguageModelSAERunnerConfig:
+    """The config with its dump path absolute: configs saved in run folders must not depend on
+    the directory training ran from."""
+    return replace(cfg, shards=str(Path(cfg.shards).resolve())) if cfg.shards else cfg
+
+
+def run_folder(cfg: LanguageModelSAERunnerConfig, default_name: str) -> Path:
+    """--checkpoint-path, else data/runs/<run name>; absolute."""
+    if cfg.checkpoint_path:
+        return Path(cfg.checkpoint_path).resolve()
+    return (Path("data") / "runs" / plain_name(default_name, "run_name")).resolve()
+
+
 def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = None,
-          log: Callable[[str], None] = print, progress: bool = True, verify: bool = True) -> TrainResult:
-    """Train one SAE from the dump `cfg.shards`; optionally continue a checkpoint."""
+          log: Callable[[str], None] = print, progress: bool = True, verify: bool = True,
+          overwrite: bool = False) -> TrainResult:
+    """Train one SAE from the dump `cfg.shards`; optionally continue a checkpoint.
+
+    The run folder is held for this process while it trains (see `train.run_folder`); it may not
+    hold another run unless `overwrite`, but continuing the folder's own checkpoint is allowed.
+    """
     check_settings_used([cfg])
+    if cfg.run_name is not None:
+        plain_name(cfg.run_name, "run_name")
+    cfg = with_absolute_dump(cfg)
     data = plan_data(cfg, verify)
     name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
-    run_dir = Path(cfg.checkpoint_path or Path("data") / "runs" / name)
-    slot = make_slot(cfg, data, run_dir, name, Path(resume_from) if resume_from else None)
-    sae = slot.trainer.sae.cfg
-    log(f"training {sae.d_in} -> {sae.d_sae} SAE on {data.loader.n_rows:,} rows of {data.dump.path} "
-        f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
-        f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {run_dir}")
-    [final] = run_slots([slot], data, progress)
+    check_shapes([(name, cfg)], data.dump.d_in)
+    run_dir = run_folder(cfg, name)
+    cfg = replace(cfg, checkpoint_path=str(run_dir))
+    resume = Path(resume_from) if resume_from else None
+    own = resume is not None and resume.resolve().parent == run_dir
+    with own_run_folder(run_dir, None if own else {"": cfg.to_dict()}, overwrite, log):
+        slot = make_slot(cfg, data, run_dir, name, resume)
+        sae = slot.trainer.sae.cfg
+        log(f"training {sae.d_in} -> {sae.d_sae} SAE on {data.loader.n_rows:,} rows of {data.dump.path} "
+            f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
+            f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {run_dir}")
+        [final] = run_slots([slot], data, progress)
     log(f"final SAE: {final}")
     evaluation = evaluate_final(cfg, final, log) if cfg.evaluate_at_end else None
     return TrainResult(slot.trainer.sae, run_dir, final, slot.trainer, evaluation)
@@ -203,21 +236,41 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Pa
     """Train every slot in lockstep to the end; returns their final checkpoint folders.
 
     On Ctrl-C every slot saves a checkpoint at the same step; `resume_hint` (a sweep's folder) is
-    what to pass to --resume-from then, else the single slot's checkpoint.
+    what to pass to --resume-from then, else the single slot's checkpoint. Nothing is saved, final
+    or not, once any slot's loss or weights are non-finite (`NonFiniteError`).
     """
     try:
-        with StopOnCtrlC() as stop:
-            _loop(slots, data, progress, stop)
-    except KeyboardInterrupt:
-        saved = [save_checkpoint(s.run_dir / str(s.trainer.counters.tokens_seen), s.trainer, data.ident)
-                 for s in slots]
+        try:
+            with StopOnCtrlC() as stop:
+                _loop(slots, data, progress, stop)
+        except KeyboardInterrupt:
+            for s in slots:
+                check_finite(s, weights=True)
+            saved = [save_checkpoint(s.run_dir / str(s.trainer.counters.tokens_seen), s.trainer, data.ident)
+                     for s in slots]
+            raise UserError(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
+        for s in slots:  # every SAE is checked before any final is saved
+            check_finite(s, weights=True)
+        return [save_checkpoint(s.run_dir / "final", s.trainer, data.ident) for s in slots]
+    finally:
         for s in slots:
             s.metrics.close()
-        raise UserError(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
-    finals = [save_checkpoint(s.run_dir / "final", s.trainer, data.ident) for s in slots]
-    for s in slots:
-        s.metrics.close()
-    return finals
+
+
+def check_finite(slot: Slot, weights: bool = False) -> None:
+    """Stop training once a loss (or, with `weights`, a parameter, buffer or Adam moment) is NaN or
+    infinite: the flag is read on the host only where the loop syncs anyway (log steps) and before
+    every save, so that no checkpoint ever holds non-finite weights."""
+    t = slot.trainer
+    step = t.first_non_finite_step()
+    if step is not None:
+        raise NonFiniteError(f"SAE {slot.name}: the loss became non-finite (NaN or inf) at step {step}; "
+                             "nothing more was saved: lower lr or the coefficients, or check the dump "
+                             "for NaN or infinite activations")
+    bad = t.non_finite_tensors() if weights else []
+    if bad:
+        raise NonFiniteError(f"SAE {slot.name}: {', '.join(bad)} became non-finite (NaN or inf) by step "
+                             f"{t.counters.step}; nothing more was saved: lower lr or the coefficients")
 
 
 class StopOnCtrlC:
@@ -292,9 +345,11 @@ def _step_slot(slot: Slot, x: torch.Tensor, sampler: Callable[[int, int, int], t
         slot.metrics.density_histogram(c.step, t.log10_density())
         t.reset_window()
     if c.step % cfg.wandb_log_frequency == 0 or c.step == total:
+        check_finite(slot)  # before the metrics are read: both sync once here
         rate = (c.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - started)
         row = t.pop_metrics() | {"tokens": c.tokens_seen, "tokens_per_s": rate}
         slot.metrics.log(c.step, row)
         slot.last_logged = row
     if c.step in slot.checkpoints:
+        check_finite(slot, weights=True)
         save_checkpoint(slot.run_dir / str(c.tokens_seen), t, ident)

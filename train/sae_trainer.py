@@ -60,6 +60,11 @@ class SAETrainer:
         self.counters = Counters()
         self._sums: dict[str, torch.Tensor] = {}
         self._sum_steps = 0
+        # Divergence watch, kept on the device so that no step syncs: whether every loss since
+        # the last check was finite, and how many steps were before the first that was not.
+        self._all_finite = torch.ones((), dtype=torch.bool, device=device)
+        self._finite_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self._checked_step: int | None = None  # counters.step at the last clean check
 
     # ---- initialisation --------------------------------------------------------------------
     @torch.no_grad()
@@ -79,6 +84,10 @@ class SAETrainer:
         c = self.counters
         context = StepContext(sparsity_scale=self.sparsity_scale(c.step), dead_mask=self.auxk_mask())
         res = train_step_(self.sae, self.optimizer, self.scheduler, x, context, autocast=self.cfg.autocast)
+        if self._checked_step is None:  # first step of this process (fresh or resumed)
+            self._checked_step = c.step
+        self._all_finite &= torch.isfinite(res.losses["loss"])
+        self._finite_steps += self._all_finite
         rows = x.shape[0]
         fired = res.feature_acts_fired
         self.tokens_since_fired.add_(rows).masked_fill_(fired > 0, 0)
@@ -116,6 +125,35 @@ class SAETrainer:
         for k, v in parts.items():
             self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
         self._sum_steps += 1
+
+    def pending_metrics(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The metric sums since the last log, and their step count (a checkpoint keeps them so
+        that a resumed run's next row averages the same steps as the uninterrupted run's)."""
+        return self._sums, self._sum_steps
+
+    def restore_pending_metrics_(self, sums: dict[str, torch.Tensor], steps: int) -> None:
+        self._sums = {k: v.to(self.device) for k, v in sums.items()}
+        self._sum_steps = steps
+
+    # ---- divergence ------------------------------------------------------------------------
+    def first_non_finite_step(self) -> int | None:
+        """The first step since the last check whose loss was NaN or infinite, else None (and
+        the next check starts here). One host sync: call it where the loop syncs anyway."""
+        if self._checked_step is None:
+            return None
+        if bool(self._all_finite):
+            self._finite_steps.zero_()
+            self._checked_step = self.counters.step
+            return None
+        return self._checked_step + int(self._finite_steps) + 1
+
+    @torch.no_grad()
+    def non_finite_tensors(self) -> list[str]:
+        """Names of the parameters, buffers and Adam moments holding a NaN or an infinity."""
+        named = list(self.sae.named_parameters()) + list(self.sae.named_buffers())
+        named += [(f"Adam {key} of {n}", v) for n, p in self.sae.named_parameters()
+                  for key, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
+        return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
     # ---- dead features ---------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:

@@ -20,6 +20,8 @@ import numpy as np
 from safetensors.torch import load_file
 
 from shared import atomic
+from shared.errors import UserError
+from shared.run_paths import plain_name
 from train.metrics_log import METRICS
 
 PLOTS = ("frontier_l0_ev.png", "frontier_l0_ce.png", "frontier_l0_kl.png", "feature_density.png", "loss_curves.png")
@@ -179,16 +181,37 @@ class SummaryEntry:
 
 
 SWEEP_INDEX = "sweep.json"  # the sweep's own index of its SAEs (folders are never listed)
+"""{"keys": [...], "runs": [{"name", "folder", "settings", "config"}]}: each SAE's folder is named
+by `folder`, relative to the sweep folder (always its name), so a moved sweep still finds its SAEs;
+`config` is the SAE's whole training config, so a sweep stopped before any SAE folder was written
+still resumes."""
 
 
-def write_sweep_index(root: Path, entries: list[SummaryEntry], keys: list[str]) -> None:
-    atomic.write_json(Path(root) / SWEEP_INDEX, {"keys": keys, "runs": [
-        {"name": e.name, "folder": str(e.run_dir), "settings": e.settings} for e in entries]})
+def write_sweep_index(root: Path, entries: list[SummaryEntry], keys: list[str],
+                      configs: dict[str, dict[str, Any]] | None = None) -> None:
+    runs = [{"name": e.name, "folder": e.run_dir.name, "settings": e.settings}
+            | ({"config": configs[e.name]} if configs else {}) for e in entries]
+    atomic.write_json(Path(root) / SWEEP_INDEX, {"keys": keys, "runs": runs})
+
+
+def read_sweep_runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """sweep.json's run entries, each name checked to be a plain folder name, and its keys."""
+    path = Path(root) / SWEEP_INDEX
+    try:
+        raw = json.loads(path.read_text())
+        runs, keys = raw["runs"], raw["keys"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); restore it or start the sweep again") from None
+    for r in runs:
+        plain_name(r.get("name"), str(path))
+    return runs, keys
 
 
 def read_sweep_index(root: Path) -> tuple[list[SummaryEntry], list[str]]:
-    raw = json.loads((Path(root) / SWEEP_INDEX).read_text())
-    return [SummaryEntry(r["name"], Path(r["folder"]), r["settings"]) for r in raw["runs"]], raw["keys"]
+    """The sweep's SAEs, each in <root>/<its name> wherever the sweep folder now is (sweeps written
+    before recorded `folder` relative to the working directory of the run: not used)."""
+    runs, keys = read_sweep_runs(root)
+    return [SummaryEntry(r["name"], Path(root) / r["name"], r["settings"]) for r in runs], keys
 
 
 def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],

@@ -17,9 +17,12 @@ from typing import Any, Callable
 import torch
 
 from shared.errors import UserError
-from train.arch_settings import check_settings_used, without_unused
+from shared.run_paths import dump_path_for, plain_name
+from train.arch_settings import check_settings_used, check_shapes, without_unused
 from train.config import SWEEPABLE_GROUPS, LanguageModelSAERunnerConfig
-from train.run import TrainResult, evaluate_final, make_slot, pick_device, plan_data, run_slots
+from train.run import (TrainResult, evaluate_final, make_slot, pick_device, plan_data, run_slots,
+                       with_absolute_dump)
+from train.run_folder import own_run_folder
 
 MEMORY_HEADROOM = 0.8  # plan to use at most this fraction of free memory
 
@@ -82,6 +85,7 @@ def grid(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]]) -> lis
     for cfg in combos:
         cfg = LanguageModelSAERunnerConfig.from_dict(without_unused(cfg))
         name = "__".join(f"{k}_{_fmt(getattr(cfg, k))}" for k in keys if getattr(cfg, k) is not None)
+        plain_name(name, "the swept values")  # it names the SAE's folder
         if name not in seen:
             seen.add(name)
             out.append((name, cfg))
@@ -120,38 +124,77 @@ def groups_that_fit(sizes: list[int], budget: int) -> list[list[int]]:
 
 
 def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
-                log: Callable[[str], None] = print, progress: bool = True, verify: bool = True
-                ) -> list[TrainResult]:
-    """Train the grid; returns one result per SAE, in grid order."""
+                log: Callable[[str], None] = print, progress: bool = True, verify: bool = True,
+                overwrite: bool = False) -> list[TrainResult]:
+    """Train the grid; returns one result per SAE, in grid order. The sweep folder may not hold
+    another run unless `overwrite` (see `train.run_folder`)."""
+    base = with_absolute_dump(base)
     runs = grid(base, sweep)
     data = plan_data(base, verify)
-    root = Path(base.checkpoint_path or Path("data") / "runs" / _sweep_name(base, data))
-    return _train_runs(base, runs, list(sweep), root, data, None, log, progress)
+    check_shapes(runs, data.dump.d_in)  # every SAE, before any trains
+    root = Path(base.checkpoint_path or Path("data") / "runs" / plain_name(_sweep_name(base, data), "run_name"))
+    root = root.resolve()
+    runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
+    with own_run_folder(root, {name: cfg.to_dict() for name, cfg in runs}, overwrite, log):
+        return _train_runs(base, runs, list(sweep), root, data, None, log, progress)
+
+
+def read_sweep_configs(root: Path) -> dict[str, dict[str, Any] | None]:
+    """Each SAE's training config: from sweep.json, else (sweeps written before it held them) from
+    the SAE's config.json; None where neither exists yet."""
+    from train.summary import read_sweep_runs
+
+    runs, _ = read_sweep_runs(root)
+    out: dict[str, dict[str, Any] | None] = {}
+    for r in runs:
+        legacy = Path(root) / r["name"] / "config.json"
+        raw = r.get("config") or (json.loads(legacy.read_text()) if legacy.is_file() else None)
+        if raw is not None:
+            raw = {k: v for k, v in raw.items() if k != "resolved_run_name"}
+        out[r["name"]] = raw
+    return out
 
 
 def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool = True,
                  verify: bool = True) -> list[TrainResult]:
-    """Continue every SAE of the sweep in `root` from the newest checkpoint they all have."""
+    """Continue every SAE of the sweep in `root` from the newest checkpoint they all have (from the
+    start if they have none: the sweep was stopped before its first checkpoint)."""
+    root = Path(root).resolve()
+    with own_run_folder(root, None, False, log):
+        runs, keys, step, resume_from = _sweep_state(root)
+        log(f"resuming the sweep in {root} at step {step:,}" if resume_from else
+            f"the SAEs in {root} share no checkpoint: training them from the start")
+        base = runs[0][1]
+        data = plan_data(base, verify)
+        return _train_runs(base, runs, keys, root, data, resume_from, log, progress)
+
+
+def _sweep_state(root: Path) -> tuple[list[tuple[str, LanguageModelSAERunnerConfig]], list[str], int,
+                                      dict[str, Path] | None]:
+    """(SAE configs, swept keys, step, checkpoint of each SAE at that step) of a sweep folder; the
+    checkpoints are None (and the step 0) when the SAEs share none."""
     from train.checkpoint import read_checkpoint_index
     from train.summary import read_sweep_index
 
     entries, keys = read_sweep_index(root)
+    configs = read_sweep_configs(root)
     runs = []
     for e in entries:
-        raw = json.loads((e.run_dir / "config.json").read_text())
-        raw.pop("resolved_run_name", None)
-        runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(e.run_dir / "config.json"))))
+        raw = configs[e.name]
+        if raw is None:
+            raise UserError(f"{root} was stopped before it recorded the settings of {e.name}: start the "
+                            "sweep again with its original command (and --overwrite)")
+        # The sweep folder may have moved since: its dump is found from the recorded path, and
+        # its outputs go where it is now.
+        raw = raw | {"shards": str(dump_path_for(e.run_dir, raw)), "checkpoint_path": str(root)}
+        runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(root / "sweep.json"))))
     indexes = [{c["step"]: c["folder"] for c in read_checkpoint_index(e.run_dir) if c["folder"] != "final"}
                for e in entries]
-    common = set.intersection(*(set(i) for i in indexes))
+    common = set.intersection(*(set(i) for i in indexes)) if indexes else set()
     if not common:
-        raise UserError(f"the SAEs in {root} share no checkpoint to resume from; start the sweep again")
+        return runs, keys, 0, None
     step = max(common)
-    resume_from = {e.name: e.run_dir / index[step] for e, index in zip(entries, indexes)}
-    base = runs[0][1]
-    data = plan_data(base, verify)
-    log(f"resuming the sweep in {root} at step {step:,}")
-    return _train_runs(base, runs, keys, Path(root), data, resume_from, log, progress)
+    return runs, keys, step, {e.name: e.run_dir / index[step] for e, index in zip(entries, indexes)}
 
 
 def _sweep_name(base: LanguageModelSAERunnerConfig, data: Any) -> str:
@@ -177,7 +220,8 @@ def _train_runs(base: LanguageModelSAERunnerConfig, runs: list[tuple[str, Langua
         f"{data.total_steps:,} steps each; folder {root}")
     entries = [SummaryEntry(name, root / name, {k: getattr(cfg, k) for k in keys}) for name, cfg in runs]
     root.mkdir(parents=True, exist_ok=True)
-    write_sweep_index(root, entries, keys)  # first, so an interrupted sweep can be resumed
+    # First, with every SAE's config, so that a sweep interrupted at any point can be resumed.
+    write_sweep_index(root, entries, keys, {name: cfg.to_dict() for name, cfg in runs})
     results: list[TrainResult | None] = [None] * len(runs)
     for group in groups:
         slots = [make_slot(runs[i][1], data, root / runs[i][0], runs[i][0],
