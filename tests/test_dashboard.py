@@ -1,0 +1,220 @@
+"""`evaluate --dashboard`: the data files hold what the statistics say, and the page works in a
+real headless browser (Debian's chromium driven by Selenium) from disk and from a file server."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import write_token_dataset
+from helpers import run_harvest
+from shared.reader import open_dump
+from shared.sae import SAEConfig, SparseAutoencoder
+from train.evaluation.cli import main as evaluate_main
+from train.evaluation.dashboard import CHUNK
+from train.evaluation.feature_stats import feature_stats
+from train.evaluation.logit_table import logit_effects, unembedding
+
+HOOK = "blocks.0.hook_mlp_out"
+D_SAE = 300  # more than one page of the index (100 rows) and more than one data file (256 features)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+REQUIRE_BROWSER = os.environ.get("MATS_SAE_REQUIRE_BROWSER", "") not in ("", "0")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, vocab_size, tmp_path_factory) -> Path:
+    """A harvested dump of the tiny model and a random SAE saved as a run, with its dashboard."""
+    base = tmp_path_factory.mktemp("dash")
+    ds = write_token_dataset(base / "ds", n_docs=30, doc_len=60, vocab=vocab_size)
+    dump = base / "dump"
+    run_harvest("--model", str(tiny_model), "--dataset", str(ds), "--out", str(dump), "--hook", HOOK,
+                "--context-size", "16", "--batch-size", "8", "--tokens", "1600", "--shard-rows", "500")
+    torch.manual_seed(0)
+    opened = open_dump(dump)
+    x_rms = float(opened.activations(0, opened.n_rows).float().pow(2).mean().sqrt())
+    sae = SparseAutoencoder(SAEConfig(opened.d_in, D_SAE))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1 / (x_rms * opened.d_in ** 0.5))  # pre-activations about N(0, 1)
+        sae.b_enc.uniform_(-2.0, -0.5)  # each feature fires on 2% to 30% of rows
+        sae.b_enc[:5] = -1e4  # dead features: listed, marked, and hidden by default
+    folder = base / "run"
+    sae.save(folder / "final", {"shards": str(dump), "model_name": str(tiny_model), "hook_name": HOOK})
+    got = CliRunner().invoke(evaluate_main, [str(folder), "--no-metrics", "--dashboard", "--quiet"])
+    assert got.exit_code == 0, got.output
+    assert (folder / "dashboard" / "index.html").is_file()
+    return folder
+
+
+def js_payload(path: Path):
+    """The JSON inside a data file (`DASH.x = {...};` or `DASH.addFeatures(n, {...});`)."""
+    body = path.read_text(encoding="utf-8").split("\n", 1)[1].strip()
+    match = re.fullmatch(r"DASH\.\w+ = (.*);", body) or re.fullmatch(r"DASH\.addFeatures\(\d+, (.*)\);", body)
+    assert match, body[:80]
+    return json.loads(match.group(1))
+
+
+def test_data_files_hold_the_statistics_and_the_logit_table(run, tiny_model):
+    data = run / "dashboard" / "data"
+    sae = SparseAutoencoder.load_from_pretrained(run / "final")
+    dump = open_dump(json.loads((run / "final" / "cfg.json").read_text())["shards"])
+    stats = feature_stats(sae, dump)
+    index = js_payload(data / "index.js")["rows"]
+    assert [r[0] for r in index] == list(range(D_SAE))
+    assert [r[1] is None for r in index] == (stats.fired == 0).tolist()
+    records = {}
+    for c in range(0, D_SAE, CHUNK):
+        records.update({int(k): v for k, v in js_payload(data / f"features_{c // CHUNK:04d}.js").items()})
+    assert sorted(records) == list(range(D_SAE))
+    from shared.models import load_model
+
+    logits = logit_effects(sae.W_dec.detach(), unembedding(load_model(str(tiny_model), "cpu")), k=10)
+    vocab = {int(k): v for k, v in js_payload(data / "vocab.js").items()}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    for f in (5, 17, 123, D_SAE - 1):
+        rec = records[f]
+        assert rec["fired"] == int(stats.fired[f]) > 0
+        assert [ex[1] for ex in rec["top"]] == [r for r in stats.top.rows[f].tolist() if r >= 0]
+        assert [ex[0] for ex in rec["top"]] == pytest.approx(stats.top.acts[f, : len(rec["top"])].tolist(), rel=1e-3)
+        assert sum(rec["hist"]["counts"]) == rec["fired"]
+        assert [t for t, _ in rec["promoted"]] == logits["top_tokens"][f].tolist()
+        assert [t for t, _ in rec["suppressed"]] == logits["bottom_tokens"][f].tolist()
+        for ex in rec["top"]:
+            assert all(vocab[t] == tok.decode([t]) for t in ex[2] if t >= 0)
+    assert records[0]["fired"] == 0 and records[0]["top"] == []
+
+
+def test_a_failed_rewrite_keeps_the_previous_dashboard(run, monkeypatch):
+    import train.evaluation.dashboard as dashboard
+
+    before = (run / "dashboard" / "data" / "index.js").read_bytes()
+    real = dashboard._write_js
+
+    def failing(path, *args, **kwargs):
+        if path.name.startswith("features_"):
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dashboard, "_write_js", failing)
+    got = CliRunner().invoke(evaluate_main, [str(run), "--no-metrics", "--no-model", "--dashboard", "--quiet"])
+    assert got.exit_code == 1 and "disk is full" in got.output and "Traceback" not in got.output
+    assert (run / "dashboard" / "data" / "index.js").read_bytes() == before
+    assert [p.name for p in run.iterdir() if p.name.startswith(".dashboard")] == []
+
+
+# ----------------------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if REQUIRE_BROWSER:
+            pytest.fail("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, css: str):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, 20).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def _no_js_errors(driver) -> None:
+    assert driver.execute_script("return window.__errors") == []
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+
+
+def _listed_features(driver) -> list[int]:
+    """Every feature the index lists, page by page."""
+    from selenium.webdriver.common.by import By
+
+    seen: list[int] = []
+    while True:
+        seen += [int(tr.get_attribute("data-feature")) for tr in driver.find_elements(By.CSS_SELECTOR, "#index tbody tr")]
+        page, pages = map(int, re.findall(r"\d+", driver.find_element(By.ID, "page").text))
+        if page == pages:
+            return seen
+        driver.find_element(By.ID, "next").click()
+
+
+def test_the_dashboard_works_in_a_headless_browser(run, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    records = js_payload(run / "dashboard" / "data" / "features_0000.js")
+    browser.get((run / "dashboard" / "index.html").as_uri())
+    _wait(browser, "#index tbody tr")
+    n_dead = sum(1 for r in js_payload(run / "dashboard" / "data" / "index.js")["rows"] if r[1] is None)
+    assert n_dead >= 5
+    assert browser.find_element(By.ID, "count").text == f"{D_SAE - n_dead} of {D_SAE} features"
+    browser.find_element(By.ID, "hide-dead").click()  # show every feature
+    assert sorted(_listed_features(browser)) == list(range(D_SAE))
+    browser.save_screenshot(str(tmp_path / "index.png"))
+
+    # Sorting by max activation puts the largest first.
+    browser.get((run / "dashboard" / "index.html").as_uri())
+    _wait(browser, "#index tbody tr")
+    browser.find_element(By.CSS_SELECTOR, "th[data-key=max]").click()
+    first = int(browser.find_element(By.CSS_SELECTOR, "#index tbody tr").get_attribute("data-feature"))
+    index = js_payload(run / "dashboard" / "data" / "index.js")["rows"]
+    assert index[first][2] == max(r[2] for r in index)
+
+    # Opening a feature shows its top contexts with the firing token marked and shaded fullest.
+    feature = next(f for f in range(5, D_SAE) if records[str(f)]["fired"] > 0)
+    browser.find_element(By.ID, "search").send_keys(str(feature))
+    browser.find_element(By.CSS_SELECTOR, f"#index tbody tr[data-feature='{feature}'] a").click()
+    _wait(browser, "#top-examples .example")
+    marked = browser.find_elements(By.CSS_SELECTOR, "#top-examples .example .tok.max")
+    top = records[str(feature)]["top"]
+    assert len(marked) == len(top)
+    vocab = {int(k): v for k, v in js_payload(run / "dashboard" / "data" / "vocab.js").items()}
+    centre = len(top[0][2]) - 1 - 4  # window_before = 15, window_after = 4
+    assert marked[0].get_attribute("textContent") == vocab[top[0][2][centre]]
+    assert float(marked[0].get_attribute("data-act")) == pytest.approx(top[0][0])
+    # The strongest example's token is the feature's maximum: fully shaded (alpha 1 is written rgb).
+    assert marked[0].value_of_css_property("background-color") in ("rgba(255, 120, 0, 1)", "rgb(255, 120, 0)")
+    assert browser.find_elements(By.CSS_SELECTOR, "#feature svg rect.bar")
+    assert "direct path" in browser.find_element(By.ID, "feature").text
+    _no_js_errors(browser)
+    shot = Path(os.environ.get("MATS_SAE_SCREENSHOT_DIR", tmp_path)) / "dashboard_feature.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_the_dashboard_works_from_a_static_file_server(run, browser):
+    from selenium.webdriver.common.by import By
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(run / "dashboard"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/index.html#f={D_SAE - 1}")
+        _wait(browser, "#top-examples .example .tok.max")
+        assert browser.find_element(By.CSS_SELECTOR, "#feature h2").text == f"Feature {D_SAE - 1}"
+        _no_js_errors(browser)
+    finally:
+        server.shutdown()
