@@ -20,6 +20,8 @@ train --shards data/smollm2135m_l0 --expansion-factor 4 --l1-coefficient 2 --lr 
       --train-batch-size 1024 --normalize-activations expected_norm \
       --feature-sampling-window 100 --dead-feature-window 50 --resample-sample-rows 65536 \
       --checkpoint-path data/runs/quickstart
-# Held-out rows, and 16 held-out contexts through the model with the SAE spliced in.
-evaluate data/runs/quickstart --max-eval-contexts 16
+# Held-out rows, 16 held-out contexts through the model with the SAE spliced in, and a dashboard
+# of every feature (one pass over the dump, no model run; the model only for the logit table).
+evaluate data/runs/quickstart --max-eval-contexts 16 --dashboard
 echo "SAE: data/runs/quickstart/final   metrics: data/runs/quickstart/metrics.jsonl, eval.json"
+echo "dashboard: open data/runs/quickstart/dashboard/index.html in a browser"

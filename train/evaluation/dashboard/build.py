@@ -47,12 +47,20 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
     metrics = {k: evaluation[k] for k in HEADER_METRICS if evaluation and evaluation.get(k) is not None}
     inputs = DashboardInputs(
         stats=stats, neighbours=neighbours, logits=logits, token_text=text, title=f"{name}: {sae.cfg.d_sae} features",
-        subtitle=f"{m.model}, {m.hook}; statistics over all {dump.n_rows:,} rows of {dump.path}",
+        subtitle=f"{m.model}, {m.hook}; statistics over all {dump.n_rows:,} rows of {_shown(dump.path)}",
         metrics=metrics)
     index = write_dashboard(out, inputs)
     if model is None:
         log("(no model available: the dashboard leaves out promoted and suppressed tokens)")
     return index
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be said: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def read_evaluation(run_folder: Path) -> dict[str, Any] | None:
