@@ -153,7 +153,10 @@ class SAETrainer:
         named = list(self.sae.named_parameters()) + list(self.sae.named_buffers())
         named += [(f"Adam {key} of {n}", v) for n, p in self.sae.named_parameters()
                   for key, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
-        return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        named = [(n, t) for n, t in named if t.is_floating_point()]
+        # One sync; the for-each Adam keeps its step counts on the CPU, hence the move.
+        finite = torch.stack([torch.isfinite(t).all().to(self.device) for _, t in named]).tolist()
+        return [n for (n, _), ok in zip(named, finite) if not ok]
 
     # ---- dead features ---------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:
