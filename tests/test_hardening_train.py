@@ -389,3 +389,21 @@ def test_internal_errors_are_one_line_unless_debugging(tmp_path, dump, monkeypat
     assert got.exit_code == 1 and "internal error (RuntimeError: boom)" in one_error_line(got)
     debug = invoke(*args, env={"MATS_SAE_DEBUG": "1"})
     assert debug.exit_code == 1 and "Traceback" in debug.output
+
+
+def test_the_divergence_watch_adds_no_host_sync_to_a_step(tmp_path, monkeypatch):
+    """Between log steps `update` never reads a tensor on the host (a sync per step stalls a GPU)."""
+    cfg = small_cfg(tmp_path / "unused", tmp_path / "r", d_sae=16, wandb_log_frequency=10)
+    trainer = SAETrainer(cfg, 32, 1.0, 100, torch.device("cpu"))
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+    x = torch.randn(64, 32)
+    trainer.update(x)  # the first step (the watch starts counting here)
+    reads.clear()
+    for _ in range(8):
+        trainer.update(x)
+    assert reads == [] and trainer.counters.step == 9
+    monkeypatch.undo()
+    assert trainer.first_non_finite_step() is None
