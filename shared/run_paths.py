@@ -20,8 +20,8 @@ def plain_name(name: Any, where: str) -> str:
     crafted one must not make a resume write, or an evaluation read, outside it."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
             or "\0" in name or Path(name).is_absolute():
-        raise UserError(f"{where}: {name!r} is not a plain folder name inside the run folder; "
-                        "the file was edited or damaged: restore it or start the run again")
+        raise UserError(f"{where}: {name!r} is not a plain folder name (no '/', '..' or absolute path) "
+                        "naming a folder inside the run folder; fix or restore it")
     return name
 
 
