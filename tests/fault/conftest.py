@@ -9,8 +9,9 @@ import torch
 from fault._support import SEED, TALLY
 
 # Test module -> the table its entries are counted in.
-TABLES = {"test_corruption": "corruptions", "test_bad_cli": "bad_inputs", "test_disk_full": "disk_full"}
-_LABELS = {"corruptions": "refused", "bad_inputs": "one-line errors",
+TABLES = {"test_corruption": "corruptions", "test_run_corruption": "run_folder_corruptions",
+          "test_bad_cli": "bad_inputs", "test_disk_full": "disk_full"}
+_LABELS = {"corruptions": "refused", "run_folder_corruptions": "refused", "bad_inputs": "one-line errors",
            "disk_full": "one-line error, then resumed identical"}
 
 

@@ -178,7 +178,7 @@ def cases():
             yield pytest.param(name, prog, id=f"{prog}-{name}", marks=marks)
 
 
-@pytest.mark.parametrize("name, prog", cases())
+@pytest.mark.parametrize("name, prog", list(cases()))
 def test_damaged_dump_is_refused_in_one_line(clean, tmp_path, name, prog):
     clean_dump, clean_run = clean
     dump = shutil.copytree(clean_dump, tmp_path / "dump")
@@ -194,4 +194,5 @@ def test_damaged_dump_is_refused_in_one_line(clean, tmp_path, name, prog):
         result = run / "eval.json"
     line = error_line(got, strict=name not in DURING_TRAINING)
     assert line.startswith(f"{prog}: error:"), got.describe()
+    assert "internal error" not in line, "a damaged dump reported as a bug\n" + got.describe()
     assert not result.exists(), f"{result} was written\n" + got.describe()
