@@ -33,14 +33,18 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Storage dtype.")
 @click.option("--model-dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Dtype of the forward pass.")
-@click.option("--format", "fmt", default="safetensors", show_default=True,
-              type=click.Choice(["safetensors", "zarr"]), help="Shard format.")
+@click.option("--format", "fmt", default=None, type=click.Choice(["safetensors", "zarr"]),
+              help="Shard format [safetensors; zarr for an s3:// --out, the only format there].")
 @click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "zstd"]),
               help="zarr only: compress chunks.")
 @click.option("--shard-rows", type=int, default=None,
               help="Rows per shard [about 1 GiB in the storage dtype].")
 @click.option("--out", default=None,
-              help="Output folder [data/{model}_l{layer}; several hooks: data/{model}/{hook}].")
+              help="Output folder, or object storage as s3://bucket/prefix "
+                   "[data/{model}_l{layer}; several hooks: data/{model}/{hook}].")
+@click.option("--s3-endpoint", default=None, metavar="URL",
+              help="Endpoint of an S3-compatible store (MinIO, R2, Ceph) [AWS_ENDPOINT_URL_S3, "
+                   "AWS_ENDPOINT_URL, else AWS S3]; credentials from the standard AWS variables and files.")
 @click.option("--device", default=None, help="Device [cuda if available, else cpu].")
 @click.option("--seed", default=42, show_default=True, type=int, help="Seed for document shuffling.")
 @click.option("--shuffle-documents/--no-shuffle-documents", default=False, show_default=True,
@@ -51,7 +55,7 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
 @click.option("--overwrite", is_flag=True, help="Replace whatever dump --out holds.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(hooks, model, dataset, split, text_column, context_size, batch_size, tokens, prepend_bos,
-         skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
+         skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, s3_endpoint, device, seed,
          shuffle_documents, shuffle_buffer_docs, resume, overwrite, quiet) -> None:
     """Run a language model over a token dataset once and write the activations at one or more
     hook points to disk as sharded, resumable dumps that `train` reads.
@@ -60,7 +64,12 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
     """
     with one_line_errors("harvest", interrupted=INTERRUPTED):
         from harvest.run import harvest
+        from shared.storage import is_remote, set_endpoint
 
+        if s3_endpoint:
+            set_endpoint(s3_endpoint)
+        if fmt is None and is_remote(out):
+            click.echo("note: dumps in object storage are written as zarr", err=True)
         cfg = HarvestConfig(
             hooks=list(hooks), model=model, dataset=dataset, split=split, text_column=text_column,
             context_size=context_size, batch_size=batch_size, tokens=tokens, prepend_bos=prepend_bos,

@@ -6,6 +6,7 @@ from typing import Any
 
 from shared.errors import UserError
 from shared.manifest import FORMATS, STORAGE_DTYPES
+from shared.storage import is_remote
 
 SHARD_BYTES = 1 << 30  # default shard size: about 1 GiB of activations
 
@@ -34,13 +35,15 @@ class HarvestConfig:
     """Storage dtype of activations."""
     model_dtype: str = "float32"
     """Dtype of the forward pass."""
-    format: str = "safetensors"
+    format: str | None = "safetensors"
+    """safetensors or zarr; None picks zarr for an object-storage --out (s3://...), else safetensors."""
     compression: str | None = None
     """zarr only: None or 'zstd'."""
     shard_rows: int | None = None
     """Rows per shard; None picks about 1 GiB in the storage dtype."""
     out: str | None = None
-    """Output folder; None -> data/{model}_l{layer} (one hook) or data/{model} (several)."""
+    """Output folder or object-storage prefix (s3://bucket/prefix); None -> data/{model}_l{layer}
+    (one hook) or data/{model} (several)."""
     device: str | None = None
     """None -> cuda if available, else cpu."""
     seed: int = 42
@@ -65,6 +68,12 @@ class HarvestConfig:
             # BOS alone would fill every context, leaving no room for the dataset's tokens.
             raise UserError(f"--context-size {self.context_size} leaves no room for tokens after BOS; "
                             "use --context-size 2 or more, or --no-prepend-bos")
+        remote = is_remote(self.out)
+        if self.format is None:
+            self.format = "zarr" if remote else "safetensors"
+        if remote and self.format != "zarr":
+            raise UserError(f"--out {self.out}: dumps in object storage are written as zarr; pass "
+                            "--format zarr (or leave --format out)")
         for name, allowed in (("dtype", STORAGE_DTYPES), ("model_dtype", STORAGE_DTYPES), ("format", FORMATS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, "

@@ -12,14 +12,16 @@ from shared import atomic
 from shared.errors import DumpError, UserError
 from shared.manifest import MANIFEST_NAME, Manifest, read_manifest, shard_name
 from shared.models import default_dump_folder, short_model_name
+from shared.storage import RemotePath, delete_names, get_bytes, is_remote, list_names, location
 
 
 def out_folders(out: str | None, model: str, hooks: list[str]) -> dict[str, Path]:
-    """One hook -> data/{model}_l{layer}; several -> data/{model}/{hook} (or under --out)."""
+    """One hook -> data/{model}_l{layer}; several -> data/{model}/{hook} (or under --out, which
+    may be an object-storage prefix s3://bucket/prefix)."""
     short = short_model_name(model)
     if len(hooks) == 1:
-        return {hooks[0]: Path(out) if out is not None else default_dump_folder(model, hooks[0])}
-    root = Path(out) if out is not None else Path("data") / short
+        return {hooks[0]: location(out) if out is not None else default_dump_folder(model, hooks[0])}
+    root = location(out) if out is not None else Path("data") / short
     return {h: root / h for h in hooks}
 
 
@@ -43,7 +45,10 @@ def _only_leftovers(folder: Path) -> bool:
 def _looks_like_dump(folder: Path) -> bool:
     """A manifest.json harvest could have written, valid or not: --overwrite may delete it."""
     try:
-        raw = json.loads((folder / MANIFEST_NAME).read_text())
+        if is_remote(folder):
+            raw = json.loads(get_bytes(folder / MANIFEST_NAME) or b"")
+        else:
+            raw = json.loads((folder / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(raw, dict) and "format_version" in raw and "shards" in raw
@@ -59,8 +64,54 @@ def _start_afresh(folder: Path, resume: bool, overwrite: bool) -> Existing:
     return Existing(None, False)
 
 
+_SHARD_OBJECT = re.compile(r"shard_\d{6}\.zarr/.+")
+
+
+def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
+    """inspect_folder for an object-storage prefix: the same decisions, on the objects under it.
+
+    Shards are written in place there (no temp names), so what a crash leaves is shard objects
+    that no manifest lists; they are deleted before the harvest writes anything.
+    """
+    names = list_names(folder)  # also where a missing bucket or bad keys show, in one line
+    if not names:
+        return Existing(None, False)
+    dump_objects = [n for n in names if n == MANIFEST_NAME or _SHARD_OBJECT.fullmatch(n)]
+    if MANIFEST_NAME not in names:
+        if len(dump_objects) < len(names):
+            raise UserError(f"{folder} holds objects that are not a dump; choose another --out "
+                            "(harvest never deletes what it did not write)")
+        if not (resume or overwrite):
+            raise UserError(f"{folder} holds only the shard objects of a harvest that stopped before "
+                            "writing its manifest; pass --overwrite (or --resume) to start it again")
+        delete_names(folder, dump_objects)
+        return Existing(None, False)
+    if overwrite and _looks_like_dump(folder):
+        delete_names(folder, dump_objects)  # only the dump's own objects
+        return Existing(None, False)
+    try:
+        old = read_manifest(folder)
+    except DumpError as e:
+        raise DumpError(f"{e} (harvest --overwrite replaces it)") from None
+    if old.config_fingerprint != config_fingerprint:
+        raise UserError(f"{folder} holds a different dump ({old.model}, {old.hook}, "
+                        f"{old.n_contexts or 'unfinished'} contexts, other settings); "
+                        "pass --overwrite to replace it, or another --out")
+    if old.complete:
+        return Existing(old, True)
+    if not resume:
+        raise UserError(f"{folder} holds an interrupted harvest with these settings; "
+                        "pass --resume to continue it, or --overwrite to start again")
+    listed = {s.file for s in old.shards}
+    stray = [n for n in dump_objects if n != MANIFEST_NAME and n.split("/", 1)[0] not in listed]
+    delete_names(folder, stray)  # shards written (whole or in part) after the last manifest
+    return Existing(old, False)
+
+
 def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
     """Decide fresh / resume / done, or refuse with a message saying what to do."""
+    if is_remote(folder):
+        return _inspect_remote(folder, config_fingerprint, resume, overwrite)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file, not a folder; choose another --out")
     if not folder.exists() or not any(folder.iterdir()):
@@ -105,6 +156,9 @@ def human_bytes(n: float) -> str:
 
 def check_disk(folders: list[Path], bytes_needed: int, log: Callable[[str], None]) -> None:
     """Print the dump size and the free space; refuse when it will not fit."""
+    if any(is_remote(f) for f in folders):
+        log(f"dump will take {human_bytes(bytes_needed)} in {', '.join(str(f) for f in folders)}")
+        return
     probe = folders[0]
     while not probe.exists():
         probe = probe.parent

@@ -1,4 +1,5 @@
-"""Writes that appear all at once or not at all (temp file + fsync + rename)."""
+"""Writes that appear all at once or not at all (temp file + fsync + rename; in object storage a
+single PUT, which S3 makes visible whole or not at all)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from shared.storage import is_remote
 
 
 def fsync_dir(path: Path) -> None:
@@ -49,12 +52,23 @@ def commit(tmp: Path, final: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomically replace `path` with `obj` as indented JSON."""
+    if is_remote(path):
+        from shared.storage import put_bytes
+
+        put_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+        return
     tmp = temp_path(path)
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     commit(tmp, path)
 
 
 def remove(path: Path) -> None:
+    if is_remote(path):
+        from shared.storage import delete_prefix, delete_names
+
+        delete_prefix(path)  # a zarr shard's objects
+        delete_names(path.parent, [path.name])  # or a single object (deleting a missing one is fine)
+        return
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():

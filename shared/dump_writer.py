@@ -10,7 +10,11 @@ import torch
 
 from shared import atomic
 from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, fingerprint, shard_name
-from shared.shard_files import as_numpy, checksum, stored_to_float32, write_safetensors, write_zarr
+from shared.errors import UserError
+from shared.shard_files import (
+    arrays_checksum, as_numpy, checksum, stored_to_float32, write_safetensors, write_zarr,
+)
+from shared.storage import delete_prefix, is_remote, location
 
 _STATS_CHUNK = 32768  # rows per float64 chunk when summing statistics (bounds temporary memory)
 
@@ -47,6 +51,16 @@ def write_shard(folder: Path, manifest: Manifest, index: int, first_row: int, ac
               "context": torch.from_numpy(np.ascontiguousarray(context, np.int64)),
               "position": torch.from_numpy(np.ascontiguousarray(position, np.int32))}
     final = folder / name
+    if is_remote(final):
+        # No rename in object storage: the shard is written in place, after deleting whatever a
+        # crashed harvest left there. Only the manifest (written after this) makes it part of the dump.
+        if manifest.format != "zarr":
+            raise UserError(f"{folder}: dumps in object storage are written as zarr (--format zarr)")
+        delete_prefix(final)
+        write_zarr(final, arrays, manifest.compression)
+        digest = arrays_checksum(arrays)
+        return ShardEntry(file=name, rows=len(acts), first_row=first_row, checksum=digest, sum=total,
+                          sum_sq_norm=sq, sum_norm=norm)
     tmp = atomic.temp_path(final)
     atomic.remove(tmp)
     if manifest.format == "safetensors":
@@ -63,8 +77,9 @@ def write_dump(folder: Path, activations: torch.Tensor, context_size: int, shard
                tokens: np.ndarray | None = None, hook: str = "synthetic", model: str = "synthetic",
                fmt: str = "safetensors") -> Manifest:
     """Write `activations` [rows, d_in] (rows ordered context by context) as a complete dump."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = location(folder)
+    if not is_remote(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     n, d_in = activations.shape
     if n % context_size:
         raise ValueError(f"{n} rows is not a whole number of {context_size}-row contexts")

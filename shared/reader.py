@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.errors import DumpError
+from shared.errors import DumpError, UserError
 from shared.manifest import Manifest, ShardEntry, read_manifest
+from shared.storage import RemotePath, is_remote, location
 from shared.shard_files import INDEX_DTYPES, ShardArrays, activations_to_torch, checksum, open_shard
 
 
@@ -17,10 +18,15 @@ from shared.shard_files import INDEX_DTYPES, ShardArrays, activations_to_torch, 
 class Dump:
     """A validated dump. Rows are numbered 0..n_rows-1 across shards in manifest order."""
 
-    path: Path
+    path: Path | RemotePath
     manifest: Manifest
     _shards: list[ShardArrays] = field(default_factory=list, repr=False)
     _starts: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def remote(self) -> bool:
+        """In object storage (rows are fetched by chunk) rather than on a local disk."""
+        return is_remote(self.path)
 
     @property
     def n_rows(self) -> int:
@@ -79,7 +85,8 @@ class Dump:
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def verify(self) -> None:
-        """Recompute every shard checksum; DumpError naming the first file that differs."""
+        """Recompute every shard checksum; DumpError naming the first file that differs (in object
+        storage, a chunk object whose crc32c fails is named first)."""
         for entry in self.manifest.shards:
             path = self.path / entry.file
             got = checksum(path, self.manifest.format)
@@ -128,17 +135,23 @@ def _check_contexts(path: Path, arrays: ShardArrays, first_row: int, rows: int, 
                         "another dump; re-harvest the dump")
 
 
-def _open_shard_checked(folder: Path, manifest: Manifest, entry: ShardEntry) -> ShardArrays:
+def _open_shard_checked(folder: Path | RemotePath, manifest: Manifest, entry: ShardEntry) -> ShardArrays:
     file = folder / entry.file
-    arrays = open_shard(file, manifest.format)
-    _check_shapes(file, arrays, entry.rows, manifest.d_in)
-    _check_dtypes(file, arrays, manifest.dtype)
-    _check_contexts(file, arrays, entry.first_row, entry.rows, manifest.rows_per_context)
+    try:
+        arrays = open_shard(file, manifest.format)
+        _check_shapes(file, arrays, entry.rows, manifest.d_in)
+        _check_dtypes(file, arrays, manifest.dtype)
+        _check_contexts(file, arrays, entry.first_row, entry.rows, manifest.rows_per_context)
+    except Exception as e:
+        if not is_remote(file) or isinstance(e, UserError):
+            raise
+        raise DumpError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:160]}); "
+                        "re-harvest the dump") from None
     return arrays
 
 
-def open_dump(path: str | Path, verify: bool = False, require_complete: bool = True) -> Dump:
-    """Open the dump in folder `path`.
+def open_dump(path: str | Path | RemotePath, verify: bool = False, require_complete: bool = True) -> Dump:
+    """Open the dump in folder `path` (or object-storage prefix `s3://bucket/prefix`).
 
     Checks every field of the manifest (shared.manifest_check), that every shard it lists exists
     inside the folder with the stated shape and dtypes and holds the contexts its rows should
@@ -146,15 +159,24 @@ def open_dump(path: str | Path, verify: bool = False, require_complete: bool = T
     catches changed bytes (a NaN written over an activation). Refuses an incomplete dump unless
     asked not to.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DumpError(f"{path} does not exist; harvest a dump there first (`harvest --out {path}`)")
-    manifest = read_manifest(path)
+    path = location(path)
+    if is_remote(path):
+        manifest = read_manifest(path)  # a missing bucket, bad keys or no endpoint: one line here
+    else:
+        if not path.exists():
+            raise DumpError(f"{path} does not exist; harvest a dump there first (`harvest --out {path}`)")
+        manifest = read_manifest(path)
     if require_complete and not manifest.complete:
         raise DumpError(f"{path} is an incomplete dump (harvest was interrupted); "
                         f"finish it with `harvest --resume --out {path}` and the same options")
     # Row continuity and totals were checked with the manifest; here only the files remain.
-    shards = [_open_shard_checked(path, manifest, entry) for entry in manifest.shards]
+    if is_remote(path):  # a few small requests per shard: many in flight
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            shards = list(pool.map(lambda e: _open_shard_checked(path, manifest, e), manifest.shards))
+    else:
+        shards = [_open_shard_checked(path, manifest, entry) for entry in manifest.shards]
     starts = [entry.first_row for entry in manifest.shards]
     dump = Dump(path=path, manifest=manifest, _shards=shards, _starts=starts)
     if verify:

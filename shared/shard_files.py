@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from shared.errors import DumpError
+from shared.storage import RemotePath, is_remote
 
 # numpy has no bfloat16: such activations are stored/mapped as their raw 16-bit words.
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
@@ -24,6 +25,15 @@ _ST_STORAGE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 INDEX_DTYPES = {"tokens": np.int32, "context": np.int64, "position": np.int32}
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ZARR_CHUNK_ROWS = 16384
+REMOTE_CHUNK_BYTES = 16 << 20  # object-storage chunks: about this many bytes of activations
+ARRAY_NAMES = ("activations", "tokens", "context", "position")
+
+
+def remote_chunk_rows(d_in: int, itemsize: int) -> int:
+    """Rows per chunk object of a dump in object storage: the largest power of two whose
+    activations fit REMOTE_CHUNK_BYTES, between 1,024 and 16,384 rows (4,096 at d_in 576 float32)."""
+    rows = max(1, REMOTE_CHUNK_BYTES // max(1, d_in * itemsize))
+    return int(min(_ZARR_CHUNK_ROWS, max(1024, 1 << (rows.bit_length() - 1))))
 
 
 @dataclass
@@ -90,21 +100,46 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def write_zarr(path: Path, tensors: dict[str, torch.Tensor], compression: str | None) -> None:
+def write_zarr(path: Path | RemotePath, tensors: dict[str, torch.Tensor], compression: str | None) -> None:
+    """One zarr v3 group of the four arrays. In object storage every chunk object also carries a
+    crc32c of its bytes (checked on every read), and chunks are sized by `remote_chunk_rows`."""
     import zarr
 
-    compressors: Any = None
+    remote = is_remote(path)
+    compressors: Any = [] if remote else None
     if compression == "zstd":
-        compressors = zarr.codecs.ZstdCodec(level=3)
+        compressors = [zarr.codecs.ZstdCodec(level=3)]
+    if remote:
+        from shared.storage import remote_errors, zarr_store
+
+        compressors = [*compressors, zarr.codecs.Crc32cCodec()]
+        acts = tensors["activations"]
+        chunk_rows = remote_chunk_rows(acts.shape[1], acts.element_size())
+        with remote_errors(path):
+            group = zarr.open_group(zarr_store(path, read_only=False), mode="w", zarr_format=3)
+            _fill_group(group, tensors, compressors, chunk_rows)
+        return
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    _fill_group(group, tensors, compressors, _ZARR_CHUNK_ROWS)
+
+
+def _fill_group(group: Any, tensors: dict[str, torch.Tensor], compressors: Any, chunk_rows: int) -> None:
     for name, t in tensors.items():
         data = as_numpy(t)
-        chunks = (min(_ZARR_CHUNK_ROWS, max(1, data.shape[0])),) + data.shape[1:]
+        chunks = (min(chunk_rows, max(1, data.shape[0])),) + data.shape[1:]
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                                  compressors=compressors)
         if t.dtype == torch.bfloat16:
             arr.attrs["storage_dtype"] = "bfloat16"
         arr[...] = data
+
+
+def arrays_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """What `checksum` computes for a zarr shard, from the arrays in memory (as written)."""
+    h = hashlib.sha256()
+    for name in ARRAY_NAMES:
+        h.update(memoryview(np.ascontiguousarray(as_numpy(tensors[name]))).cast("B"))
+    return "sha256:" + h.hexdigest()
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -168,9 +203,11 @@ def open_safetensors(path: Path) -> ShardArrays:
     return ShardArrays(**views, storage_dtype=_ST_STORAGE.get(header["activations"]["dtype"]))
 
 
-def open_zarr(path: Path) -> ShardArrays:
+def open_zarr(path: Path | RemotePath) -> ShardArrays:
     import zarr
 
+    if is_remote(path):
+        return _open_remote_zarr(path)
     if not path.is_dir():
         raise DumpError(f"shard {path} is missing; the dump is damaged, re-harvest it")
     try:
@@ -181,6 +218,68 @@ def open_zarr(path: Path) -> ShardArrays:
         raise DumpError(f"{path} is corrupted or incomplete ({type(e).__name__}: {e})") from None
 
 
+def _open_remote_zarr(path: RemotePath) -> ShardArrays:
+    import zarr
+
+    from shared.storage import remote_errors, zarr_store
+
+    try:
+        with remote_errors(path):
+            group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
+            arrays = {n: group[n] for n in ARRAY_NAMES}
+    except DumpError:
+        raise
+    except FileNotFoundError:
+        raise DumpError(f"shard {path} is missing; the dump is damaged, re-harvest it") from None
+    except KeyError as e:
+        raise DumpError(f"{path} has no array {e}; the shard is damaged, re-harvest the dump") from None
+    except Exception as e:
+        if "UserError" in type(e).__name__:
+            raise DumpError(str(e)) from None
+        raise DumpError(f"{path} is corrupted or incomplete ({type(e).__name__}: {e})") from None
+    return ShardArrays(**arrays, storage_dtype=_zarr_storage_dtype(arrays["activations"]))
+
+
+def chunk_key(path: Path | RemotePath, name: str, arr: Any, chunk: int) -> str:
+    """The object (or file) holding chunk `chunk` (along rows) of array `name` of a zarr shard."""
+    return f"{path}/{name}/c/{chunk}" + "/0" * (len(arr.shape) - 1)
+
+
+def read_chunk(path: Path | RemotePath, name: str, arr: Any, chunk: int) -> np.ndarray:
+    """Chunk `chunk` of a zarr array, decoded; a DumpError naming the object if it is damaged
+    (crc32c mismatch, bad compression) or unreadable."""
+    rows = arr.chunks[0]
+    try:
+        return np.asarray(arr[chunk * rows : (chunk + 1) * rows])
+    except Exception as e:
+        from shared.errors import UserError
+
+        if isinstance(e, UserError):
+            raise
+        key = chunk_key(path, name, arr, chunk)
+        if is_remote(path) and type(e).__module__.startswith("obstore"):
+            from shared.storage import explain
+
+            raise DumpError(f"{key}: {explain(RemotePath(key), e)}") from None
+        raise DumpError(f"{key} is corrupted ({type(e).__name__}: {str(e)[:120]}); "
+                        "re-harvest the dump") from None
+
+
+def iter_chunks(path: Path | RemotePath, name: str, arr: Any, window: int = 16):
+    """Every chunk of an array in order, `window` fetched concurrently ahead (bounded memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = arr.chunks[0]
+    n = -(-arr.shape[0] // rows) if arr.shape[0] else 0
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        pending = [pool.submit(read_chunk, path, name, arr, c) for c in range(min(n, window))]
+        for c in range(n):
+            got = pending.pop(0).result()
+            if c + window < n:
+                pending.append(pool.submit(read_chunk, path, name, arr, c + window))
+            yield got
+
+
 def _zarr_storage_dtype(activations: Any) -> str | None:
     """bfloat16 is stored as uint16 words with an attribute saying so (write_zarr)."""
     if activations.dtype == np.uint16:
@@ -188,17 +287,23 @@ def _zarr_storage_dtype(activations: Any) -> str | None:
     return {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(np.dtype(activations.dtype))
 
 
-def open_shard(path: Path, fmt: str) -> ShardArrays:
+def open_shard(path: Path | RemotePath, fmt: str) -> ShardArrays:
     return open_safetensors(path) if fmt == "safetensors" else open_zarr(path)
 
 
-def checksum(path: Path, fmt: str) -> str:
+def checksum(path: Path | RemotePath, fmt: str) -> str:
     """sha256 of a safetensors file's bytes, or of a zarr shard's decoded arrays in fixed order."""
     h = hashlib.sha256()
     if fmt == "safetensors":
         with open(path, "rb") as f:
             while block := f.read(1 << 24):
                 h.update(block)
+    elif is_remote(path):
+        # Streamed chunk by chunk, many requests in flight; a damaged object is named.
+        arrays = open_zarr(path)
+        for name in ARRAY_NAMES:
+            for chunk in iter_chunks(path, name, getattr(arrays, name)):
+                h.update(np.ascontiguousarray(chunk).tobytes())
     else:
         arrays = open_zarr(path)
         for name in ("activations", "tokens", "context", "position"):

@@ -10,11 +10,20 @@ every row comes from a different context (a sliding buffer fed in dump order giv
 
 The order is a pure function of (seed, epoch): every epoch visits every row exactly once, and a
 run resumed at global batch k yields exactly the batches k, k+1, ... of an uninterrupted run.
+
+A dump in object storage is read in whole chunks instead (`whole_chunks`): the blocks are the
+shards' chunks (thousands of rows, one request each, many requests in flight), and each buffer is
+ordered so that a batch takes at most one row per context until every context of the buffer has
+given one (a random row of each, in random order), so a 4096-row batch still comes from as many
+contexts as the buffer holds (about 3,600 at d_in 576 with the default 1 GiB buffer). Setting
+MATS_SAE_READ=chunks reads a local dump the same way (the same batches as from the bucket).
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,9 +31,11 @@ import numpy as np
 import torch
 
 from shared.reader import Dump
-from shared.shard_files import stored_to_float32
+from shared.shard_files import remote_chunk_rows, stored_to_float32
 
 BUFFER_BYTES = 1 << 30  # default shuffle buffer: about 1 GiB of float32 rows
+READ_ENV = "MATS_SAE_READ"  # "chunks": read a local dump in whole chunks, as from object storage
+FETCH_THREADS = 16  # chunk requests in flight when reading whole chunks
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,8 @@ class ActivationLoader:
 
     def __init__(self, dump: Dump, batch_size: int, seed: int, device: str | torch.device = "cpu",
                  buffer_rows: int | None = None, block_rows: int = 16,
-                 rows: tuple[int, int] | None = None, prefetch_batches: int = 4):
+                 rows: tuple[int, int] | None = None, prefetch_batches: int = 4,
+                 whole_chunks: bool | None = None):
         self.dump = dump
         self.batch_size = batch_size
         self.seed = seed
@@ -63,6 +75,34 @@ class ActivationLoader:
         self.prefetch_batches = prefetch_batches
         self.rows_read = 0  # rows gathered from disk so far (a sweep reads each batch once)
         self._pin = self.device.type == "cuda"
+        if whole_chunks is None:
+            whole_chunks = getattr(dump, "remote", False) or os.environ.get(READ_ENV) == "chunks"
+        self.whole_chunks = whole_chunks
+        self._chunk_rows = [self._shard_chunk_rows(i) for i in range(dump.n_shards)] if whole_chunks else []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _shard_chunk_rows(self, index: int) -> int:
+        """Rows per chunk of a shard: zarr's own chunks; for safetensors, the object-storage size."""
+        chunks = getattr(self.dump.shard(index).activations, "chunks", None)
+        if chunks:
+            return int(chunks[0])
+        return remote_chunk_rows(self.dump.d_in, 2 if self.dump.dtype != "float32" else 4)
+
+    def _blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, lengths) of the units an epoch permutes: block_rows-row blocks from `lo`, or
+        with whole_chunks the shards' chunks, cut to [lo, hi)."""
+        if not self.whole_chunks:
+            starts = np.arange(self.lo, self.hi, self.block_rows, dtype=np.int64)
+            return starts, np.minimum(self.block_rows, self.hi - starts)
+        starts_l, ends_l = [], []
+        for i in range(self.dump.n_shards):
+            s_lo, s_hi = self.dump.shard_range(i)
+            edges = np.arange(s_lo, s_hi, self._chunk_rows[i], dtype=np.int64)
+            starts_l.append(np.maximum(edges, self.lo))
+            ends_l.append(np.minimum(np.minimum(edges + self._chunk_rows[i], s_hi), self.hi))
+        starts, ends = np.concatenate(starts_l), np.concatenate(ends_l)
+        keep = ends > starts
+        return starts[keep], ends[keep] - starts[keep]
 
     @property
     def n_rows(self) -> int:
@@ -73,8 +113,7 @@ class ActivationLoader:
         return -(-self.n_rows // self.batch_size)
 
     def plan(self, epoch: int) -> EpochPlan:
-        starts = np.arange(self.lo, self.hi, self.block_rows, dtype=np.int64)
-        lens = np.minimum(self.block_rows, self.hi - starts)
+        starts, lens = self._blocks()
         order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(starts))
         return EpochPlan(starts[order], lens[order])
 
@@ -100,6 +139,8 @@ class ActivationLoader:
         numpy, not torch, does this work: the loader threads must not share torch's intra-op
         thread pool with the training step (on a CPU, oversubscribing it slows the step).
         """
+        if self.whole_chunks:
+            return self._gather_chunks(rows)
         out = np.empty((len(rows), self.dump.d_in), dtype=np.float32)
         at = 0
         for i in range(self.dump.n_shards):
@@ -115,8 +156,65 @@ class ActivationLoader:
         self.rows_read += len(rows)
         return torch.from_numpy(out)
 
-    def _permutation(self, epoch: int, buffer: int, n: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, buffer + 1]).permutation(n)
+    def _gather_chunks(self, rows: np.ndarray) -> torch.Tensor:
+        """gather() reading every chunk the rows touch whole, FETCH_THREADS requests in flight;
+        each chunk's rows are copied out as it arrives, so at most that many chunks are held."""
+        from shared.shard_files import read_chunk
+
+        out = np.empty((len(rows), self.dump.d_in), dtype=np.float32)
+        jobs = []  # (shard, chunk, positions in `rows`, rows inside the chunk)
+        for i in range(self.dump.n_shards):
+            s_lo, s_hi = self.dump.shard_range(i)
+            a, b = np.searchsorted(rows, [s_lo, s_hi])
+            if a == b:
+                continue
+            local = rows[a:b] - s_lo
+            c = self._chunk_rows[i]
+            chunk_of = local // c
+            cuts = np.flatnonzero(np.diff(chunk_of)) + 1
+            for pos, loc in zip(np.split(np.arange(a, b), cuts), np.split(local, cuts)):
+                jobs.append((i, int(loc[0] // c), pos, loc - (loc[0] // c) * c))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="loader-fetch")
+        dump = self.dump
+
+        def fetch(job):
+            i, chunk, _, _ = job
+            arr = dump.shard(i).activations
+            if hasattr(arr, "chunks"):  # zarr: one object per chunk, a damaged one is named
+                return read_chunk(dump.path / dump.manifest.shards[i].file, "activations", arr, chunk)
+            c = self._chunk_rows[i]
+            return np.asarray(arr[chunk * c : (chunk + 1) * c])
+
+        pending = []
+        for job in jobs:
+            pending.append((job, self._pool.submit(fetch, job)))
+            if len(pending) >= 2 * FETCH_THREADS:
+                self._take(out, *pending.pop(0))
+        for item in pending:
+            self._take(out, *item)
+        self.rows_read += len(rows)
+        return torch.from_numpy(out)
+
+    def _take(self, out: np.ndarray, job: tuple, future) -> None:
+        _, _, pos, inside = job
+        out[pos] = stored_to_float32(future.result()[inside], self.dump.dtype)
+
+    def _permutation(self, epoch: int, buffer: int, n: int, rows: np.ndarray | None = None) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, buffer + 1])
+        if not self.whole_chunks:
+            return rng.permutation(n)
+        # A random order, then stably layered by each row's rank among its context's rows in that
+        # order: layer r holds one random row of every context with more than r rows, shuffled.
+        u = rng.permutation(n)
+        ctx = rows[u] // self.dump.manifest.rows_per_context
+        by_ctx = np.argsort(ctx, kind="stable")
+        sorted_ctx = ctx[by_ctx]
+        first = np.r_[0, np.flatnonzero(sorted_ctx[1:] != sorted_ctx[:-1]) + 1]
+        sizes = np.diff(np.r_[first, n])
+        rank = np.empty(n, dtype=np.int64)
+        rank[by_ctx] = np.arange(n) - np.repeat(first, sizes)
+        return u[np.lexsort((rng.random(n), rank))]
 
     def _buffers(self, start_batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """(rows of one buffer, its row permutation, first batch to emit from it), in order."""
@@ -126,9 +224,10 @@ class ActivationLoader:
         while True:
             plan = self.plan(epoch)
             for buffer in range(in_epoch // per_buffer, n_buffers):
-                data = self.gather(self._buffer_rows_index(plan, buffer)).numpy()
+                rows = self._buffer_rows_index(plan, buffer)
+                data = self.gather(rows).numpy()
                 skip = in_epoch - buffer * per_buffer if buffer == in_epoch // per_buffer else 0
-                yield data, self._permutation(epoch, buffer, len(data)), skip
+                yield data, self._permutation(epoch, buffer, len(data), rows), skip
             epoch, in_epoch = epoch + 1, 0
 
     def _cut(self, buffers: Iterator[tuple[np.ndarray, np.ndarray, int]]) -> Iterator[torch.Tensor]:

@@ -22,6 +22,7 @@ from shared import atomic
 from shared.device import pick_device
 from shared.errors import UserError
 from shared.reader import Dump, open_dump
+from shared.storage import absolute
 from shared.run_paths import plain_name
 from shared.saes import SAE
 from train.arch_settings import check_settings_used, check_shapes
@@ -91,7 +92,7 @@ def dump_identity(dump: Dump, train_rows: tuple[int, int]) -> dict[str, Any]:
     """What a checkpoint records about its activations (and what a resume must match); the dump
     path absolute, so the run folder finds it from any directory."""
     m = dump.manifest
-    return {"shards": str(Path(dump.path).resolve()), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
+    return {"shards": absolute(dump.path), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
             "hook_point_layer": m.layer, "model_name": m.model, "dataset_path": m.dataset,
             "context_size": m.context_size, "prepend_bos": m.prepend_bos, "skip_bos": m.skip_bos,
             "d_in_dump": m.d_in, "train_rows": list(train_rows),
@@ -178,7 +179,7 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
 def with_absolute_dump(cfg: LanguageModelSAERunnerConfig) -> LanguageModelSAERunnerConfig:
     """The config with its dump path absolute: configs saved in run folders must not depend on
     the directory training ran from."""
-    return replace(cfg, shards=str(Path(cfg.shards).resolve())) if cfg.shards else cfg
+    return replace(cfg, shards=absolute(cfg.shards)) if cfg.shards else cfg
 
 
 def run_folder(cfg: LanguageModelSAERunnerConfig, default_name: str) -> Path:
