@@ -5,6 +5,7 @@ import click
 
 from harvest.config import HarvestConfig
 from shared.cli_errors import one_line_errors
+from shared.storage import ENDPOINT_HELP
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
@@ -43,8 +44,7 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
               help="Output folder, or object storage as s3://bucket/prefix "
                    "[data/{model}_l{layer}; several hooks: data/{model}/{hook}].")
 @click.option("--s3-endpoint", default=None, metavar="URL",
-              help="Endpoint of an S3-compatible store (MinIO, R2, Ceph) [AWS_ENDPOINT_URL_S3, "
-                   "AWS_ENDPOINT_URL, else AWS S3]; credentials from the standard AWS variables and files.")
+              help=ENDPOINT_HELP)
 @click.option("--device", default=None, help="Device [cuda if available, else cpu].")
 @click.option("--seed", default=42, show_default=True, type=int, help="Seed for document shuffling.")
 @click.option("--shuffle-documents/--no-shuffle-documents", default=False, show_default=True,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
+from shared.storage import is_remote, location
 
 
 def plain_name(name: Any, where: str) -> str:
@@ -35,6 +36,8 @@ def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Path:
     recorded = cfg.get("shards")
     if not recorded:
         raise UserError(f"{sae_folder}/cfg.json names no dump: pass --shards DUMP_FOLDER")
+    if is_remote(recorded):  # s3://bucket/prefix: used as recorded
+        return location(recorded)
     path = Path(recorded)
     candidates = [path] if path.is_absolute() else [Path(sae_folder) / path, path]
     for candidate in candidates:

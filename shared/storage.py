@@ -104,6 +104,17 @@ def set_endpoint(url: str | None) -> None:
     _endpoint_override = url or None
 
 
+ENDPOINT_HELP = ("Endpoint of an S3-compatible store for s3:// dumps (MinIO, R2, Ceph) [AWS_ENDPOINT_URL_S3, "
+                 "AWS_ENDPOINT_URL, else AWS S3]; credentials from the standard AWS variables and files.")
+
+
+def endpoint_option(_ctx: Any, _param: Any, value: str | None) -> str | None:
+    """click callback of `--s3-endpoint` (commands need no parameter for it)."""
+    if value:
+        set_endpoint(value)
+    return value
+
+
 def endpoint() -> str | None:
     return _endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 

@@ -181,6 +181,16 @@ def test_train_from_bucket_equals_train_from_disk(tiny_model, token_dataset, tmp
     assert w1 == w2
     cfg = json.loads((tmp_path / "r1" / "final" / "cfg.json").read_text())
     assert cfg["shards"] == url  # recorded as given: evaluate finds it again
+    from train.evaluation.cli import main as evaluate_main
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # the option instead of the environment
+    storage.reset_stores()
+    endpoint = storage.endpoint()
+    evaluated = CliRunner().invoke(evaluate_main, [str(tmp_path / "r1"), "--no-model", "--quiet",
+                                                   "--s3-endpoint", s3[0].meta.endpoint_url])
+    storage.set_endpoint(endpoint)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((tmp_path / "r1" / "eval.json").read_text())["dump"] == url
 
 
 def test_corrupted_object_is_named_by_train(tiny_model, token_dataset, tmp_path, s3):

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from shared.cli_errors import one_line_errors
+from shared.storage import ENDPOINT_HELP, endpoint_option
 from shared.errors import UserError
 from shared.run_paths import dump_path_for
 from train.config import LanguageModelSAERunnerConfig
@@ -81,6 +82,7 @@ def read_config_file(path: str) -> dict[str, Any]:
                    "--sweep architecture=topk,jumprelu --sweep k=32,64).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
+@click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--overwrite", is_flag=True,
               help="Replace a run (or sweep) with other settings already in --checkpoint-path; without it "

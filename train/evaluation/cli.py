@@ -8,6 +8,7 @@ import click
 
 from shared import atomic
 from shared.cli_errors import one_line_errors
+from shared.storage import ENDPOINT_HELP, endpoint_option
 from shared.errors import UserError
 
 
@@ -38,7 +39,9 @@ class _Dumps:
         from train.evaluation.run_eval import check_dump_fits
 
         cfg = read_cfg(final)
-        path = Path(self.shards) if self.shards else dump_path_for(final, cfg)
+        from shared.storage import location
+
+        path = location(self.shards) if self.shards else dump_path_for(final, cfg)
         key = str(path.resolve())
         if key not in self.opened:
             from shared.reader import open_dump
@@ -157,6 +160,7 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
 @click.option("--top-examples", "top_n", type=int, default=0,
               help="Only show the N contexts where each of --features fires most (no model run).")
 @click.option("--features", default="", help="Comma-separated feature indices for --top-examples.")
+@click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
          verify, dashboard, top_n, features, quiet) -> None:
