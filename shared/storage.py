@@ -159,8 +159,11 @@ def store_for(where: RemotePath) -> Any:
     with _lock:
         if cache_key in _stores:
             return _stores[cache_key]
-        from obstore.store import S3Store
-
+        try:
+            from obstore.store import S3Store
+        except ImportError:
+            raise UserError(f"{where}: reading and writing s3:// dumps needs obstore: "
+                            "pip install 'mats-sae-training[s3]'") from None
         kwargs: dict[str, Any] = {"region": _region(), **_credentials()}
         if url:
             kwargs.update(endpoint=url, virtual_hosted_style_request=False)
