@@ -87,7 +87,15 @@ def read_checkpoint_index(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / CHECKPOINT_INDEX
     if not path.is_file():
         return []
-    entries = json.loads(path.read_text())
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TypeError("not a list of checkpoint entries")
+        for e in entries:
+            if not isinstance(e.get("step"), int) or not isinstance(e.get("tokens"), int):
+                raise TypeError(f"entry {e} lacks an integer step or tokens")
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); restore it or start the run again") from None
     for e in entries:
         plain_name(e.get("folder"), str(path))
     return entries
@@ -110,9 +118,38 @@ def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:
 def read_state(folder: Path) -> dict[str, Any]:
     path = Path(folder) / STATE_JSON
     if not path.is_file():
-        raise UserError(f"{folder} is not a checkpoint of this tool (no {STATE_JSON}); "
-                        "pass a folder such as data/runs/<run>/final")
-    return json.loads(path.read_text())
+        raise UserError(_not_a_checkpoint(Path(folder)))
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise TypeError("not a JSON object")
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); resume from another checkpoint "
+                        "of the run or start it again") from None
+    return state
+
+
+def _not_a_checkpoint(folder: Path) -> str:
+    """Why `folder` cannot be resumed from, and what to do instead."""
+    entries = read_checkpoint_index(folder) if (folder / CHECKPOINT_INDEX).is_file() else []
+    if entries:
+        return (f"{folder} is a run folder, not a checkpoint: resume from its latest checkpoint, "
+                f"--resume-from {folder / entries[-1]['folder']}")
+    if (folder / "config.json").is_file() or (folder / "metrics.jsonl").is_file():
+        return (f"{folder} holds a run stopped before its first checkpoint: there is nothing to resume; "
+                "start it again with the same command and --overwrite")
+    return f"{folder} is not a checkpoint of this tool (no {STATE_JSON}); pass a folder such as data/runs/<run>/final"
+
+
+def _read_state_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / STATE_TENSORS
+    try:
+        return load_file(str(path), device="cpu")
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; resume from another checkpoint of the run or start it again") from None
+    except Exception as e:  # safetensors reports damage with its own error type
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); resume from another checkpoint "
+                        "of the run or start it again") from None
 
 
 @torch.no_grad()
@@ -120,7 +157,7 @@ def load_trainer_state_(trainer: SAETrainer, folder: Path) -> None:
     """Put a freshly built trainer into exactly the state saved in `folder`."""
     folder = Path(folder)
     state = read_state(folder)
-    tensors = load_file(str(folder / STATE_TENSORS), device="cpu")
+    tensors = _read_state_tensors(folder)
     # Fused Adam keeps its step count on the parameter's device, the for-each one on the CPU.
     step_device = trainer.device if trainer.optimizer.defaults.get("fused") else torch.device("cpu")
     for n, param in trainer.sae.named_parameters():

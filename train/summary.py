@@ -202,6 +202,8 @@ def read_sweep_runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
         runs, keys = raw["runs"], raw["keys"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); restore it or start the sweep again") from None
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        raise UserError(f"{path} lists no SAEs; restore it or start the sweep again")
     for r in runs:
         plain_name(r.get("name"), str(path))
     return runs, keys

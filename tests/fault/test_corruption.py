@@ -163,11 +163,7 @@ CORRUPTIONS: dict[str, Callable[[Path], None]] = {
 DURING_TRAINING = {"nan-injected-checksums-updated"}
 
 # Entries that are not refused yet, per command, with the fix that is landing for them.
-PENDING: dict[tuple[str, str], str] = {
-    ("nan-injected-checksums-updated", "evaluate"):
-        "defect (not among issue 10's fixes): evaluate writes eval.json with mse nan for a dump whose "
-        "rows hold NaN (checksums intact)",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def cases():

@@ -290,9 +290,6 @@ def test_sweep_killed_before_its_saes_exist_resumes(train_dump, tmp_path, monkey
     assert sweep_weights(root) == sweep_weights(tmp_path / "ref")
 
 
-@pytest.mark.xfail(strict=True, reason="defect (reported): `train --resume-from RUN` on a run killed before "
-                   "its first checkpoint says 'not a checkpoint ... pass a folder such as "
-                   "data/runs/<run>/final' (a folder that does not exist) instead of saying to start again")
 def test_run_killed_before_its_first_checkpoint_is_told_to_start_again(train_dump, tmp_path):
     run = tmp_path / "run"
     args = train_args(train_dump, run)

@@ -107,15 +107,6 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
 # (damage, command) -> why it is not refused yet
 _BUG = "defect (reported, not among issue 10's fixes): "
 PENDING: dict[tuple[str, str], str] = {
-    ("sweep-json-no-runs", "resume"): _BUG + "a sweep.json listing no SAEs: internal error (IndexError)",
-    ("sweep-json-no-runs", "evaluate"): _BUG + "a sweep.json listing no SAEs: evaluate succeeds and writes "
-                                               "an empty summary",
-    ("checkpoints-json-not-json", "resume"): _BUG + "a damaged checkpoints.json: internal error "
-                                                    "(JSONDecodeError) asking for a bug report",
-    ("trainer-state-json-not-json", "resume"): _BUG + "a damaged trainer_state.json: internal error "
-                                                      "(JSONDecodeError) asking for a bug report",
-    ("trainer-state-tensors-truncated", "resume"): _BUG + "a truncated trainer_state.safetensors: internal "
-                                                          "error (SafetensorError) asking for a bug report",
 }
 
 

@@ -9,6 +9,7 @@ from shared.errors import UserError
 from shared.models import resolve_model_name
 from shared.reader import Dump
 from shared.saes import SAE
+from train.evaluation.rows import float_rows
 from train.evaluation.tokens import context_tokens
 
 
@@ -35,7 +36,7 @@ def top_examples(sae: SAE, dump: Dump, features: list[int], n: int,
     best_rows = torch.empty(0, len(features), dtype=torch.int64, device=device)
     for a in range(start, stop, chunk_rows):
         b = min(a + chunk_rows, stop)
-        acts = sae.encode(dump.activations(a, b).to(device, torch.float32))[:, index]  # [chunk, features]
+        acts = sae.encode(float_rows(dump, a, b, device))[:, index]  # [chunk, features]
         ids = torch.arange(a, b, device=device).unsqueeze(1).expand_as(acts)
         best = torch.cat([best, acts])
         best_rows = torch.cat([best_rows, ids])

@@ -27,6 +27,7 @@ import torch
 from shared.errors import DumpError, UserError
 from shared.reader import Dump
 from shared.saes import SAE
+from train.evaluation.rows import float_rows
 
 
 @dataclass
@@ -140,7 +141,7 @@ def feature_stats(sae: SAE, dump: Dump, cfg: FeatureStatsConfig | None = None,
     for a in range(start, stop, chunk):
         b = min(a + chunk, stop)
         _check_context_order(dump, a, b)
-        x = dump.activations(a, b).to(device, torch.float32)  # [c, d_in]
+        x = float_rows(dump, a, b, device)  # [c, d_in]
         tokens = torch.from_numpy(dump.column("tokens", a, b).astype(np.int64)).to(device)  # [c]
         state.add_(a, sae.encode(x), tokens, rpc)
         if progress is not None:

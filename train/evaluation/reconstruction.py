@@ -12,6 +12,7 @@ import torch
 from shared.errors import UserError
 from shared.reader import Dump
 from shared.saes import SAE
+from train.evaluation.rows import float_rows
 
 DENSE_THRESHOLD = 0.1
 """A feature firing on more than this fraction of rows counts as dense (it acts like a bias,
@@ -37,7 +38,7 @@ def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
     device = torch.device(device)
     sums = _ReconstructionSums(dump.d_in, sae.cfg.d_sae, device)
     for a in range(start, stop, chunk_rows):
-        x = dump.activations(a, min(a + chunk_rows, stop)).to(device, torch.float32)  # [chunk, d_in]
+        x = float_rows(dump, a, min(a + chunk_rows, stop), device)  # [chunk, d_in]
         sums.add_(x, sae(x))
     return sums.metrics()
 
