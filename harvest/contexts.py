@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,16 +56,20 @@ class BatchProducer:
 
     Yields (first_context_index, tokens [batch, context_size] int64) for contexts
     [skip, n_contexts), batched on the global grid of `batch_size` so a resumed run forms exactly
-    the batches an uninterrupted run formed (forward results depend on the batch).
+    the batches an uninterrupted run formed (forward results depend on the batch). `keep` (batch
+    index -> bool), when given, selects the batches to yield (a rank's share of a harvest split
+    over processes); the others are skipped without being stacked.
     """
 
     def __init__(self, contexts: Iterator[np.ndarray], n_contexts: int, batch_size: int,
-                 context_size: int, start_batch: int = 0, prefetch_batches: int = 4):
+                 context_size: int, start_batch: int = 0, prefetch_batches: int = 4,
+                 keep: Callable[[int], bool] | None = None):
         self._contexts = contexts
         self._context_size = context_size
         self._n = n_contexts
         self._b = batch_size
         self._start = start_batch * batch_size
+        self._keep = keep
         self._q: queue.Queue = queue.Queue(maxsize=prefetch_batches)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="harvest-tokens", daemon=True)
@@ -85,10 +89,10 @@ class BatchProducer:
             index = 0
             batch: list[np.ndarray] = []
             for ctx in self._contexts:
-                if index >= self._start:
+                if index >= self._start and (self._keep is None or self._keep(index // self._b)):
                     batch.append(ctx)
                 index += 1
-                if len(batch) == self._b or (index == self._n and batch):
+                if batch and (index % self._b == 0 or index == self._n):
                     if not self._put((index - len(batch), np.stack(batch))):
                         return
                     batch = []

@@ -112,8 +112,36 @@ class HarvestResult:
 
 
 def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bool = True) -> HarvestResult:
-    """Harvest activations for every hook in `cfg` (one model pass for all of them)."""
-    device = str(pick_device(cfg.device))
+    """Harvest activations for every hook in `cfg` (one model pass for all of them).
+
+    Under torchrun every rank harvests a share of the shards (see `harvest.distributed`); only
+    rank 0 logs, shows progress and writes the manifests.
+    """
+    from harvest import distributed
+
+    ranks = distributed.ranks_from_env()
+    device = distributed.rank_device(cfg.device, ranks)
+    created = distributed.start_group(ranks, device, timeout=distributed._TIMEOUT)
+    try:
+        return _harvest(cfg, ranks, str(device), log if ranks.lead else (lambda s: None), progress)
+    except UserError as e:
+        raise distributed.with_rank(ranks, e) from None
+    finally:
+        distributed.end_group(created)
+
+
+def default_shard_rows(cfg: HarvestConfig, d_in: int) -> int:
+    """About SHARD_BYTES of activations, a whole number of forward batches (so that a harvest split
+    over processes cuts the same shards as a single process)."""
+    unit = cfg.batch_size * cfg.rows_per_context
+    rows = SHARD_BYTES // (d_in * TORCH_DTYPE[cfg.dtype].itemsize)
+    return max(unit, rows - rows % unit)
+
+
+def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], None],
+             progress: bool) -> HarvestResult:
+    from harvest import distributed
+
     model = load_model(cfg.model, device, cfg.model_dtype)
     source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
                             cfg.shuffle_documents, cfg.shuffle_buffer_docs)
@@ -124,33 +152,64 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bo
     folders = out_folders(cfg.out, cfg.model, cfg.hooks)
     n_rows = cfg.n_contexts * cfg.rows_per_context
     model_fp = model_fingerprint(model)
+    # Shard by shard (each shard whole, from any rank) under torchrun, and to resume a dump begun so.
+    by_shards = ranks.active or any(distributed.progress_folder(f).is_dir() for f in folders.values()
+                                    if not is_remote(f))
+    if by_shards and any(is_remote(f) for f in folders.values()):
+        raise UserError("a harvest split over processes writes to a local or shared file system "
+                        "folder, not object storage; run it as one process")
 
-    manifests: dict[str, Manifest] = {}
-    bytes_needed = 0
-    for h, folder in folders.items():
-        elem = TORCH_DTYPE[cfg.dtype].itemsize
-        shard_rows = cfg.shard_rows or max(1, SHARD_BYTES // (widths[h] * elem))
-        fields = cfg.data_fields(h, torch.device(device).type) | {"model_fingerprint": model_fp}
-        fp = fingerprint(fields)
-        existing: Existing = inspect_folder(folder, fp, cfg.resume, cfg.overwrite)
-        if existing.done:
-            log(f"{folder} already holds this complete dump; nothing to do")
-            continue
-        m = existing.manifest or new_manifest(cfg, h, widths[h], fields, model, model_fp, source,
-                                              shard_rows)
-        manifests[h] = m
-        done_rows = sum(s.rows for s in m.shards)
-        bytes_needed += (n_rows - done_rows) * (widths[h] * elem + 16)
+    def prepare() -> dict[str, Manifest]:
+        manifests: dict[str, Manifest] = {}
+        bytes_needed = 0
+        for h, folder in folders.items():
+            elem = TORCH_DTYPE[cfg.dtype].itemsize
+            shard_rows = cfg.shard_rows or default_shard_rows(cfg, widths[h])
+            fields = cfg.data_fields(h, torch.device(device).type) | {"model_fingerprint": model_fp}
+            fp = fingerprint(fields)
+            existing: Existing = inspect_folder(folder, fp, cfg.resume, cfg.overwrite)
+            if existing.done:
+                log(f"{folder} already holds this complete dump; nothing to do")
+                continue
+            m = existing.manifest or new_manifest(cfg, h, widths[h], fields, model, model_fp, source,
+                                                  shard_rows)
+            if by_shards:
+                distributed.check_shard_rows(m.shard_rows, cfg.batch_size, cfg.rows_per_context, str(folder))
+            manifests[h] = m
+            done_rows = sum(s.rows for s in m.shards)
+            bytes_needed += (n_rows - done_rows) * (widths[h] * elem + 16)
+        if by_shards and len({m.shard_rows for m in manifests.values()}) > 1:
+            raise UserError("a harvest split over processes cuts every hook's dump at the same rows: "
+                            "pass one --shard-rows for all hooks (a multiple of batch-size x rows per "
+                            f"context = {cfg.batch_size * cfg.rows_per_context})")
+        if not manifests:
+            return manifests
+        check_disk([folders[h] for h in manifests], bytes_needed, log)
+        for h, m in manifests.items():
+            if not is_remote(folders[h]):
+                folders[h].mkdir(parents=True, exist_ok=True)
+            atomic.write_json(folders[h] / MANIFEST_NAME, m.to_dict())
+            if by_shards:
+                distributed.prepare_rank_folder(folders[h])
+        return manifests
+
+    manifests = distributed.agree(ranks, prepare if ranks.lead else dict)
+    if ranks.active:  # the other ranks read the manifests rank 0 prepared, for the hooks left to do
+        manifests = distributed.agree(ranks, (lambda: manifests) if ranks.lead else lambda: {
+            h: m for h, m in ((h, distributed.read_prepared(f)) for h, f in folders.items()) if not m.complete})
     if not manifests:
         return HarvestResult(folders)
-    check_disk([folders[h] for h in manifests], bytes_needed, log)
+    if by_shards:
+        tokens, seconds = distributed.run_by_shards(cfg, ranks, model, source, manifests, folders, stop,
+                                                    device, progress, log)
+        result = HarvestResult(folders, tokens, seconds)
+        log(f"harvested {tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s)"
+            + (f" on rank 0 of {ranks.world}" if ranks.active else ""))
+        return result
 
     pin = torch.device(device).type == "cuda"
     writers: dict[str, ShardWriter] = {}
     for h, m in manifests.items():
-        if not is_remote(folders[h]):
-            folders[h].mkdir(parents=True, exist_ok=True)
-        atomic.write_json(folders[h] / MANIFEST_NAME, m.to_dict())
         writers[h] = ShardWriter(folders[h], m, n_rows, pin)
     start = time.perf_counter()
     try:

@@ -1,0 +1,334 @@
+"""Several processes, one dump: `torchrun --nproc-per-node N -m harvest ...` (multi-node alike).
+
+torch.distributed, env:// rendezvous (the variables torchrun sets), gloo on CPU, nccl on CUDA; each
+rank runs on its own device (cuda:LOCAL_RANK when CUDA is there).
+
+Work is split in whole shards, round-robin over the shards still to do: rank r takes the r-th,
+(r+N)-th, ... A shard is a whole number of forward batches (shard_rows a multiple of batch_size x
+rows_per_context), so every rank forms exactly the batches a single process forms, on the same
+global grid, and writes exactly the same shard files. Each finished shard's manifest entry
+(checksum, float64 sums) goes to its own small file in `.harvest-shards/`; after a barrier rank 0
+gathers them in shard order into manifest.json, computes the statistics as a single process does,
+marks the dump complete and deletes that folder. The dump is then byte-for-byte the dump of a
+single process with the same settings, whatever N.
+
+A rank that dies leaves every shard it finished (file + entry); `--resume` (with any N, or a
+single process) redoes only the shards without both.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from shared import atomic
+from shared.device import pick_device
+from shared.errors import UserError
+from shared.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest
+
+PROGRESS = ".harvest-shards"  # inside a dump being harvested shard by shard: one entry file per shard
+_TIMEOUT = dt.timedelta(hours=12)  # ranks wait at barriers for the slowest one (imbalance: a shard)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes torchrun started (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+
+def ranks_from_env() -> Ranks:
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK {rank} does not fit WORLD_SIZE {world}")
+    return Ranks(rank, world, local)
+
+
+def rank_device(asked: str | None, ranks: Ranks) -> torch.device:
+    """The device of this rank: cuda:LOCAL_RANK when CUDA is asked for (or is there, unasked)."""
+    if ranks.active and (asked == "cuda" or (asked is None and torch.cuda.is_available())):
+        asked = f"cuda:{ranks.local_rank}"
+    device = pick_device(asked)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def start_group(ranks: Ranks, device: torch.device, timeout: dt.timedelta | None = None) -> bool:
+    """Join the process group (env:// rendezvous); True if this call created it."""
+    import torch.distributed as dist
+
+    if not ranks.active or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    dist.init_process_group(backend=backend, init_method="env://", rank=ranks.rank,
+                            world_size=ranks.world, **kwargs)
+    return True
+
+
+def end_group(created: bool) -> None:
+    import torch.distributed as dist
+
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def agree(ranks: Ranks, body: Callable[[], Any]) -> Any:
+    """Run `body` on every rank; if it fails on any, every rank stops with one line (the failing
+    rank with its own error, the others naming it) instead of waiting at the next collective."""
+    if not ranks.active:
+        return body()
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = body()
+    except Exception as e:  # re-raised below, after every rank knows
+        error = e
+    said: list[Any] = [None] * ranks.world
+    dist.all_gather_object(said, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [r for r, s in enumerate(said) if s is not None]
+    if failed:
+        raise UserError(f"rank {ranks.rank}: stopped because rank {failed[0]} failed ({said[failed[0]]})")
+    return result
+
+
+def with_rank(ranks: Ranks, e: UserError) -> UserError:
+    """The same error, its message starting with the rank (one line per rank under torchrun)."""
+    if not ranks.active or str(e).startswith("rank "):
+        return e
+    try:
+        return type(e)(f"rank {ranks.rank}: {e}")
+    except TypeError:
+        return UserError(f"rank {ranks.rank}: {e}")
+
+
+# ---- shards ------------------------------------------------------------------------------------
+def batch_unit(batch_size: int, rows_per_context: int) -> int:
+    """Rows in one forward batch: shards of a shard-by-shard harvest are whole numbers of them."""
+    return batch_size * rows_per_context
+
+
+def check_shard_rows(shard_rows: int, batch_size: int, rows_per_context: int, where: str) -> None:
+    unit = batch_unit(batch_size, rows_per_context)
+    if shard_rows % unit:
+        up = -(-shard_rows // unit) * unit
+        raise UserError(f"{where}: a harvest split over processes needs --shard-rows to be a multiple "
+                        f"of batch-size x rows per context = {unit} (got {shard_rows}); pass "
+                        f"--shard-rows {up}")
+
+
+def n_shards(n_rows: int, shard_rows: int) -> int:
+    return max(1, -(-n_rows // shard_rows))
+
+
+def progress_folder(folder: Path) -> Path:
+    return Path(folder) / PROGRESS
+
+
+def entry_path(folder: Path, index: int) -> Path:
+    return progress_folder(folder) / f"{index:06d}.json"
+
+
+def finished_shards(folder: Path, m: Manifest) -> dict[int, ShardEntry]:
+    """Shards already on disk with their entries: the manifest's (a single process's prefix) and
+    the entry files of ranks, each only while its shard file is there."""
+    done = {s.first_row // m.shard_rows: s for s in m.shards}
+    progress = progress_folder(folder)
+    if progress.is_dir():
+        for p in sorted(progress.glob("*.json")):
+            try:
+                entry = ShardEntry(**json.loads(p.read_text()))
+            except (ValueError, TypeError):
+                continue  # unreadable: the shard is done again
+            if (Path(folder) / entry.file).exists():
+                done.setdefault(entry.first_row // m.shard_rows, entry)
+    return done
+
+
+class RankShardWriter:
+    """Collects one hook's rows of this rank's shards, in order, and writes each shard whole."""
+
+    def __init__(self, folder: Path, manifest: Manifest, n_rows: int):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.n_rows = n_rows
+        self.bytes_written = 0
+        self._index: int | None = None
+        self._parts: list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._fill = 0
+
+    def _size(self, index: int) -> int:
+        sr = self.manifest.shard_rows
+        return min(sr, self.n_rows - index * sr)
+
+    def add(self, first_row: int, acts: torch.Tensor, tokens: np.ndarray, context: np.ndarray,
+            position: np.ndarray) -> None:
+        index = first_row // self.manifest.shard_rows
+        if self._index is None:
+            self._index = index
+        assert index == self._index and first_row == index * self.manifest.shard_rows + self._fill
+        self._parts.append((acts.cpu(), tokens, context, position))
+        self._fill += acts.shape[0]
+        if self._fill == self._size(index):
+            self._write()
+
+    def _write(self) -> None:
+        from harvest.writer import NonFiniteActivations, first_non_finite
+        from shared.dump_writer import shard_stats, write_shard
+        from shared.manifest import shard_name
+
+        m, index = self.manifest, self._index
+        assert index is not None
+        acts = torch.cat([p[0] for p in self._parts])
+        tokens, context, position = (np.concatenate([p[i] for p in self._parts]) for i in (1, 2, 3))
+        self._parts, self._fill, self._index = [], 0, None
+        first_row = index * m.shard_rows
+        stats = shard_stats(acts)
+        if not np.isfinite(stats[1]):
+            bad = first_non_finite(acts)
+            if bad is not None:
+                raise NonFiniteActivations(
+                    f"non-finite activation in {shard_name(index, m.format)} at row {bad} (dump row "
+                    f"{first_row + bad}, context {context[bad]}, position {position[bad]}); try "
+                    "--model-dtype float32 or check the model")
+        entry = write_shard(self.folder, m, index, first_row, acts, tokens, context, position, stats=stats)
+        atomic.write_json(entry_path(self.folder, index), asdict(entry))
+        self.bytes_written += acts.numel() * acts.element_size() + len(tokens) * 16
+
+    def pending(self) -> bool:
+        return bool(self._parts)
+
+
+def complete_dump(folder: Path, m: Manifest, n_rows: int) -> None:
+    """Rank 0, after every rank finished: the manifest indexes every shard, in shard order."""
+    done = finished_shards(folder, m)
+    want = n_shards(n_rows, m.shard_rows)
+    missing = [i for i in range(want) if i not in done]
+    if missing:
+        raise UserError(f"{folder}: shards {missing[:5]} were not written; rerun the same command "
+                        "with --resume")
+    m.shards = [done[i] for i in range(want)]
+    m.n_rows = sum(s.rows for s in m.shards)
+    m.finalize_stats()
+    m.complete = True
+    atomic.write_json(Path(folder) / MANIFEST_NAME, m.to_dict())
+    shutil.rmtree(progress_folder(folder), ignore_errors=True)
+
+
+def run_by_shards(cfg: Any, ranks: Ranks, model: Any, source: Any, manifests: dict[str, Manifest],
+                  folders: dict[str, Path], stop: int | None, device: str, progress: bool,
+                  log: Callable[[str], None]) -> tuple[int, float]:
+    """Harvest this rank's share of the shards still missing, then (rank 0) complete the dumps.
+
+    `manifests`: the hooks still to do, the same on every rank (rank 0 wrote them to disk).
+    Returns (tokens this rank ran through the model, seconds).
+    """
+    from tqdm import tqdm
+
+    from harvest.contexts import BatchProducer, pack_contexts
+    from harvest.data import iter_token_docs
+    from harvest.run import row_columns
+    from shared.models import bos_token_id
+    from shared.shard_files import TORCH_DTYPE
+
+    rpc, bsz = cfg.rows_per_context, cfg.batch_size
+    n_rows = cfg.n_contexts * rpc
+    hooks = list(manifests)
+    shard_rows = manifests[hooks[0]].shard_rows
+    unit = batch_unit(bsz, rpc)
+    done_all = set.intersection(*(set(finished_shards(folders[h], manifests[h])) for h in hooks))
+    todo = [i for i in range(n_shards(n_rows, shard_rows)) if i not in done_all]
+    mine = set(todo[ranks.rank :: ranks.world])
+    if ranks.lead:
+        log(f"{len(todo)} of {n_shards(n_rows, shard_rows)} shards to harvest, over {ranks.world} "
+            f"process(es); rank 0 takes {len(mine)}")
+    batches_per_shard = shard_rows // unit
+    writers = {h: RankShardWriter(folders[h], manifests[h], n_rows) for h in hooks}
+    storage = TORCH_DTYPE[cfg.dtype]
+    done = 0
+    start = time.perf_counter()
+    if mine:
+        first_batch = min(mine) * batches_per_shard
+        last_batch = min(-(-cfg.n_contexts // bsz), (max(mine) + 1) * batches_per_shard) - 1
+        docs = iter_token_docs(source, getattr(model, "tokenizer", None))
+        contexts = pack_contexts(docs, cfg.context_size, bos_token_id(model), cfg.prepend_bos)
+        producer = BatchProducer(contexts, cfg.n_contexts, bsz, cfg.context_size, first_batch,
+                                 keep=lambda b: b // batches_per_shard in mine)
+        my_tokens = sum(min(shard_rows, n_rows - i * shard_rows) // rpc for i in mine) * cfg.context_size
+        bar = tqdm(total=my_tokens, unit="tok", unit_scale=True, disable=not (progress and ranks.lead),
+                   desc="harvest" + (f" (rank 0 of {ranks.world})" if ranks.active else ""), smoothing=0.1)
+        try:
+            with torch.inference_mode():
+                for first_ctx, toks in producer:
+                    batch = torch.from_numpy(toks).to(device, non_blocking=True)
+                    _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop,
+                                                    return_cache_object=False)
+                    cols = row_columns(toks, first_ctx, cfg.skip_bos)
+                    for h in hooks:
+                        acts = cache[h]
+                        if cfg.skip_bos:
+                            acts = acts[:, 1:]
+                        acts = acts.reshape(-1, manifests[h].d_in).to(storage)
+                        writers[h].add(first_ctx * rpc, acts, *cols)
+                    bar.update(toks.size)
+                    done += toks.size
+                    bar.set_postfix_str(f"{sum(w.bytes_written for w in writers.values()) / 1e9:.2f} GB "
+                                        "written", refresh=False)
+                    if first_ctx // bsz >= last_batch:
+                        break
+        finally:
+            producer.close()
+            bar.close()
+        assert not any(w.pending() for w in writers.values())
+    seconds = time.perf_counter() - start
+    barrier(ranks)
+    if ranks.lead:
+        for h in hooks:
+            complete_dump(folders[h], manifests[h], n_rows)
+    barrier(ranks)
+    return done, seconds
+
+
+def prepare_rank_folder(folder: Path) -> None:
+    """Rank 0, after writing the manifest: the folder for the shard entries."""
+    progress_folder(folder).mkdir(parents=True, exist_ok=True)
+
+
+def read_prepared(folder: Path) -> Manifest:
+    """Ranks other than 0: the manifest rank 0 prepared."""
+    return read_manifest(folder)
