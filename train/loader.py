@@ -16,15 +16,19 @@ shards' chunks (thousands of rows, one request each, many requests in flight), a
 ordered so that a batch takes at most one row per context until every context of the buffer has
 given one (a random row of each, in random order), so a 4096-row batch still comes from as many
 contexts as the buffer holds (about 3,600 at d_in 576 with the default 1 GiB buffer). Setting
-MATS_SAE_READ=chunks reads a local dump the same way (the same batches as from the bucket).
+MATS_SAE_READ=chunks reads a local dump the same way (the same batches as from the bucket), and
+MATS_SAE_CACHE=FOLDER keeps the fetched chunks on local disk for later epochs, runs and sweeps
+(each checked against its sha256 when read back).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -35,6 +39,7 @@ from shared.shard_files import remote_chunk_rows, stored_to_float32
 
 BUFFER_BYTES = 1 << 30  # default shuffle buffer: about 1 GiB of float32 rows
 READ_ENV = "MATS_SAE_READ"  # "chunks": read a local dump in whole chunks, as from object storage
+CACHE_ENV = "MATS_SAE_CACHE"  # a folder keeping chunks fetched from object storage, for later epochs and runs
 FETCH_THREADS = 16  # chunk requests in flight when reading whole chunks
 
 
@@ -177,10 +182,13 @@ class ActivationLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="loader-fetch")
         dump = self.dump
+        cache = os.environ.get(CACHE_ENV) if dump.remote else None
 
         def fetch(job):
             i, chunk, _, _ = job
             arr = dump.shard(i).activations
+            if cache:
+                return cached_chunk(Path(cache), dump, i, chunk)
             if hasattr(arr, "chunks"):  # zarr: one object per chunk, a damaged one is named
                 return read_chunk(dump.path / dump.manifest.shards[i].file, "activations", arr, chunk)
             c = self._chunk_rows[i]
@@ -246,6 +254,39 @@ class ActivationLoader:
         cpu = background(self._cut(buffers), maxsize=self.prefetch_batches, name="loader-batch")
         for batch in cpu:
             yield batch.to(self.device, non_blocking=True) if self.device.type != "cpu" else batch
+
+
+def cached_chunk(cache: Path, dump: Dump, shard: int, chunk: int) -> np.ndarray:
+    """Activation chunk `chunk` of shard `shard`, from the local cache when it holds a copy whose
+    sha256 still matches, else fetched (crc32c-checked) and kept there.
+
+    Entries are named by the shard's manifest checksum, so a re-harvested dump (or another prefix
+    holding other data) never reads stale chunks; a damaged entry is fetched again.
+    """
+    from shared.shard_files import read_chunk
+
+    entry = dump.manifest.shards[shard]
+    folder = cache / entry.checksum.split(":", 1)[1][:32]
+    path = folder / f"activations.{chunk}.npy"
+    digest = path.with_suffix(".sha256")
+    if path.is_file() and digest.is_file():
+        try:
+            data = np.load(path, allow_pickle=False)
+            if hashlib.sha256(data.tobytes()).hexdigest() == digest.read_text().strip():
+                return data
+        except (OSError, ValueError):
+            pass
+    data = read_chunk(dump.path / entry.file, "activations", dump.shard(shard).activations, chunk)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, data)
+        os.replace(tmp, path)
+        digest.write_text(hashlib.sha256(data.tobytes()).hexdigest())
+    except OSError:
+        pass  # a full or read-only cache only costs the next fetch
+    return data
 
 
 def background(items: Iterator, maxsize: int, name: str) -> Iterator:
