@@ -32,13 +32,13 @@ def time_steps(batches, d_in: int, d_sae: int, steps: int, device: torch.device,
     opt = make_optimizer(sae, 1e-4)
     it = iter(batches)
     for _ in range(2):
-        train_step_(sae, opt, None, next(it), 1.2, autocast=autocast)
+        train_step_(sae, opt, None, next(it), autocast=autocast)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start, rows = time.perf_counter(), 0
     for _ in range(steps):
         x = next(it)
-        train_step_(sae, opt, None, x, 1.2, autocast=autocast)
+        train_step_(sae, opt, None, x, autocast=autocast)
         rows += x.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
