@@ -97,3 +97,97 @@ def test_killed_rank_resumes_to_the_identical_dump(tiny_model, token_dataset, tm
     assert dump_files(out) == dump_files(ref)
     run_harvest(*_harvest_args(tiny_model, token_dataset, alone)[1:], "--resume")
     assert dump_files(alone) == dump_files(ref)
+
+
+# ---- training ----------------------------------------------------------------------------------
+# Data-parallel training matches one process within this tolerance (float32 sums in another order:
+# each rank's share of the loss, then the gradient all_reduce), relative to the largest weight.
+DATA_PARALLEL_RTOL = 1e-5
+
+
+def _dump(tmp_path: Path) -> Path:
+    from test_train import sparse_dump
+
+    sparse_dump(tmp_path / "dump", n_rows=2048, n_features=16, per_row=2)
+    return tmp_path / "dump"
+
+
+def _train_args(dump: Path, run: Path, *extra: str) -> list[str]:
+    # 40 steps of 256 rows (5 epochs), resampling at steps 20 and 40, a checkpoint at step 20.
+    return ["--quiet", "--shards", str(dump), "--checkpoint-path", str(run), "--device", "cpu",
+            "--expansion-factor", "2", "--train-batch-size", "256", "--lr", "3e-3", "--l1-coefficient", "0.05",
+            "--feature-sampling-method", "anthropic", "--feature-sampling-window", "20",
+            "--dead-feature-window", "10", "--resample-sample-rows", "1024", "--wandb-log-frequency", "10",
+            "--seed", "7", "--shuffle-buffer-rows", "1024", "--eval-holdout-contexts", "0",
+            "--total-training-tokens", str(256 * 40), "--n-checkpoints", "1", "--no-evaluate-at-end", *extra]
+
+
+def _train_in_process(args: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from train.cli import main as train_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(train_main, args, catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+
+
+def _weights(final: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(final / "sae_weights.safetensors"))
+
+
+def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        scale = want[k].abs().max().clamp_min(1e-12)
+        rel = float((got[k] - want[k]).abs().max() / scale)
+        assert rel < DATA_PARALLEL_RTOL, f"{k}: max abs diff {rel:.2e} of the largest weight"
+
+
+def test_data_parallel_matches_one_process(tmp_path):
+    dump = _dump(tmp_path)
+    solo, dp = tmp_path / "solo", tmp_path / "dp"
+    _train_in_process(_train_args(dump, solo))
+    out = torchrun(["-m", "train", *_train_args(dump, dp)])
+    assert out.stdout.split() == [str(dp / "final")]  # rank 0 alone writes (and prints) the run
+    _assert_close(_weights(dp / "final"), _weights(solo / "final"))
+    checkpoint = json.loads((dp / "checkpoints.json").read_text())[0]
+    assert checkpoint["step"] == 20
+    _assert_close(_weights(dp / checkpoint["folder"]), _weights(solo / checkpoint["folder"]))
+    # The dead-feature state and the metrics are those of the whole batch.
+    solo_state = load_file(str(solo / "final" / "trainer_state.safetensors"))
+    dp_state = load_file(str(dp / "final" / "trainer_state.safetensors"))
+    for k in ("fired_total", "tokens_since_fired"):
+        assert torch.equal(dp_state[k], solo_state[k]), k
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (solo, dp)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    for a, b in zip(*rows):
+        for k in ("mse", "l0", "explained_variance", "frac_dead", "n_resampled"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    # All ranks load a checkpoint and go on: the same final SAE.
+    torchrun(["-m", "train", *_train_args(dump, dp), "--resume-from", str(dp / checkpoint["folder"])])
+    _assert_close(_weights(dp / "final"), _weights(solo / "final"))
+
+
+def test_sweep_parallel_gives_each_sae_its_solo_weights(tmp_path):
+    dump = _dump(tmp_path)
+    sweep = tmp_path / "sweep"
+    grid = ["--sweep", "l1_coefficient=0.05,0.3", "--sweep", "expansion_factor=2,3"]
+    out = torchrun(["-m", "train", *_train_args(dump, sweep), *grid])
+    index = json.loads((sweep / "sweep.json").read_text())
+    names = [r["name"] for r in index["runs"]]
+    assert len(names) == 4 and (sweep / "summary.csv").is_file()
+    assert sorted(out.stdout.split()) == sorted(str(sweep / n / "final") for n in names)
+    for name, (l1, ef) in zip(names, [("0.05", "2"), ("0.05", "3"), ("0.3", "2"), ("0.3", "3")]):
+        assert name == f"l1_coefficient_{l1}__expansion_factor_{ef}"
+    # Each SAE exactly as trained alone (one process, no sweep): two of them, one per rank.
+    for name, l1, ef in [(names[0], "0.05", "2"), (names[3], "0.3", "3")]:
+        solo = tmp_path / f"solo_{name}"
+        _train_in_process(_train_args(dump, solo, "--l1-coefficient", l1, "--expansion-factor", ef))
+        assert (sweep / name / "final" / "sae_weights.safetensors").read_bytes() == \
+            (solo / "final" / "sae_weights.safetensors").read_bytes()

@@ -84,11 +84,17 @@ def read_config_file(path: str) -> dict[str, Any]:
               help="Check every shard's checksum before training.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--parallel", type=click.Choice(["data", "sweep"]), default=None,
+              help="Under torchrun (torchrun --nproc-per-node N -m train ...): 'data' splits every global "
+                   "batch of train_batch_size rows over the N processes and averages their gradients "
+                   "(the same update as one process); 'sweep' spreads the SAEs of a sweep over them "
+                   "(process r trains grid points r, r+N, ..., each exactly as alone). [default: sweep "
+                   "for a sweep, else data]")
 @click.option("--overwrite", is_flag=True,
               help="Replace a run (or sweep) with other settings already in --checkpoint-path; without it "
                    "that is refused. Never needed to continue a folder's own checkpoint.")
 @config_options
-def main(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, **flags) -> None:
+def main(shards, config_file, resume_from, sweeps, verify, quiet, parallel, overwrite, **flags) -> None:
     """Train a sparse autoencoder from an activation dump, never touching the language model.
 
     Examples: train --shards data/gelu2l_l0 --l1-coefficient 1.2 --expansion-factor 32;
@@ -96,23 +102,33 @@ def main(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, **f
 
     Each option says which part of the run owns it: (data) settings define the stream of batches
     that every SAE of a sweep shares; only (sae), (optimizer) and (dead_features) ones can be swept.
+
+    Several processes or GPUs: torchrun --nproc-per-node N -m train ... (see --parallel); each
+    process uses its own GPU (cuda:LOCAL_RANK) when there are GPUs, and process 0 writes the run.
     """
     with one_line_errors("train", interrupted="interrupted before a checkpoint was saved: continue from "
                                               "the run's newest checkpoint with --resume-from, if it has one"):
-        for final in _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags):
+        for final in _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags, parallel):
             click.echo(str(final))
 
 
-def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags) -> list[Path]:
-    """The command's body: the final checkpoint folder of every SAE trained."""
+def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags,
+         parallel: str | None = None) -> list[Path]:
+    """The command's body: the final checkpoint folder of every SAE trained (by this process)."""
+    from train.distributed import parallel_training
     from train.run import train
-    from train.sweep import parse_sweep_flags, resume_sweep, train_sweep
+    from train.sweep import parse_sweep_flags, read_sweep_configs, resume_sweep, train_sweep
 
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if resume_from and (Path(resume_from) / "sweep.json").is_file():
         if sweeps or config_file or overwrite or any(v is not None for v in flags.values()):
             raise UserError("a sweep resumes with its own settings: pass only --resume-from SWEEP_FOLDER")
-        return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify)]
+        try:  # the sweep's device, for the process group (resume_sweep reports a damaged sweep.json)
+            device = (next(iter(read_sweep_configs(Path(resume_from)).values()), None) or {}).get("device")
+        except Exception:
+            device = None
+        with parallel_training(parallel, True, device):
+            return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify)]
     raw = checkpoint_config(Path(resume_from), find_dump=shards is None) if resume_from else {}
     raw.update(read_config_file(config_file) if config_file else {})
     sweep = raw.pop("sweep", None) or {}
@@ -126,10 +142,13 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
     if sweep:
         if resume_from:
             raise UserError("to continue a sweep, pass only --resume-from SWEEP_FOLDER")
-        return [r.final for r in train_sweep(cfg, sweep, log=log, progress=not quiet, verify=verify,
-                                              overwrite=overwrite)]
-    return [train(cfg, resume_from=resume_from, log=log, progress=not quiet, verify=verify,
-                  overwrite=overwrite).final]
+        with parallel_training(parallel, True, cfg.device):
+            return [r.final for r in train_sweep(cfg, sweep, log=log, progress=not quiet, verify=verify,
+                                                  overwrite=overwrite)]
+    with parallel_training(parallel, False, cfg.device) as ranks:
+        final = train(cfg, resume_from=resume_from, log=log, progress=not quiet, verify=verify,
+                      overwrite=overwrite).final
+        return [final] if ranks.lead else []  # data-parallel: rank 0 wrote it
 
 
 def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:

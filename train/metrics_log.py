@@ -60,3 +60,16 @@ class MetricsLog:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class NullMetrics:
+    """The metrics log of a rank that does not write (data-parallel ranks other than 0)."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def density_histogram(self, step: int, log10_density: torch.Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -10,6 +10,7 @@ import math
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,8 @@ from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
 from train.holdout import split_rows
 from train.loader import ActivationLoader
-from train.metrics_log import MetricsLog
+from train import distributed
+from train.metrics_log import MetricsLog, NullMetrics
 from train.run_folder import own_run_folder
 from train.sae_trainer import SAETrainer
 
@@ -75,6 +77,7 @@ class Slot:
     run_dir: Path
     checkpoints: set[int] = field(default_factory=set)
     last_logged: dict[str, Any] = field(default_factory=dict)
+    writes: bool = True  # False on data-parallel ranks other than 0: they train but write nothing
 
 
 def steps_for_tokens(total_tokens: int, n_rows: int, batch_size: int) -> int:
@@ -160,20 +163,30 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
               resume_from: Path | None, wandb_group: str | None = None) -> Slot:
     """Build (or restore) one SAE trainer and open its run folder."""
     device = pick_device(cfg.device)
+    parallel = distributed.current()
     trainer = SAETrainer(cfg, data.dump.d_in, data.scale, data.total_steps, device)
+    trainer.shard = parallel.shard
+    if trainer.shard is not None:
+        distributed.check_data_parallel(trainer, data.loader.n_rows, cfg.train_batch_size,
+                                        trainer.shard.world)
     if resume_from is not None:
         check_resume(read_state(resume_from), data.ident, resume_from)
         load_trainer_state_(trainer, resume_from)
     else:
         mean = torch.tensor((data.dump.manifest.stats or {}).get("mean", [0.0] * data.dump.d_in))
         trainer.init_b_dec_(mean, lambda: data.init_sample(cfg.seed))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(run_dir / "config.json", cfg.to_dict() | {"resolved_run_name": name})
-    metrics = MetricsLog(run_dir, name, cfg.to_dict(), cfg.log_to_wandb, cfg.wandb_project,
-                         cfg.wandb_entity, resume_step=trainer.counters.step, group=wandb_group)
+    if trainer.shard is not None:
+        distributed.broadcast_trainer_(trainer)
+    writes = parallel.writes_runs
+    metrics: Any = NullMetrics()
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(run_dir / "config.json", cfg.to_dict() | {"resolved_run_name": name})
+        metrics = MetricsLog(run_dir, name, cfg.to_dict(), cfg.log_to_wandb, cfg.wandb_project,
+                             cfg.wandb_entity, resume_step=trainer.counters.step, group=wandb_group)
     checkpoints = {round(data.total_steps * (i + 1) / (cfg.n_checkpoints + 1))
                    for i in range(cfg.n_checkpoints)}
-    return Slot(name, trainer, metrics, run_dir, checkpoints)
+    return Slot(name, trainer, metrics, run_dir, checkpoints, writes=writes)
 
 
 def with_absolute_dump(cfg: LanguageModelSAERunnerConfig) -> LanguageModelSAERunnerConfig:
@@ -200,6 +213,9 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     check_settings_used([cfg])
     if cfg.run_name is not None:
         plain_name(cfg.run_name, "run_name")
+    parallel = distributed.current()
+    if not parallel.lead:  # data-parallel: rank 0 logs, shows progress and writes the run folder
+        log, progress = (lambda s: None), False
     cfg = with_absolute_dump(cfg)
     data = plan_data(cfg, verify)
     name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
@@ -208,15 +224,18 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     cfg = replace(cfg, checkpoint_path=str(run_dir))
     resume = Path(resume_from) if resume_from else None
     own = resume is not None and resume.resolve().parent == run_dir
-    with own_run_folder(run_dir, None if own else {"": cfg.to_dict()}, overwrite, log):
+    owner = own_run_folder(run_dir, None if own else {"": cfg.to_dict()}, overwrite, log) if parallel.lead \
+        else nullcontext()
+    with owner:
         slot = make_slot(cfg, data, run_dir, name, resume)
         sae = slot.trainer.sae.cfg
         log(f"training {sae.d_in} -> {sae.d_sae} SAE on {data.loader.n_rows:,} rows of {data.dump.path} "
             f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
-            f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {run_dir}")
+            f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {run_dir}"
+            + (f"; data-parallel over {parallel.ranks.world} processes" if slot.trainer.shard else ""))
         [final] = run_slots([slot], data, progress)
     log(f"final SAE: {final}")
-    evaluation = evaluate_final(cfg, final, log) if cfg.evaluate_at_end else None
+    evaluation = evaluate_final(cfg, final, log) if cfg.evaluate_at_end and parallel.lead else None
     return TrainResult(slot.trainer.sae, run_dir, final, slot.trainer, evaluation)
 
 
@@ -248,11 +267,12 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Pa
             for s in slots:
                 check_finite(s, weights=True)
             saved = [save_checkpoint(s.run_dir / str(s.trainer.counters.tokens_seen), s.trainer, data.ident)
-                     for s in slots]
+                     if s.writes else s.run_dir / str(s.trainer.counters.tokens_seen) for s in slots]
             raise UserError(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
         for s in slots:  # every SAE is checked before any final is saved
             check_finite(s, weights=True)
-        return [save_checkpoint(s.run_dir / "final", s.trainer, data.ident) for s in slots]
+        return [save_checkpoint(s.run_dir / "final", s.trainer, data.ident) if s.writes else s.run_dir / "final"
+                for s in slots]
     finally:
         for s in slots:
             s.metrics.close()
@@ -302,7 +322,8 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
     if any(s.trainer.counters.step != lead.step for s in slots):
         raise UserError("the SAEs of a sweep must resume from the same step")
     total = data.total_steps
-    bar = tqdm(total=total, initial=lead.step, unit="step", disable=not progress, desc="train")
+    bar = tqdm(total=total, initial=lead.step, unit="step", disable=not (progress and distributed.current().lead),
+               desc="train")
     started, tokens_at_start = time.perf_counter(), lead.tokens_seen
     batches = data.loader.batches(start_batch=lead.step)
     samples: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -343,6 +364,8 @@ def _step_slot(slot: Slot, x: torch.Tensor, sampler: Callable[[int, int, int], t
     t.update(x)
     if t.end_of_window():
         t.resample_(x, lambda n, step: sampler(n, step, cfg.seed))
+        if t.shard is not None:  # the same draws on every rank; rank 0's state rules out any drift
+            distributed.broadcast_trainer_(t)
         slot.metrics.density_histogram(c.step, t.log10_density())
         t.reset_window()
     if c.step % cfg.wandb_log_frequency == 0 or c.step == total:
@@ -353,4 +376,5 @@ def _step_slot(slot: Slot, x: torch.Tensor, sampler: Callable[[int, int, int], t
         slot.last_logged = row
     if c.step in slot.checkpoints:
         check_finite(slot, weights=True)
-        save_checkpoint(slot.run_dir / str(c.tokens_seen), t, ident)
+        if slot.writes:
+            save_checkpoint(slot.run_dir / str(c.tokens_seen), t, ident)

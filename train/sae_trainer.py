@@ -58,6 +58,9 @@ class SAETrainer:
         self.window_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.fired_total = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.counters = Counters()
+        self.shard = None
+        """Data-parallel: this rank's `train.distributed.DataShard`; `update` then takes the global
+        batch and keeps every count and metric of the whole batch (the same on every rank)."""
         self._sums: dict[str, torch.Tensor] = {}
         self._sum_steps = 0
         # Divergence watch, kept on the device so that no step syncs: whether every loss since
@@ -83,7 +86,8 @@ class SAETrainer:
         `wandb_log_frequency` steps (AuxK's check, on a log step, which syncs anyway)."""
         c = self.counters
         context = StepContext(sparsity_scale=self.sparsity_scale(c.step), dead_mask=self.auxk_mask())
-        res = train_step_(self.sae, self.optimizer, self.scheduler, x, context, autocast=self.cfg.autocast)
+        res = train_step_(self.sae, self.optimizer, self.scheduler, x, context, autocast=self.cfg.autocast,
+                          shard=self.shard)
         if self._checked_step is None:  # first step of this process (fresh or resumed)
             self._checked_step = c.step
         self._all_finite &= torch.isfinite(res.losses["loss"])

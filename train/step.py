@@ -7,7 +7,7 @@ very batch the step trained on (the seed measured one batch and stepped on the n
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,24 +46,35 @@ def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
 
 def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, x: torch.Tensor,
-                context: StepContext = StepContext(), autocast: bool = False) -> StepResult:
+                context: StepContext = StepContext(), autocast: bool = False,
+                shard: Any = None) -> StepResult:
     """Forward, loss, backward, the architecture's constraints, update.
 
     x: [batch, d_in] in the parameters' dtype (cast bfloat16 dumps first). With `autocast`,
     matmuls run in bfloat16 while the parameters, the losses and Adam stay float32. `context`
     carries the step's sparsity warm-up factor and dead-feature mask.
+
+    Data-parallel (`shard`, a `train.distributed.DataShard`): x is the global batch and this rank
+    trains on its rows of it; its loss is weighted by its share of the rows and the gradients are
+    summed over ranks before the constraints and the update, so that every rank makes the update
+    of the whole batch (the losses are means over rows). The measurements are summed over ranks too.
     """
+    part = x if shard is None else x[slice(*shard.rows(x.shape[0]))]
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with amp:
-        out = sae.training_forward(x, context)
-    out.loss.backward()
+        out = sae.training_forward(part, context)
+    if shard is None:
+        out.loss.backward()
+    else:
+        (out.loss * (part.shape[0] / x.shape[0])).backward()
+        shard.all_reduce_grads_(list(sae.parameters()))
     sae.before_optimizer_step_()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     sae.after_optimizer_step_(out)
     optimizer.zero_grad(set_to_none=True)
-    return _measure(x, out)
+    return _measure(x, out) if shard is None else _measure_shared(x, part, out, shard)
 
 
 @torch.no_grad()
@@ -82,4 +93,30 @@ def _measure(x: torch.Tensor, out: TrainOutput) -> StepResult:
         sum_sq_err=out.losses["mse"].detach() * x.shape[0],  # every architecture's "mse": mean over rows
         sum_sq_total=(x - x.mean(dim=0)).pow(2).sum(),
         l2_ratio=(sae_out.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).mean(),
+    )
+
+
+@torch.no_grad()
+def _measure_shared(x: torch.Tensor, part: torch.Tensor, out: TrainOutput, shard: Any) -> StepResult:
+    """`_measure` of the global batch x from each rank's rows `part`: one all_reduce of the sums."""
+    if out.fired is not None:
+        fired = out.fired.to(torch.float64)
+    else:
+        fired = (out.feature_acts > 0).float().sum(dim=0).to(torch.float64)
+    n, total = part.shape[0], x.shape[0]
+    named = {name: t.detach().float() for name, t in out.losses.items()} | {"loss": out.loss.detach().float()}
+    sae_out = out.sae_out.detach().to(part.dtype)
+    ratio = (sae_out.norm(dim=-1) / part.norm(dim=-1).clamp_min(1e-12)).sum()
+    sums = torch.stack([*(v * n for v in named.values()), ratio.float()]).to(torch.float64)
+    packed = shard.all_reduce_sum_(torch.cat([sums, fired]))
+    k = len(named)
+    fired_count = packed[k + 1 :].round().to(torch.int64)
+    losses = {name: (packed[i] / total).float() for i, name in enumerate(named)}
+    return StepResult(
+        losses=losses,
+        feature_acts_fired=fired_count,
+        l0=fired_count.sum().float() / total,
+        sum_sq_err=losses["mse"] * total,
+        sum_sq_total=(x - x.mean(dim=0)).pow(2).sum(),
+        l2_ratio=(packed[k] / total).float(),
     )

@@ -11,13 +11,15 @@ import itertools
 import json
 import os
 from dataclasses import fields, replace
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from shared.errors import UserError
 from shared.run_paths import dump_path_for, plain_name
+from train import distributed
 from train.arch_settings import check_settings_used, check_shapes, without_unused
 from train.config import SWEEPABLE_GROUPS, LanguageModelSAERunnerConfig
 from train.run import (TrainResult, evaluate_final, make_slot, pick_device, plan_data, run_slots,
@@ -129,14 +131,28 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
     """Train the grid; returns one result per SAE, in grid order. The sweep folder may not hold
     another run unless `overwrite` (see `train.run_folder`)."""
     base = with_absolute_dump(base)
+    if not distributed.current().lead:
+        log = lambda s: None  # noqa: E731
     runs = grid(base, sweep)
     data = plan_data(base, verify)
     check_shapes(runs, data.dump.d_in)  # every SAE, before any trains
     root = Path(base.checkpoint_path or Path("data") / "runs" / plain_name(_sweep_name(base, data), "run_name"))
     root = root.resolve()
     runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
-    with own_run_folder(root, {name: cfg.to_dict() for name, cfg in runs}, overwrite, log):
+    with _own_sweep_folder(root, {name: cfg.to_dict() for name, cfg in runs}, overwrite, log):
         return _train_runs(base, runs, list(sweep), root, data, None, log, progress)
+
+
+@contextmanager
+def _own_sweep_folder(root: Path, wanted: dict[str, dict[str, Any]] | None, overwrite: bool,
+                      log: Callable[[str], None]) -> Iterator[None]:
+    """`own_run_folder` for the sweep; under torchrun rank 0 holds it, and the other ranks start
+    once it does (or stop, with one line, if it cannot)."""
+    parallel = distributed.current()
+    with ExitStack() as stack:
+        distributed.agree(parallel.ranks, lambda: stack.enter_context(own_run_folder(root, wanted, overwrite, log))
+                          if parallel.lead else None)
+        yield
 
 
 def read_sweep_configs(root: Path) -> dict[str, dict[str, Any] | None]:
@@ -160,7 +176,9 @@ def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool 
     """Continue every SAE of the sweep in `root` from the newest checkpoint they all have (from the
     start if they have none: the sweep was stopped before its first checkpoint)."""
     root = Path(root).resolve()
-    with own_run_folder(root, None, False, log):
+    if not distributed.current().lead:
+        log = lambda s: None  # noqa: E731
+    with _own_sweep_folder(root, None, False, log):
         runs, keys, step, resume_from = _sweep_state(root)
         log(f"resuming the sweep in {root} at step {step:,}" if resume_from else
             f"the SAEs in {root} share no checkpoint: training them from the start")
@@ -208,20 +226,25 @@ def _train_runs(base: LanguageModelSAERunnerConfig, runs: list[tuple[str, Langua
     from train.summary import SummaryEntry, write_summary, write_sweep_index
 
     device = pick_device(base.device)
+    parallel = distributed.current()
     d_in = data.dump.d_in
     sweep_name = _sweep_name(base, data)
-    sizes = [sae_bytes(d_in, cfg.sae_width(d_in), base.train_batch_size) for _, cfg in runs]
+    mine = parallel.my_runs(len(runs))  # sweep-parallel: grid points rank, rank + N, ...
+    sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size) for i in mine]
     budget = int(free_bytes(device) * MEMORY_HEADROOM) - 3 * data.loader.buffer_rows * d_in * 4
-    groups = groups_that_fit(sizes, max(budget, 1))
+    groups = [[mine[j] for j in g] for g in groups_that_fit(sizes, max(budget, 1))] if mine else []
     if len(groups) > 1:
         log(f"the {len(runs)} SAEs need {sum(sizes) / 1e9:.1f} GB, {max(budget, 0) / 1e9:.1f} GB is free "
             f"on {device}: training them in {len(groups)} groups of {', '.join(str(len(g)) for g in groups)}")
     log(f"sweep of {len(runs)} SAEs on {data.loader.n_rows:,} rows of {data.dump.path} for "
-        f"{data.total_steps:,} steps each; folder {root}")
+        f"{data.total_steps:,} steps each; folder {root}"
+        + {"sweep": f"; spread over {parallel.ranks.world} processes",
+           "data": f"; each data-parallel over {parallel.ranks.world} processes"}.get(parallel.mode, ""))
     entries = [SummaryEntry(name, root / name, {k: getattr(cfg, k) for k in keys}) for name, cfg in runs]
-    root.mkdir(parents=True, exist_ok=True)
-    # First, with every SAE's config, so that a sweep interrupted at any point can be resumed.
-    write_sweep_index(root, entries, keys, {name: cfg.to_dict() for name, cfg in runs})
+    if parallel.lead:
+        root.mkdir(parents=True, exist_ok=True)
+        # First, with every SAE's config, so that a sweep interrupted at any point can be resumed.
+        write_sweep_index(root, entries, keys, {name: cfg.to_dict() for name, cfg in runs})
     results: list[TrainResult | None] = [None] * len(runs)
     for group in groups:
         slots = [make_slot(runs[i][1], data, root / runs[i][0], runs[i][0],
@@ -231,14 +254,16 @@ def _train_runs(base: LanguageModelSAERunnerConfig, runs: list[tuple[str, Langua
         for i, slot, final in zip(group, slots, finals):
             results[i] = TrainResult(slot.trainer.sae, slot.run_dir, final, slot.trainer)
     done = [r for r in results if r is not None]
-    if base.evaluate_at_end:
+    if base.evaluate_at_end and done and parallel.writes_runs:
         model = _load_model_once(data, base)
         baselines: dict = {}  # the ablation runs are the same for every SAE: pay for them once
         for r in done:
             r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines)
-    rows = write_summary(root, entries, keys, log)
-    if base.log_to_wandb:
-        _log_summary_to_wandb(base, sweep_name, root, rows)
+    distributed.barrier(parallel.ranks)  # every rank's SAEs are done before rank 0 sums them up
+    if parallel.lead:
+        rows = write_summary(root, entries, keys, log)
+        if base.log_to_wandb:
+            _log_summary_to_wandb(base, sweep_name, root, rows)
     return done
 
 
