@@ -77,3 +77,28 @@ def test_bfloat16_dump_is_served_as_float32(tmp_path):
     batch = next(loader.batches())
     assert batch.dtype == torch.float32
     assert torch.equal(torch.sort(batch[:, 0]).values, torch.sort(acts[:, 0].float()).values)
+
+
+def test_data_parallel_shares_are_the_global_batches_read_once(tmp_path):
+    """Each rank gets rows [r*n//w, (r+1)*n//w) of every global batch (the short last one of an
+    epoch included), reads only those rows, and resumes at any batch like the whole loader."""
+    dump = _row_id_dump(tmp_path)
+    whole = ActivationLoader(dump, batch_size=100, seed=5, buffer_rows=500, block_rows=8)
+    n = 2 * whole.batches_per_epoch + 3
+    want = [_ids(b) for b in itertools.islice(whole.batches(), n)]
+    for world in (2, 3):
+        ranks = [ActivationLoader(dump, batch_size=100, seed=5, buffer_rows=500, block_rows=8, share=(r, world))
+                 for r in range(world)]
+        got = [[_ids(b) for b in itertools.islice(rank.batches(), n)] for rank in ranks]
+        for i in range(n):
+            assert whole.batch_rows(i) == len(want[i])
+            assert np.array_equal(np.concatenate([g[i] for g in got]), want[i])
+            assert [len(g[i]) for g in got] == [ranks[r].share_of(len(want[i]))[1] - ranks[r].share_of(len(want[i]))[0]
+                                                for r in range(world)]
+        # Every row of a buffer is read by exactly one rank (no background read-ahead here).
+        for k, parts in enumerate(zip(*(itertools.islice(rank._buffers(0), 6) for rank in ranks))):
+            read = np.concatenate([data[:, 0] for data, _ in parts])
+            assert np.array_equal(np.sort(read), np.sort(next(itertools.islice(whole._buffers(0), k, None))[0][:, 0]))
+        resumed = ActivationLoader(dump, batch_size=100, seed=5, buffer_rows=500, block_rows=8, share=(1, world))
+        assert all(np.array_equal(_ids(b), g) for b, g in zip(itertools.islice(resumed.batches(start_batch=17), 9),
+                                                               got[1][17:26]))

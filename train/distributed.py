@@ -4,8 +4,9 @@ sweep-parallel (the SAEs of a sweep spread over ranks).
 torch.distributed, env:// rendezvous (the variables torchrun sets), gloo on CPU, nccl on CUDA; each
 rank runs on its own device (cuda:LOCAL_RANK when CUDA is there).
 
-data: every rank reads the same shuffled stream (the loader is a pure function of the seed) and
-    trains on rows [r*B/N, (r+1)*B/N) of each global batch of B = train_batch_size rows. Each rank
+data: every rank follows the same shuffled stream (the loader is a pure function of the seed) and
+    reads and trains on only rows [r*B/N, (r+1)*B/N) of each global batch of B = train_batch_size
+    rows (the loader's `share`). Each rank
     weights its loss by its share of the rows and the gradients are summed over ranks (one
     all_reduce per step), so the update is the single-process update on the global batch; the
     step's statistics (firing counts, loss terms, reconstruction sums) are summed too, so every
@@ -48,6 +49,17 @@ class DataShard:
 
     def rows(self, n: int) -> tuple[int, int]:
         return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def gather_rows(self, part: torch.Tensor, total: int) -> torch.Tensor:
+        """The global batch of `total` rows from each rank's rows `part` (in rank order)."""
+        import torch.distributed as dist
+
+        sizes = [(r + 1) * total // self.world - r * total // self.world for r in range(self.world)]
+        padded = torch.zeros(max(sizes), *part.shape[1:], dtype=part.dtype, device=part.device)
+        padded[: part.shape[0]] = part
+        pieces = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(pieces, padded)
+        return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

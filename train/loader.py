@@ -66,8 +66,11 @@ class ActivationLoader:
     def __init__(self, dump: Dump, batch_size: int, seed: int, device: str | torch.device = "cpu",
                  buffer_rows: int | None = None, block_rows: int = 16,
                  rows: tuple[int, int] | None = None, prefetch_batches: int = 4,
-                 whole_chunks: bool | None = None):
+                 whole_chunks: bool | None = None, share: tuple[int, int] | None = None):
         self.dump = dump
+        self.share = share
+        """(rank, world) for data-parallel training: yield only rows [rank*n//world,
+        (rank+1)*n//world) of each global batch of n rows, and read only those from the dump."""
         self.batch_size = batch_size
         self.seed = seed
         self.device = torch.device(device)
@@ -116,6 +119,18 @@ class ActivationLoader:
     @property
     def batches_per_epoch(self) -> int:
         return -(-self.n_rows // self.batch_size)
+
+    def batch_rows(self, index: int) -> int:
+        """Rows of global batch `index` (the last of an epoch may be short), whatever `share`."""
+        in_epoch = index % self.batches_per_epoch
+        return min(self.batch_size, self.n_rows - in_epoch * self.batch_size)
+
+    def share_of(self, n: int) -> tuple[int, int]:
+        """This rank's rows [lo, hi) of a global batch of n rows (all of them without `share`)."""
+        if self.share is None:
+            return 0, n
+        rank, world = self.share
+        return rank * n // world, (rank + 1) * n // world
 
     def plan(self, epoch: int) -> EpochPlan:
         starts, lens = self._blocks()
@@ -224,8 +239,9 @@ class ActivationLoader:
         rank[by_ctx] = np.arange(n) - np.repeat(first, sizes)
         return u[np.lexsort((rng.random(n), rank))]
 
-    def _buffers(self, start_batch: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """(rows of one buffer, its row permutation, first batch to emit from it), in order."""
+    def _buffers(self, start_batch: int) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """(the rows read for one buffer, then for each batch still to emit from it the positions
+        of its rows in them), in order."""
         per_buffer = self.buffer_rows // self.batch_size
         n_buffers = -(-self.n_rows // self.buffer_rows)
         epoch, in_epoch = divmod(start_batch, self.batches_per_epoch)
@@ -233,19 +249,28 @@ class ActivationLoader:
             plan = self.plan(epoch)
             for buffer in range(in_epoch // per_buffer, n_buffers):
                 rows = self._buffer_rows_index(plan, buffer)
-                data = self.gather(rows).numpy()
+                perm = self._permutation(epoch, buffer, len(rows), rows)
                 skip = in_epoch - buffer * per_buffer if buffer == in_epoch // per_buffer else 0
-                yield data, self._permutation(epoch, buffer, len(data), rows), skip
+                batches = []
+                for j in range(skip, -(-len(rows) // self.batch_size)):
+                    batch = perm[j * self.batch_size : (j + 1) * self.batch_size]
+                    lo, hi = self.share_of(len(batch))
+                    batches.append(batch[lo:hi])
+                if self.share is None:
+                    yield self.gather(rows).numpy(), batches
+                else:  # read only this rank's rows of the buffer's batches
+                    need = np.unique(np.concatenate(batches))
+                    yield self.gather(rows[need]).numpy(), [np.searchsorted(need, b) for b in batches]
             epoch, in_epoch = epoch + 1, 0
 
-    def _cut(self, buffers: Iterator[tuple[np.ndarray, np.ndarray, int]]) -> Iterator[torch.Tensor]:
-        for data, perm, skip in buffers:
-            for j in range(skip, -(-len(data) // self.batch_size)):
-                batch = torch.from_numpy(np.take(data, perm[j * self.batch_size : (j + 1) * self.batch_size], axis=0))
+    def _cut(self, buffers: Iterator[tuple[np.ndarray, list[np.ndarray]]]) -> Iterator[torch.Tensor]:
+        for data, batches in buffers:
+            for positions in batches:
+                batch = torch.from_numpy(np.take(data, positions, axis=0))
                 yield batch.pin_memory() if self._pin else batch
 
     def batches(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """Batches from global batch index `start_batch` on.
+        """Batches from global batch index `start_batch` on (with `share`, this rank's rows of each).
 
         Two background threads: one gathers the next buffer from disk while the other cuts the
         current one into batches, so the optimizer does not wait on either.

@@ -152,8 +152,10 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool) -> DataPlan:
         raise UserError(f"eval_holdout_contexts: {e}") from None
     n_train = train_rows[1] - train_rows[0]
     total_tokens = cfg.total_training_tokens or n_train
+    shard = distributed.current().shard  # data-parallel: each rank reads only its rows of a batch
     loader = ActivationLoader(dump, cfg.train_batch_size, cfg.seed, device, rows=train_rows,
-                              buffer_rows=cfg.shuffle_buffer_rows, block_rows=cfg.shuffle_block_rows)
+                              buffer_rows=cfg.shuffle_buffer_rows, block_rows=cfg.shuffle_block_rows,
+                              share=(shard.rank, shard.world) if shard is not None else None)
     return DataPlan(dump, loader, input_scale(cfg, dump), total_tokens,
                     steps_for_tokens(total_tokens, n_train, cfg.train_batch_size),
                     dump_identity(dump, train_rows))
@@ -336,11 +338,12 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
 
     try:
         while lead.step < total:
-            x = next(batches)
+            x = next(batches)  # data-parallel: this rank's rows of the global batch
+            rows = data.loader.batch_rows(lead.step)
             if data.scale != 1.0:
                 x = x * data.scale
             for slot in slots:
-                _step_slot(slot, x, sampler, total, started, tokens_at_start, data.ident)
+                _step_slot(slot, x, rows, sampler, total, started, tokens_at_start, data.ident)
             samples.clear()  # do not hold up to resample_sample_rows rows until the next window
             bar.update(1)
             if stop is not None and stop.requested and lead.step < total:
@@ -355,13 +358,14 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
         bar.close()
 
 
-def _step_slot(slot: Slot, x: torch.Tensor, sampler: Callable[[int, int, int], torch.Tensor], total: int,
-               started: float, tokens_at_start: int, ident: dict[str, Any]) -> None:
-    """One step of one SAE, then its resampling, logging and checkpoint when due."""
+def _step_slot(slot: Slot, x: torch.Tensor, rows: int, sampler: Callable[[int, int, int], torch.Tensor],
+               total: int, started: float, tokens_at_start: int, ident: dict[str, Any]) -> None:
+    """One step of one SAE (x: its rows of a global batch of `rows` rows), then its resampling,
+    logging and checkpoint when due."""
     t = slot.trainer
     c = t.counters
     cfg = t.cfg
-    t.update(x)
+    t.update(x, rows)
     if t.end_of_window():
         t.resample_(x, lambda n, step: sampler(n, step, cfg.seed))
         if t.shard is not None:  # the same draws on every rank; rank 0's state rules out any drift

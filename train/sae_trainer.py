@@ -59,8 +59,10 @@ class SAETrainer:
         self.fired_total = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.counters = Counters()
         self.shard = None
-        """Data-parallel: this rank's `train.distributed.DataShard`; `update` then takes the global
-        batch and keeps every count and metric of the whole batch (the same on every rank)."""
+        """Data-parallel: this rank's `train.distributed.DataShard`; `update` then takes this rank's
+        rows of each global batch and keeps every count and metric of the whole batch (the same on
+        every rank)."""
+        self._last_batch_rows = 0  # rows of the last global batch (data-parallel: more than this rank saw)
         self._sums: dict[str, torch.Tensor] = {}
         self._sum_steps = 0
         # Divergence watch, kept on the device so that no step syncs: whether every loss since
@@ -81,18 +83,21 @@ class SAETrainer:
             self.sae.b_dec.copy_(geometric_median(points).to(self.sae.b_dec.dtype))
 
     # ---- the step --------------------------------------------------------------------------
-    def update(self, x: torch.Tensor) -> StepResult:
+    def update(self, x: torch.Tensor, rows: int | None = None) -> StepResult:
         """One optimizer step on x [batch, d_in] (already scaled); no host sync but every
-        `wandb_log_frequency` steps (AuxK's check, on a log step, which syncs anyway)."""
+        `wandb_log_frequency` steps (AuxK's check, on a log step, which syncs anyway).
+
+        Data-parallel, x is this rank's rows of a global batch of `rows` rows."""
         c = self.counters
+        rows = x.shape[0] if rows is None else rows
+        self._last_batch_rows = rows
         context = StepContext(sparsity_scale=self.sparsity_scale(c.step), dead_mask=self.auxk_mask())
         res = train_step_(self.sae, self.optimizer, self.scheduler, x, context, autocast=self.cfg.autocast,
-                          shard=self.shard)
+                          shard=self.shard, total=rows)
         if self._checked_step is None:  # first step of this process (fresh or resumed)
             self._checked_step = c.step
         self._all_finite &= torch.isfinite(res.losses["loss"])
         self._finite_steps += self._all_finite
-        rows = x.shape[0]
         fired = res.feature_acts_fired
         self.tokens_since_fired.add_(rows).masked_fill_(fired > 0, 0)
         self.window_fired += fired
@@ -189,6 +194,8 @@ class SAETrainer:
                     inputs = sample_rows(self.settings["resample_sample_rows"], step) * self.input_scale
                     n = resample_anthropic_(self.sae, self.optimizer, dead, inputs, reinit_scale, gen)
                 else:
+                    if self.shard is not None:  # the seed's method reads the whole current batch
+                        batch = self.shard.gather_rows(batch, self._last_batch_rows)
                     n = resample_l2_(self.sae, self.optimizer, dead, batch, reinit_scale, gen)
                 self.tokens_since_fired.masked_fill_(dead, 0)
         self.counters.n_resampled_last = n

@@ -47,26 +47,29 @@ def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
 def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, x: torch.Tensor,
                 context: StepContext = StepContext(), autocast: bool = False,
-                shard: Any = None) -> StepResult:
+                shard: Any = None, total: int | None = None) -> StepResult:
     """Forward, loss, backward, the architecture's constraints, update.
 
     x: [batch, d_in] in the parameters' dtype (cast bfloat16 dumps first). With `autocast`,
     matmuls run in bfloat16 while the parameters, the losses and Adam stay float32. `context`
     carries the step's sparsity warm-up factor and dead-feature mask.
 
-    Data-parallel (`shard`, a `train.distributed.DataShard`): x is the global batch and this rank
-    trains on its rows of it; its loss is weighted by its share of the rows and the gradients are
-    summed over ranks before the constraints and the update, so that every rank makes the update
-    of the whole batch (the losses are means over rows). The measurements are summed over ranks too.
+    Data-parallel (`shard`, a `train.distributed.DataShard`): x is this rank's rows of a global
+    batch of `total` rows (the loader reads only those); its loss is weighted by its share of the
+    rows and the gradients are summed over ranks before the constraints and the update, so that
+    every rank makes the update of the whole batch (the losses are means over rows). The
+    measurements are summed over ranks too.
     """
-    part = x if shard is None else x[slice(*shard.rows(x.shape[0]))]
+    part = x
+    if shard is not None and total is None:
+        raise ValueError("data-parallel steps need the global batch's row count (total)")
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with amp:
         out = sae.training_forward(part, context)
     if shard is None:
         out.loss.backward()
     else:
-        (out.loss * (part.shape[0] / x.shape[0])).backward()
+        (out.loss * (part.shape[0] / total)).backward()
         shard.all_reduce_grads_(list(sae.parameters()))
     sae.before_optimizer_step_()
     optimizer.step()
@@ -74,7 +77,7 @@ def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
         scheduler.step()
     sae.after_optimizer_step_(out)
     optimizer.zero_grad(set_to_none=True)
-    return _measure(x, out) if shard is None else _measure_shared(x, part, out, shard)
+    return _measure(x, out) if shard is None else _measure_shared(part, total, out, shard)
 
 
 @torch.no_grad()
@@ -97,26 +100,30 @@ def _measure(x: torch.Tensor, out: TrainOutput) -> StepResult:
 
 
 @torch.no_grad()
-def _measure_shared(x: torch.Tensor, part: torch.Tensor, out: TrainOutput, shard: Any) -> StepResult:
-    """`_measure` of the global batch x from each rank's rows `part`: one all_reduce of the sums."""
+def _measure_shared(part: torch.Tensor, total: int, out: TrainOutput, shard: Any) -> StepResult:
+    """`_measure` of a global batch of `total` rows from each rank's rows `part`: one all_reduce
+    of the sums. The batch's total variance comes from the summed rows and squared norms:
+    sum||x - mean||^2 = sum||x||^2 - ||sum x||^2 / total (in float64)."""
     if out.fired is not None:
         fired = out.fired.to(torch.float64)
     else:
         fired = (out.feature_acts > 0).float().sum(dim=0).to(torch.float64)
-    n, total = part.shape[0], x.shape[0]
+    n = part.shape[0]
     named = {name: t.detach().float() for name, t in out.losses.items()} | {"loss": out.loss.detach().float()}
     sae_out = out.sae_out.detach().to(part.dtype)
     ratio = (sae_out.norm(dim=-1) / part.norm(dim=-1).clamp_min(1e-12)).sum()
+    x64 = part.detach().double()
     sums = torch.stack([*(v * n for v in named.values()), ratio.float()]).to(torch.float64)
-    packed = shard.all_reduce_sum_(torch.cat([sums, fired]))
-    k = len(named)
-    fired_count = packed[k + 1 :].round().to(torch.int64)
+    packed = shard.all_reduce_sum_(torch.cat([sums, x64.pow(2).sum().reshape(1), x64.sum(0), fired]))
+    k, d_in = len(named), part.shape[1]
+    sum_sq, sum_x = packed[k + 1], packed[k + 2 : k + 2 + d_in]
+    fired_count = packed[k + 2 + d_in :].round().to(torch.int64)
     losses = {name: (packed[i] / total).float() for i, name in enumerate(named)}
     return StepResult(
         losses=losses,
         feature_acts_fired=fired_count,
         l0=fired_count.sum().float() / total,
         sum_sq_err=losses["mse"] * total,
-        sum_sq_total=(x - x.mean(dim=0)).pow(2).sum(),
+        sum_sq_total=(sum_sq - sum_x.pow(2).sum() / total).to(part.dtype),
         l2_ratio=(packed[k] / total).float(),
     )
