@@ -1,6 +1,8 @@
 """`harvest`: the command line over `harvest.run.harvest`."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from harvest.config import HarvestConfig
@@ -78,5 +80,7 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
             out=out, device=device, seed=seed, shuffle_documents=shuffle_documents,
             shuffle_buffer_docs=shuffle_buffer_docs, resume=resume, overwrite=overwrite)
         result = harvest(cfg, log=lambda s: click.echo(s, err=True), progress=not quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports the dumps
+        return
     for hook, folder in result.folders.items():
         click.echo(f"{hook}: {folder}")

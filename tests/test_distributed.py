@@ -56,9 +56,10 @@ def _harvest_args(model: Path, ds: Path, out: Path) -> list[str]:
 def test_two_rank_harvest_equals_one_process(tiny_model, token_dataset, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     run_harvest(*_harvest_args(tiny_model, token_dataset, ref)[1:])
-    torchrun(["-m", "harvest", *_harvest_args(tiny_model, token_dataset, out)])
+    got = torchrun(["-m", "harvest", *_harvest_args(tiny_model, token_dataset, out)])
     assert not (out / ".harvest-shards").exists()
     assert dump_files(out) == dump_files(ref)
+    assert got.stdout.splitlines() == [f"blocks.0.hook_mlp_out: {out}"]  # rank 0 alone reports the dump
 
 
 _DYING_RANK = """
