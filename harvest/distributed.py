@@ -33,6 +33,7 @@ from shared import atomic
 from shared.device import pick_device
 from shared.errors import UserError
 from shared.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest
+from shared.storage import RemotePath, delete_prefix, get_bytes, is_remote, list_names, list_names_limited, location
 
 PROGRESS = ".harvest-shards"  # inside a dump being harvested shard by shard: one entry file per shard
 _TIMEOUT = dt.timedelta(hours=12)  # ranks wait at barriers for the slowest one (imbalance: a shard)
@@ -156,35 +157,52 @@ def n_shards(n_rows: int, shard_rows: int) -> int:
     return max(1, -(-n_rows // shard_rows))
 
 
-def progress_folder(folder: Path) -> Path:
-    return Path(folder) / PROGRESS
+def progress_folder(folder: Path | RemotePath) -> Path | RemotePath:
+    return location(folder) / PROGRESS
 
 
-def entry_path(folder: Path, index: int) -> Path:
+def entry_path(folder: Path | RemotePath, index: int) -> Path | RemotePath:
     return progress_folder(folder) / f"{index:06d}.json"
 
 
-def finished_shards(folder: Path, m: Manifest) -> dict[int, ShardEntry]:
-    """Shards already on disk with their entries: the manifest's (a single process's prefix) and
-    the entry files of ranks, each only while its shard file is there."""
-    done = {s.first_row // m.shard_rows: s for s in m.shards}
+def has_progress(folder: Path | RemotePath) -> bool:
+    """Whether a harvest split over processes began in `folder` (its shard entries are there)."""
     progress = progress_folder(folder)
-    if progress.is_dir():
-        for p in sorted(progress.glob("*.json")):
-            try:
-                entry = ShardEntry(**json.loads(p.read_text()))
-            except (ValueError, TypeError):
-                continue  # unreadable: the shard is done again
-            if (Path(folder) / entry.file).exists():
-                done.setdefault(entry.first_row // m.shard_rows, entry)
+    return bool(list_names_limited(progress)) if is_remote(progress) else progress.is_dir()
+
+
+def _entry_texts(folder: Path | RemotePath) -> list[bytes]:
+    progress = progress_folder(folder)
+    if is_remote(progress):
+        return [b for b in (get_bytes(progress / n) for n in sorted(list_names(progress)) if n.endswith(".json"))
+                if b is not None]
+    return [p.read_bytes() for p in sorted(progress.glob("*.json"))] if progress.is_dir() else []
+
+
+def _shard_exists(folder: Path | RemotePath, name: str) -> bool:
+    where = location(folder) / name
+    return bool(list_names_limited(where)) if is_remote(where) else where.exists()
+
+
+def finished_shards(folder: Path | RemotePath, m: Manifest) -> dict[int, ShardEntry]:
+    """Shards already written with their entries: the manifest's (a single process's prefix) and
+    the entry files of ranks, each only while its shard is there."""
+    done = {s.first_row // m.shard_rows: s for s in m.shards}
+    for text in _entry_texts(folder):
+        try:
+            entry = ShardEntry(**json.loads(text))
+        except (ValueError, TypeError):
+            continue  # unreadable: the shard is done again
+        if _shard_exists(folder, entry.file):
+            done.setdefault(entry.first_row // m.shard_rows, entry)
     return done
 
 
 class RankShardWriter:
     """Collects one hook's rows of this rank's shards, in order, and writes each shard whole."""
 
-    def __init__(self, folder: Path, manifest: Manifest, n_rows: int):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | RemotePath, manifest: Manifest, n_rows: int):
+        self.folder = location(folder)
         self.manifest = manifest
         self.n_rows = n_rows
         self.bytes_written = 0
@@ -246,8 +264,12 @@ def complete_dump(folder: Path, m: Manifest, n_rows: int) -> None:
     m.n_rows = sum(s.rows for s in m.shards)
     m.finalize_stats()
     m.complete = True
-    atomic.write_json(Path(folder) / MANIFEST_NAME, m.to_dict())
-    shutil.rmtree(progress_folder(folder), ignore_errors=True)
+    atomic.write_json(location(folder) / MANIFEST_NAME, m.to_dict())
+    progress = progress_folder(folder)
+    if is_remote(progress):
+        delete_prefix(progress)
+    else:
+        shutil.rmtree(progress, ignore_errors=True)
 
 
 def run_by_shards(cfg: Any, ranks: Ranks, model: Any, source: Any, manifests: dict[str, Manifest],
@@ -324,9 +346,12 @@ def run_by_shards(cfg: Any, ranks: Ranks, model: Any, source: Any, manifests: di
     return done, seconds
 
 
-def prepare_rank_folder(folder: Path) -> None:
-    """Rank 0, after writing the manifest: the folder for the shard entries."""
-    progress_folder(folder).mkdir(parents=True, exist_ok=True)
+def prepare_rank_folder(folder: Path | RemotePath) -> None:
+    """Rank 0, after writing the manifest: the folder for the shard entries (object storage has
+    no folders: the entries' keys share a prefix)."""
+    progress = progress_folder(folder)
+    if not is_remote(progress):
+        progress.mkdir(parents=True, exist_ok=True)
 
 
 def read_prepared(folder: Path) -> Manifest:

@@ -153,11 +153,7 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
     n_rows = cfg.n_contexts * cfg.rows_per_context
     model_fp = model_fingerprint(model)
     # Shard by shard (each shard whole, from any rank) under torchrun, and to resume a dump begun so.
-    by_shards = ranks.active or any(distributed.progress_folder(f).is_dir() for f in folders.values()
-                                    if not is_remote(f))
-    if by_shards and any(is_remote(f) for f in folders.values()):
-        raise UserError("a harvest split over processes writes to a local or shared file system "
-                        "folder, not object storage; run it as one process")
+    by_shards = ranks.active or any(distributed.has_progress(f) for f in folders.values())
 
     def prepare() -> dict[str, Manifest]:
         manifests: dict[str, Manifest] = {}

@@ -65,6 +65,20 @@ def _start_afresh(folder: Path, resume: bool, overwrite: bool) -> Existing:
 
 
 _SHARD_OBJECT = re.compile(r"shard_\d{6}\.zarr/.+")
+_ENTRY_OBJECT = re.compile(r"\.harvest-shards/\d{6}\.json")  # a harvest split over processes
+
+
+def _shards_with_entries(folder: RemotePath, names: list[str]) -> set[str]:
+    """Shards that ranks of a harvest split over processes finished (each recorded by an entry
+    object after its shard was written whole): a resume keeps them."""
+    kept = set()
+    for n in names:
+        if _ENTRY_OBJECT.fullmatch(n):
+            try:
+                kept.add(json.loads(get_bytes(folder / n) or b"")["file"])
+            except (ValueError, KeyError, TypeError):
+                continue  # unreadable: the shard is done again
+    return kept
 
 
 def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
@@ -76,7 +90,7 @@ def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, o
     names = list_names(folder)  # also where a missing bucket or bad keys show, in one line
     if not names:
         return Existing(None, False)
-    dump_objects = [n for n in names if n == MANIFEST_NAME or _SHARD_OBJECT.fullmatch(n)]
+    dump_objects = [n for n in names if n == MANIFEST_NAME or _SHARD_OBJECT.fullmatch(n) or _ENTRY_OBJECT.fullmatch(n)]
     if MANIFEST_NAME not in names:
         if len(dump_objects) < len(names):
             raise UserError(f"{folder} holds objects that are not a dump; choose another --out "
@@ -102,8 +116,8 @@ def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, o
     if not resume:
         raise UserError(f"{folder} holds an interrupted harvest with these settings; "
                         "pass --resume to continue it, or --overwrite to start again")
-    listed = {s.file for s in old.shards}
-    stray = [n for n in dump_objects if n != MANIFEST_NAME and n.split("/", 1)[0] not in listed]
+    listed = {s.file for s in old.shards} | _shards_with_entries(folder, names)
+    stray = [n for n in dump_objects if _SHARD_OBJECT.fullmatch(n) and n.split("/", 1)[0] not in listed]
     delete_names(folder, stray)  # shards written (whole or in part) after the last manifest
     return Existing(old, False)
 

@@ -261,3 +261,34 @@ def test_bad_credentials_are_one_line_errors(tiny_model, token_dataset, tmp_path
         storage.reset_stores()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_harvest_split_over_processes_into_the_bucket(tiny_model, token_dataset, tmp_path, s3):
+    """torchrun with 2 ranks straight into the bucket: the dump of one process, and a rank that
+    dies leaves shards (recorded by entry objects) that a resume keeps."""
+    from test_distributed import _DYING_RANK, REPO, torchrun
+
+    client, bucket = s3
+    ref, url, killed = (f"s3://{bucket}/{n}" for n in ("one", "two", "killed"))
+    # 32 contexts of 32 rows; batches of 5 contexts = 160 rows; shards of 2 batches: 320, 320, 320, 64.
+    args = _args(tiny_model, token_dataset, ref, shard_rows=320)
+    run_harvest(*args)
+    torchrun(["-m", "harvest", "--quiet", "--device", "cpu", *_args(tiny_model, token_dataset, url, shard_rows=320)])
+    _same_dump(open_dump(url, verify=True), open_dump(ref, verify=True))
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="two/")["Contents"]]
+    assert not any(".harvest-shards" in k for k in keys)  # rank 0 removed the entries when complete
+
+    script = tmp_path / "dying_harvest.py"
+    script.write_text(_DYING_RANK.format(repo=str(REPO)))
+    died = torchrun([str(script), "--quiet", "--device", "cpu", *_args(tiny_model, token_dataset, killed, shard_rows=320)],
+                    expect_ok=False)
+    assert died.returncode != 0
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="killed/")["Contents"]]
+    assert "killed/.harvest-shards/000001.json" in keys  # rank 1's first shard, recorded
+    kept = "killed/shard_000001.zarr/zarr.json"
+    before = client.head_object(Bucket=bucket, Key=kept)["ETag"], client.head_object(Bucket=bucket, Key=kept)["LastModified"]
+    time.sleep(1.1)  # LastModified has whole seconds
+    run_harvest(*_args(tiny_model, token_dataset, killed, shard_rows=320), "--resume")  # one process: another N
+    _same_dump(open_dump(killed, verify=True), open_dump(ref, verify=True))
+    after = client.head_object(Bucket=bucket, Key=kept)["ETag"], client.head_object(Bucket=bucket, Key=kept)["LastModified"]
+    assert after == before  # the finished shard was kept, not written again
