@@ -284,7 +284,7 @@ def run_by_shards(cfg: Any, ranks: Ranks, model: Any, source: Any, manifests: di
 
     from harvest.contexts import BatchProducer, pack_contexts
     from harvest.data import iter_token_docs
-    from harvest.run import row_columns
+    from harvest.forward import forward_into
     from shared.models import bos_token_id
     from shared.shard_files import TORCH_DTYPE
 
@@ -315,24 +315,9 @@ def run_by_shards(cfg: Any, ranks: Ranks, model: Any, source: Any, manifests: di
         bar = tqdm(total=my_tokens, unit="tok", unit_scale=True, disable=not (progress and ranks.lead),
                    desc="harvest" + (f" (rank 0 of {ranks.world})" if ranks.active else ""), smoothing=0.1)
         try:
-            with torch.inference_mode():
-                for first_ctx, toks in producer:
-                    batch = torch.from_numpy(toks).to(device, non_blocking=True)
-                    _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop,
-                                                    return_cache_object=False)
-                    cols = row_columns(toks, first_ctx, cfg.skip_bos)
-                    for h in hooks:
-                        acts = cache[h]
-                        if cfg.skip_bos:
-                            acts = acts[:, 1:]
-                        acts = acts.reshape(-1, manifests[h].d_in).to(storage)
-                        writers[h].add(first_ctx * rpc, acts, *cols)
-                    bar.update(toks.size)
-                    done += toks.size
-                    bar.set_postfix_str(f"{sum(w.bytes_written for w in writers.values()) / 1e9:.2f} GB "
-                                        "written", refresh=False)
-                    if first_ctx // bsz >= last_batch:
-                        break
+            done = forward_into(model, producer, writers, {h: manifests[h].d_in for h in hooks}, stop=stop,
+                                device=device, skip_bos=cfg.skip_bos, rows_per_context=rpc, storage=storage,
+                                bar=bar, until_context=last_batch * bsz)
         finally:
             producer.close()
             bar.close()

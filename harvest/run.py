@@ -15,10 +15,10 @@ from tqdm import tqdm
 from harvest.config import SHARD_BYTES, HarvestConfig
 from harvest.contexts import BatchProducer, pack_contexts, too_few_tokens
 from harvest.data import DocumentSource, iter_token_docs, open_documents
+from harvest.forward import forward_into
 from harvest.target import Existing, check_disk, inspect_folder, out_folders
 from harvest.writer import ShardWriter
 from shared import atomic
-from shared.device import pick_device
 from shared.errors import UserError
 from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fingerprint
 from shared.models import (
@@ -74,16 +74,6 @@ def new_manifest(cfg: HarvestConfig, hook: str, d_in: int, fields: dict[str, Any
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         compression=cfg.compression,
     )
-
-
-def row_columns(tokens: np.ndarray, first_context: int, skip_bos: bool) -> tuple[np.ndarray, ...]:
-    """tokens / context / position for each row of a batch [batch, context_size]."""
-    start = 1 if skip_bos else 0
-    body = tokens[:, start:]
-    b, t = body.shape
-    return (body.reshape(-1).astype(np.int32),
-            np.repeat(np.arange(first_context, first_context + b, dtype=np.int64), t),
-            np.tile(np.arange(start, start + t, dtype=np.int32), b))
 
 
 def _validate(cfg: HarvestConfig, model: Any, source: DocumentSource) -> None:
@@ -230,29 +220,14 @@ def _run(cfg: HarvestConfig, model: Any, source: DocumentSource, writers: dict[s
     docs = iter_token_docs(source, getattr(model, "tokenizer", None))
     contexts = pack_contexts(docs, cfg.context_size, bos_token_id(model), cfg.prepend_bos)
     producer = BatchProducer(contexts, cfg.n_contexts, bsz, cfg.context_size, start_batch)
-    hooks = list(writers)
     storage = TORCH_DTYPE[cfg.dtype]
     total_tokens = cfg.n_contexts * cfg.context_size
-    done = 0
     bar = tqdm(total=total_tokens, initial=start_batch * bsz * cfg.context_size, unit="tok",
                unit_scale=True, disable=not progress, desc="harvest", smoothing=0.1)
     try:
-        with torch.inference_mode():
-            for first_ctx, toks in producer:
-                batch = torch.from_numpy(toks).to(device, non_blocking=True)
-                _, cache = model.run_with_cache(batch, names_filter=hooks, stop_at_layer=stop,
-                                                return_cache_object=False)
-                cols = row_columns(toks, first_ctx, cfg.skip_bos)
-                for h in hooks:
-                    acts = cache[h]
-                    if cfg.skip_bos:
-                        acts = acts[:, 1:]
-                    acts = acts.reshape(-1, writers[h].manifest.d_in).to(storage)
-                    writers[h].add(first_ctx * rpc, acts, *cols)
-                bar.update(toks.size)
-                done += toks.size
-                written = sum(w.bytes_written for w in writers.values())
-                bar.set_postfix_str(f"{written / 1e9:.2f} GB written", refresh=False)
+        done = forward_into(model, producer, writers, {h: w.manifest.d_in for h, w in writers.items()},
+                            stop=stop, device=device, skip_bos=cfg.skip_bos, rows_per_context=rpc,
+                            storage=storage, bar=bar)
     finally:
         producer.close()
         bar.close()

@@ -81,6 +81,23 @@ def _shards_with_entries(folder: RemotePath, names: list[str]) -> set[str]:
     return kept
 
 
+def _existing_dump(folder: Path | RemotePath, config_fingerprint: str, resume: bool) -> Manifest:
+    """The dump's manifest if it is this harvest's (complete, or interrupted and resumed); else a
+    one-line error saying what to do."""
+    try:
+        old = read_manifest(folder)
+    except DumpError as e:  # harvest's way to re-harvest is --overwrite: say so
+        raise DumpError(f"{e} (harvest --overwrite replaces it)") from None
+    if old.config_fingerprint != config_fingerprint:
+        raise UserError(f"{folder} holds a different dump ({old.model}, {old.hook}, "
+                        f"{old.n_contexts or 'unfinished'} contexts, other settings); "
+                        "pass --overwrite to replace it, or another --out")
+    if not (old.complete or resume):
+        raise UserError(f"{folder} holds an interrupted harvest with these settings; "
+                        "pass --resume to continue it, or --overwrite to start again")
+    return old
+
+
 def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
     """inspect_folder for an object-storage prefix: the same decisions, on the objects under it.
 
@@ -103,19 +120,9 @@ def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, o
     if overwrite and _looks_like_dump(folder):
         delete_names(folder, dump_objects)  # only the dump's own objects
         return Existing(None, False)
-    try:
-        old = read_manifest(folder)
-    except DumpError as e:
-        raise DumpError(f"{e} (harvest --overwrite replaces it)") from None
-    if old.config_fingerprint != config_fingerprint:
-        raise UserError(f"{folder} holds a different dump ({old.model}, {old.hook}, "
-                        f"{old.n_contexts or 'unfinished'} contexts, other settings); "
-                        "pass --overwrite to replace it, or another --out")
+    old = _existing_dump(folder, config_fingerprint, resume)
     if old.complete:
         return Existing(old, True)
-    if not resume:
-        raise UserError(f"{folder} holds an interrupted harvest with these settings; "
-                        "pass --resume to continue it, or --overwrite to start again")
     listed = {s.file for s in old.shards} | _shards_with_entries(folder, names)
     stray = [n for n in dump_objects if _SHARD_OBJECT.fullmatch(n) and n.split("/", 1)[0] not in listed]
     delete_names(folder, stray)  # shards written (whole or in part) after the last manifest
@@ -139,19 +146,9 @@ def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrit
         # Before validating: a damaged dump is exactly what --overwrite must be able to replace.
         shutil.rmtree(folder)
         return Existing(None, False)
-    try:
-        old = read_manifest(folder)
-    except DumpError as e:  # harvest's way to re-harvest is --overwrite: say so
-        raise DumpError(f"{e} (harvest --overwrite replaces it)") from None
-    if old.config_fingerprint != config_fingerprint:
-        raise UserError(f"{folder} holds a different dump ({old.model}, {old.hook}, "
-                        f"{old.n_contexts or 'unfinished'} contexts, other settings); "
-                        "pass --overwrite to replace it, or another --out")
+    old = _existing_dump(folder, config_fingerprint, resume)
     if old.complete:
         return Existing(old, True)
-    if not resume:
-        raise UserError(f"{folder} holds an interrupted harvest with these settings; "
-                        "pass --resume to continue it, or --overwrite to start again")
     # A crash can leave the next shard half-written (temp) or written but not yet in the manifest.
     following = folder / shard_name(len(old.shards), old.format)
     atomic.remove(atomic.temp_path(following))

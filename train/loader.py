@@ -163,18 +163,21 @@ class ActivationLoader:
             return self._gather_chunks(rows)
         out = np.empty((len(rows), self.dump.d_in), dtype=np.float32)
         at = 0
-        for i in range(self.dump.n_shards):
-            s_lo, s_hi = self.dump.shard_range(i)
-            a, b = np.searchsorted(rows, [s_lo, s_hi])
-            if a == b:
-                continue
-            local = rows[a:b] - s_lo
+        for i, a, b, local in self._per_shard(rows):
             arr = self.dump.shard(i).activations
             picked = np.asarray(arr.oindex[local] if hasattr(arr, "oindex") else arr[local])
             out[at : at + (b - a)] = stored_to_float32(picked, self.dump.dtype)
             at += b - a
         self.rows_read += len(rows)
         return torch.from_numpy(out)
+
+    def _per_shard(self, rows: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """For each shard the sorted global `rows` touch: (shard, a, b, rows[a:b] inside the shard)."""
+        for i in range(self.dump.n_shards):
+            s_lo, s_hi = self.dump.shard_range(i)
+            a, b = (int(v) for v in np.searchsorted(rows, [s_lo, s_hi]))
+            if a < b:
+                yield i, a, b, rows[a:b] - s_lo
 
     def _gather_chunks(self, rows: np.ndarray) -> torch.Tensor:
         """gather() reading every chunk the rows touch whole, FETCH_THREADS requests in flight;
@@ -183,12 +186,7 @@ class ActivationLoader:
 
         out = np.empty((len(rows), self.dump.d_in), dtype=np.float32)
         jobs = []  # (shard, chunk, positions in `rows`, rows inside the chunk)
-        for i in range(self.dump.n_shards):
-            s_lo, s_hi = self.dump.shard_range(i)
-            a, b = np.searchsorted(rows, [s_lo, s_hi])
-            if a == b:
-                continue
-            local = rows[a:b] - s_lo
+        for i, a, b, local in self._per_shard(rows):
             c = self._chunk_rows[i]
             chunk_of = local // c
             cuts = np.flatnonzero(np.diff(chunk_of)) + 1
