@@ -171,7 +171,7 @@ def test_train_from_bucket_equals_train_from_disk(tiny_model, token_dataset, tmp
         dest = local / obj["Key"][2:]
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-    monkeypatch.setenv("MATS_SAE_CACHE", str(tmp_path / "cache"))  # chunks kept for a second run
+    monkeypatch.setenv("MATS_SAE_CHUNK_CACHE", str(tmp_path / "cache"))  # chunks kept for a second run
     remote_run = _train("--shards", url, "--checkpoint-path", str(tmp_path / "r1"), *TRAIN)
     assert remote_run.exit_code == 0, remote_run.output
     cached = sorted((tmp_path / "cache").glob("*/*.npy"))
@@ -179,7 +179,7 @@ def test_train_from_bucket_equals_train_from_disk(tiny_model, token_dataset, tmp
     np.save(cached[0], np.zeros((1, 32), np.float32))  # damaged: fetched again, not used
     again = _train("--shards", url, "--checkpoint-path", str(tmp_path / "r3"), *TRAIN)
     assert again.exit_code == 0, again.output
-    monkeypatch.delenv("MATS_SAE_CACHE")
+    monkeypatch.delenv("MATS_SAE_CHUNK_CACHE")
     monkeypatch.setenv("MATS_SAE_READ", "chunks")  # the bucket's read order, from the disk copy
     local_run = _train("--shards", str(local), "--checkpoint-path", str(tmp_path / "r2"), *TRAIN)
     assert local_run.exit_code == 0, local_run.output

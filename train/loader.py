@@ -17,7 +17,7 @@ ordered so that a batch takes at most one row per context until every context of
 given one (a random row of each, in random order), so a 4096-row batch still comes from as many
 contexts as the buffer holds (about 3,600 at d_in 576 with the default 1 GiB buffer). Setting
 MATS_SAE_READ=chunks reads a local dump the same way (the same batches as from the bucket), and
-MATS_SAE_CACHE=FOLDER keeps the fetched chunks on local disk for later epochs, runs and sweeps
+MATS_SAE_CHUNK_CACHE=FOLDER keeps the fetched chunks on local disk for later epochs, runs and sweeps
 (each checked against its sha256 when read back).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from shared.shard_files import remote_chunk_rows, stored_to_float32
 
 BUFFER_BYTES = 1 << 30  # default shuffle buffer: about 1 GiB of float32 rows
 READ_ENV = "MATS_SAE_READ"  # "chunks": read a local dump in whole chunks, as from object storage
-CACHE_ENV = "MATS_SAE_CACHE"  # a folder keeping chunks fetched from object storage, for later epochs and runs
+CACHE_ENV = "MATS_SAE_CHUNK_CACHE"  # a folder keeping chunks fetched from object storage, for later epochs and runs
 FETCH_THREADS = 16  # chunk requests in flight when reading whole chunks
 
 
