@@ -107,14 +107,17 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
     from shared.saes import load_sae
     from train.evaluation.dashboard.build import build_dashboard, read_evaluation
 
+    tokenizers: dict = {}  # one per model: a sweep's SAEs share it
     for final in finals:
         dump = dumps.for_sae(final)
         key = dump.manifest.model
         if with_model and key not in models:
             models[key] = _model_or_none(dump, device)
+        if key not in tokenizers:
+            tokenizers[key] = _tokenizer(dump)
         run = final.parent
         index = build_dashboard(load_sae(final, device=device), dump, run / "dashboard", name=run.name,
-                                model=models.get(key), tokenizer=_tokenizer(dump), evaluation=read_evaluation(run),
+                                model=models.get(key), tokenizer=tokenizers[key], evaluation=read_evaluation(run),
                                 device=device, progress=not quiet, log=lambda s: click.echo(s, err=True))
         click.echo(f"dashboard: {index}")
 

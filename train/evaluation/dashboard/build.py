@@ -51,7 +51,7 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
         metrics=metrics)
     index = write_dashboard(out, inputs)
     if model is None:
-        log("(no model available: the dashboard leaves out promoted and suppressed tokens)")
+        log("(without the model, the dashboard leaves out promoted and suppressed tokens)")
     return index
 
 
