@@ -104,8 +104,8 @@ def test_divergence_in_a_sweep_names_the_sae(tmp_path, dump):
 def test_a_non_finite_parameter_after_the_last_step_is_not_saved(tmp_path, dump, monkeypatch):
     real = SAETrainer.update
 
-    def update(self, x):
-        res = real(self, x)
+    def update(self, x, rows=None):
+        res = real(self, x, rows)
         if self.counters.step == self.total_steps:  # the loss was finite; a parameter is not
             with torch.no_grad():
                 self.sae.W_dec[0, 0] = float("nan")
