@@ -71,11 +71,13 @@ def write_dashboard(folder: Path, inputs: DashboardInputs) -> Path:
             "n_features": d_sae, "n_rows": stats.n_rows, "chunk_size": CHUNK,
             "window_before": stats.config.window_before, "has_logits": inputs.logits is not None})
         _write_js(data / "vocab.js", "DASH.vocab = ", {str(k): v for k, v in inputs.token_text.items()})
-        records = [feature_record(inputs, f) for f in range(d_sae)]
-        _write_js(data / "index.js", "DASH.index = ", {"rows": [_index_row(r) for r in records]})
-        for c in range(0, d_sae, CHUNK):
-            chunk = {r["feature"]: r for r in records[c : c + CHUNK]}
+        mean = stats.mean_when_firing  # [d_sae], computed once
+        index = []
+        for c in range(0, d_sae, CHUNK):  # one file's records in memory at a time
+            chunk = {f: feature_record(inputs, f, mean) for f in range(c, min(c + CHUNK, d_sae))}
+            index += [_index_row(r) for r in chunk.values()]
             _write_js(data / f"features_{c // CHUNK:04d}.js", f"DASH.addFeatures({c // CHUNK}, ", chunk, ");")
+        _write_js(data / "index.js", "DASH.index = ", {"rows": index})
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -85,14 +87,16 @@ def write_dashboard(folder: Path, inputs: DashboardInputs) -> Path:
     return folder / "index.html"
 
 
-def feature_record(inputs: DashboardInputs, f: int) -> dict[str, Any]:
-    """What the page shows for feature f (JSON-able, floats to 4 significant digits)."""
+def feature_record(inputs: DashboardInputs, f: int, mean: torch.Tensor | None = None) -> dict[str, Any]:
+    """What the page shows for feature f (JSON-able, floats to 4 significant digits); `mean`:
+    every feature's mean activation when firing, if already computed."""
     s = inputs.stats
     fired = int(s.fired[f])
     top = _examples(s.top, f)
+    mean = s.mean_when_firing if mean is None else mean
     rec: dict[str, Any] = {
         "feature": f, "fired": fired, "density": fired / s.n_rows, "max": _num(s.act_max[f]),
-        "mean": _num(s.mean_when_firing[f]), "top": top, "ranges": _ranges(s, f),
+        "mean": _num(mean[f]), "top": top, "ranges": _ranges(s, f),
         "hist": _histogram(s, f), "top_tokens": _top_tokens(top, s.config.window_before),
         "neighbours": [[int(i), _num(c)] for c, i in zip(*(t[f].tolist() for t in inputs.neighbours))],
     }
@@ -105,25 +109,27 @@ def feature_record(inputs: DashboardInputs, f: int) -> dict[str, Any]:
 
 
 def _examples(e: Examples, f: int, order: list[int] | None = None) -> list[list[Any]]:
-    """[activation, dump row, window token ids, window activations] per example that exists."""
-    js = order if order is not None else range(e.rows.shape[1])
-    return [[_num(e.acts[f, j]), int(e.rows[f, j]), e.window_tokens[f, j].tolist(),
-             [_num(a) for a in e.window_acts[f, j].tolist()]] for j in js if int(e.rows[f, j]) >= 0]
+    """[activation, dump row, window token ids, window activations] per example that exists.
+    One conversion to Python per tensor and feature (not per element: tensor indexing is slow)."""
+    acts, rows = e.acts[f].tolist(), e.rows[f].tolist()
+    tokens, window_acts = e.window_tokens[f].tolist(), e.window_acts[f].tolist()
+    js = order if order is not None else range(len(rows))
+    return [[_num(acts[j]), rows[j], tokens[j], [_num(a) for a in window_acts[j]]] for j in js if rows[j] >= 0]
 
 
 def _ranges(s: FeatureStats, f: int) -> list[dict[str, Any]]:
     """The uniform sample of firing rows, split by activation into RANGES equal intervals of
     (0, max]; each interval's share of the sample estimates its share of all firing rows."""
     top = float(s.act_max[f])
-    picked = [j for j in range(s.sample.rows.shape[1]) if int(s.sample.rows[f, j]) >= 0]
+    acts, rows = s.sample.acts[f].tolist(), s.sample.rows[f].tolist()
+    picked = [j for j, r in enumerate(rows) if r >= 0]
     if top <= 0 or not picked:
         return []
-    acts = s.sample.acts[f]
     out = []
     for i in range(RANGES):
         lo, hi = top * i / RANGES, top * (i + 1) / RANGES
-        inside = [j for j in picked if lo < float(acts[j]) <= hi or (i == RANGES - 1 and float(acts[j]) > hi)]
-        shown = sorted(inside[:PER_RANGE], key=lambda j: -float(acts[j]))
+        inside = [j for j in picked if lo < acts[j] <= hi or (i == RANGES - 1 and acts[j] > hi)]
+        shown = sorted(inside[:PER_RANGE], key=lambda j: -acts[j])
         out.append({"lo": _num(lo), "hi": _num(hi), "share": len(inside) / len(picked),
                     "examples": _examples(s.sample, f, shown)})
     return out
