@@ -86,6 +86,11 @@ class Manifest:
     created: str
     compression: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    pass_id: str | None = None
+    """One identifier per harvest pass, the same in the manifest of every hook that pass wrote
+    (and kept by --resume): dumps with equal `pass_id` hold the same tokens, contexts and rows
+    in the same order, so their rows pair up one to one (input and target of a transcoder).
+    None in dumps written before it existed."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,8 @@ FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("safetensors", "zarr")
 COMPRESSIONS = (None, "zstd")
-OPTIONAL_FIELDS = ("compression", "extra")
+OPTIONAL_FIELDS = ("compression", "extra", "pass_id")
+"""Fields a manifest may lack: written by later versions (`pass_id`) or only when they apply."""
 _CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
 _FIX = "re-harvest the dump"
 
@@ -138,6 +139,7 @@ FIELDS: dict[str, Check] = {
     "versions": of_type(dict),
     "created": of_type(str),
     "extra": of_type(dict),
+    "pass_id": of_type(str, optional=True),
 }
 
 SHARD_FIELDS: dict[str, Check] = {
