@@ -17,10 +17,30 @@ from shared.errors import UserError
 from shared.manifest import fingerprint
 
 
+CACHE_ENV = "MATS_SAE_CACHE"
+APP_NAME = "mats-sae-training"
+
 
 def cache_root() -> Path:
-    """Where packaged models and corpora are unpacked: $MATS_SAE_CACHE, default data/."""
-    return Path(os.environ.get("MATS_SAE_CACHE", "data"))
+    """Where packaged models and corpora are unpacked, once per user: $MATS_SAE_CACHE, else the
+    platform's per-user cache folder (so a script run from any working directory finds them):
+    $XDG_CACHE_HOME or ~/.cache on Linux, ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows,
+    each with a `mats-sae-training` folder (the XDG Base Directory specification and the
+    platforms' own conventions)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser().absolute()
+    return platform_cache_dir() / APP_NAME
+
+
+def platform_cache_dir() -> Path:
+    import sys
+
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
 
 # Repos holding TransformerLens-format weights (not Hugging Face models): booted via boot_tl_legacy.
 _LEGACY_PREFIXES = ("NeelNanda/", "ArthurConmy/", "Baidicoot/")
