@@ -218,3 +218,47 @@ def test_the_dashboard_works_from_a_static_file_server(run, browser):
         _no_js_errors(browser)
     finally:
         server.shutdown()
+
+
+def test_range_shares_are_exact_and_agree_with_the_histogram(run):
+    data = run / "dashboard" / "data"
+    records = {}
+    for c in range(0, D_SAE, CHUNK):
+        records.update({int(k): v for k, v in js_payload(data / f"features_{c // CHUNK:04d}.js").items()})
+    checked = 0
+    for rec in records.values():
+        if rec["fired"] == 0:
+            assert rec["ranges"] == []
+            continue
+        counts, width = rec["hist"]["counts"], rec["hist"]["width"]
+        assert sum(r["share"] for r in rec["ranges"]) == pytest.approx(1.0)
+        edges = [0.0] + [r["hi"] for r in rec["ranges"]]
+        assert [r["lo"] for r in rec["ranges"]] == pytest.approx(edges[:-1], rel=1e-3)
+        assert edges[-1] == pytest.approx(width * len(counts), rel=1e-3)
+        for r in rec["ranges"]:
+            a, b = round(r["lo"] / width), round(r["hi"] / width)  # ranges are runs of whole bins
+            assert r["share"] == pytest.approx(sum(counts[a:b]) / rec["fired"])
+            assert all(r["lo"] * (1 - 1e-3) <= ex[0] for ex in r["examples"])
+            if r is not rec["ranges"][-1]:
+                assert all(ex[0] <= r["hi"] * (1 + 1e-3) for ex in r["examples"])
+        checked += 1
+    assert checked > 100
+
+
+def test_an_unknown_feature_says_so_and_the_histogram_has_a_y_axis(run, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get((run / "dashboard" / "index.html").as_uri() + "#f=999999")
+    note = _wait(browser, "#unknown-feature")
+    assert "no feature 999999" in note.text and f"0 to {D_SAE - 1}" in note.text
+    _no_js_errors(browser)  # no request for a data file that does not exist
+
+    records = js_payload(run / "dashboard" / "data" / "features_0000.js")
+    feature = next(f for f in range(5, D_SAE) if records[str(f)]["fired"] > 0)
+    browser.get((run / "dashboard" / "index.html").as_uri() + f"#f={feature}")
+    _wait(browser, "#feature svg.histogram rect.bar")
+    ticks = [t.get_attribute("textContent") for t in browser.find_elements(By.CSS_SELECTOR, "svg.histogram .y-tick")]
+    assert ticks[-1] == str(max(records[str(feature)]["hist"]["counts"]))
+    bars = browser.find_elements(By.CSS_SELECTOR, "svg.histogram rect.bar title")
+    assert bars[0].get_attribute("textContent").startswith(f"{records[str(feature)]['hist']['counts'][0]} rows in [")
+    _no_js_errors(browser)

@@ -24,7 +24,7 @@ ASSETS = Path(__file__).parent / "assets"
 CHUNK = 256
 """Features per data file."""
 RANGES = 4
-"""Activation ranges sampled: (0, max] cut into this many equal intervals."""
+"""Activation ranges sampled: the histogram's bins over [0, max] in this many runs."""
 PER_RANGE = 5
 """Examples shown per activation range."""
 TOP_TOKENS = 3
@@ -118,19 +118,27 @@ def _examples(e: Examples, f: int, order: list[int] | None = None) -> list[list[
 
 
 def _ranges(s: FeatureStats, f: int) -> list[dict[str, Any]]:
-    """The uniform sample of firing rows, split by activation into RANGES equal intervals of
-    (0, max]; each interval's share of the sample estimates its share of all firing rows."""
-    top = float(s.act_max[f])
+    """The histogram's bins over [0, max] in RANGES runs of adjacent bins (as even as the bin
+    count allows), each with its exact share of the feature's firing rows (from the histogram's
+    counts, so the shares agree with it and add up to 1) and up to PER_RANGE rows of the uniform
+    sample whose activation falls inside, largest first. Intervals are [lo, hi), as the bins."""
+    hist = _histogram(s, f)
+    counts, width = hist["counts"], hist["width"]
+    total = sum(counts)
+    if not counts or total == 0:
+        return []
     acts, rows = s.sample.acts[f].tolist(), s.sample.rows[f].tolist()
     picked = [j for j, r in enumerate(rows) if r >= 0]
-    if top <= 0 or not picked:
-        return []
+    n = min(RANGES, len(counts))
+    cuts = [round(i * len(counts) / n) for i in range(n + 1)]
     out = []
-    for i in range(RANGES):
-        lo, hi = top * i / RANGES, top * (i + 1) / RANGES
-        inside = [j for j in picked if lo < acts[j] <= hi or (i == RANGES - 1 and acts[j] > hi)]
-        shown = sorted(inside[:PER_RANGE], key=lambda j: -acts[j])
-        out.append({"lo": _num(lo), "hi": _num(hi), "share": len(inside) / len(picked),
+    for i in range(n):
+        a, b = cuts[i], cuts[i + 1]
+        lo, hi = a * width, b * width
+        last = i == n - 1  # the sample's largest values belong to the last bin, as in the histogram
+        inside = [j for j in picked if lo <= acts[j] < hi or (last and acts[j] >= hi)]
+        shown = sorted(inside, key=lambda j: -acts[j])[:PER_RANGE]
+        out.append({"lo": _num(lo), "hi": _num(hi), "share": sum(counts[a:b]) / total,
                     "examples": _examples(s.sample, f, shown)})
     return out
 

@@ -37,6 +37,13 @@
     return Number(x).toPrecision(digits || 3);
   }
 
+  function percent(share) {
+    // Exact shares: "0%" only when none, "<0.1%" for a few rows, so that no non-empty range reads as empty.
+    if (share === 0) return "0%";
+    if (share < 0.001) return "<0.1%";
+    return (100 * share).toFixed(share < 0.1 ? 1 : 0) + "%";
+  }
+
   // ------------------------------------------------------------------ index
 
   function indexRows() {
@@ -96,6 +103,8 @@
   // ------------------------------------------------------------------ one feature
 
   function loadFeature(f, cb) {
+    // A feature outside the SAE has no data file: say so instead of requesting one that is not there.
+    if (!(f >= 0 && f < DASH.meta.n_features)) return cb({ missing: f });
     var chunk = Math.floor(f / DASH.meta.chunk_size);
     if (chunks[chunk]) return cb(chunks[chunk][f]);
     var first = !waiting[chunk];
@@ -125,17 +134,39 @@
   }
 
   function histogram(hist, featureMax) {
-    var width = 460, height = 110, bins = hist.counts.length;
+    // Bars of rows per bin, with a y axis (0, half and the peak, in rows) and each bar's count on hover.
+    var left = 48, width = 460, height = 110, bins = hist.counts.length;
     var peak = Math.max.apply(null, hist.counts.concat([1]));
     var svgNS = "http://www.w3.org/2000/svg";
     var svg = document.createElementNS(svgNS, "svg");
-    svg.setAttribute("width", width);
-    svg.setAttribute("height", height + 20);
+    svg.setAttribute("width", left + width);
+    svg.setAttribute("height", height + 34);
+    svg.setAttribute("class", "histogram");
+    function text(x, y, anchor, content) {
+      var t = document.createElementNS(svgNS, "text");
+      t.setAttribute("x", x);
+      t.setAttribute("y", y);
+      t.setAttribute("text-anchor", anchor);
+      t.setAttribute("font-size", "11");
+      t.textContent = content;
+      svg.appendChild(t);
+      return t;
+    }
+    var axis = document.createElementNS(svgNS, "line");
+    axis.setAttribute("x1", left - 2); axis.setAttribute("x2", left - 2);
+    axis.setAttribute("y1", 0); axis.setAttribute("y2", height);
+    axis.setAttribute("stroke", "#888");
+    svg.appendChild(axis);
+    [0, Math.round(peak / 2), peak].forEach(function (v) {
+      var tick = text(left - 6, height - (v / peak) * height + 4, "end", String(v));
+      tick.setAttribute("class", "y-tick");
+    });
+    text(0, height + 30, "start", "rows");
     hist.counts.forEach(function (c, i) {
       var h = (c / peak) * height;
       var bar = document.createElementNS(svgNS, "rect");
       bar.setAttribute("class", "bar");
-      bar.setAttribute("x", (i * width) / bins);
+      bar.setAttribute("x", left + (i * width) / bins);
       bar.setAttribute("y", height - h);
       bar.setAttribute("width", Math.max(1, width / bins - 1));
       bar.setAttribute("height", h);
@@ -144,15 +175,9 @@
       bar.appendChild(title);
       svg.appendChild(bar);
     });
-    [[0, "start", "0"], [width, "end", fmt(hist.width * bins)]].forEach(function (t) {
-      var label = document.createElementNS(svgNS, "text");
-      label.setAttribute("x", t[0]);
-      label.setAttribute("y", height + 15);
-      label.setAttribute("text-anchor", t[1]);
-      label.setAttribute("font-size", "11");
-      label.textContent = t[2];
-      svg.appendChild(label);
-    });
+    text(left, height + 15, "start", "0");
+    text(left + width, height + 15, "end", fmt(hist.width * bins));
+    text(left + width / 2, height + 30, "middle", "activation");
     return svg;
   }
 
@@ -167,6 +192,11 @@
     var box = document.getElementById("feature");
     box.textContent = "";
     if (!rec) { box.appendChild(el("p", { text: "No such feature." })); return; }
+    if (rec.missing !== undefined) {
+      box.appendChild(el("p", { id: "unknown-feature", text: "There is no feature " + rec.missing + ": this SAE has features 0 to " +
+        (DASH.meta.n_features - 1) + ". Pick one from the index." }));
+      return;
+    }
     box.appendChild(el("h2", { text: "Feature " + rec.feature }));
     box.appendChild(el("p", { text: rec.fired === 0 ? "Never fires on the dump's " + DASH.meta.n_rows + " rows." :
       "Fires on " + rec.fired + " of " + DASH.meta.n_rows + " rows (density " + fmt(rec.density) +
@@ -182,12 +212,15 @@
       box.appendChild(el("h3", { text: "Samples from each activation range" }));
       var ranges = el("div", { id: "range-examples" });
       rec.ranges.forEach(function (r) {
-        ranges.appendChild(el("h4", { text: "(" + fmt(r.lo) + ", " + fmt(r.hi) + "]: about " +
-          fmt(100 * r.share, 2) + "% of the rows it fires on" }));
-        if (!r.examples.length) ranges.appendChild(el("p", { className: "note", text: "none in the sample" }));
+        ranges.appendChild(el("h4", { text: "[" + fmt(r.lo) + ", " + fmt(r.hi) + "): " +
+          percent(r.share) + " of the rows it fires on" }));
+        if (!r.examples.length) ranges.appendChild(el("p", { className: "note", text: r.share > 0 ?
+          "none among the uniformly sampled rows (too rare here to be drawn)" : "no rows in this range" }));
         r.examples.forEach(function (ex) { ranges.appendChild(example(ex, rec.max)); });
       });
       box.appendChild(ranges);
+      box.appendChild(el("p", { className: "note", text: "Each range's share is exact (from the histogram below); " +
+        "its examples are drawn uniformly from the rows where the feature fires." }));
       box.appendChild(el("h3", { text: "Activation histogram (non-zero activations)" }));
       box.appendChild(histogram(rec.hist, rec.max));
     }
