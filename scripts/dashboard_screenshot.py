@@ -1,4 +1,4 @@
-"""Screenshots of a dashboard in headless chromium (for the README):
+"""Screenshots of a dashboard in headless chromium (for docs/evaluate.md):
 
     python scripts/dashboard_screenshot.py data/runs/quickstart/dashboard docs/dashboard --feature 12
 

@@ -1,6 +1,6 @@
 """The dump manifest: the only index of a dump's data (readers never list folders).
 
-One `manifest.json` per hook folder. Field meanings are documented in README.md ("The dump format").
+One `manifest.json` per hook folder. Field meanings are documented in docs/dump-format.md.
 """
 from __future__ import annotations
 
