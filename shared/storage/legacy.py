@@ -67,5 +67,5 @@ def store_for(where: ObjectStorePath) -> Any:
 
 def dump_error(where: Any, e: BaseException) -> DumpError:
     """A read of a dump object failed: a DumpError naming the object."""
-    told = location(where).failure(e) if isinstance(where, Location) else None
-    return DumpError(str(told or UserError(f"{where}: {e}")))
+    err = explain(where, e) if isinstance(where, ObjectStorePath) else UserError(f"{where}: {e}")
+    return DumpError(str(err))
