@@ -7,7 +7,7 @@ import click
 
 from harvest.config import HarvestConfig
 from shared.cli_errors import one_line_errors
-from shared.storage import ENDPOINT_HELP
+from shared.cli_options import ENDPOINT_HELP, endpoint_option
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
@@ -45,8 +45,7 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
 @click.option("--out", default=None,
               help="Output folder, or object storage as s3://bucket/prefix "
                    "[data/{model}_l{layer}; several hooks: data/{model}/{hook}].")
-@click.option("--s3-endpoint", default=None, metavar="URL",
-              help=ENDPOINT_HELP)
+@click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
 @click.option("--device", default=None, help="Device [cuda if available, else cpu].")
 @click.option("--seed", default=42, show_default=True, type=int, help="Seed for document shuffling.")
 @click.option("--shuffle-documents/--no-shuffle-documents", default=False, show_default=True,
@@ -57,7 +56,7 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
 @click.option("--overwrite", is_flag=True, help="Replace whatever dump --out holds.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(hooks, model, dataset, split, text_column, context_size, batch_size, tokens, prepend_bos,
-         skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, s3_endpoint, device, seed,
+         skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
          shuffle_documents, shuffle_buffer_docs, resume, overwrite, quiet) -> None:
     """Run a language model over a token dataset once and write the activations at one or more
     hook points to disk as sharded, resumable dumps that `train` reads.
@@ -66,12 +65,11 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
     """
     with one_line_errors("harvest", interrupted=INTERRUPTED):
         from harvest.run import harvest
-        from shared.storage import is_remote, set_endpoint
+        from shared.storage import location
 
-        if s3_endpoint:
-            set_endpoint(s3_endpoint)
-        if fmt is None and is_remote(out):
-            click.echo("note: dumps in object storage are written as zarr", err=True)
+        where = location(out) if out is not None else None
+        if fmt is None and where is not None and where.capabilities.formats[0] != "safetensors":
+            click.echo(f"note: dumps in {where.kind} are written as {where.capabilities.formats[0]}", err=True)
         cfg = HarvestConfig(
             hooks=list(hooks), model=model, dataset=dataset, split=split, text_column=text_column,
             context_size=context_size, batch_size=batch_size, tokens=tokens, prepend_bos=prepend_bos,

@@ -6,7 +6,7 @@ from typing import Any
 
 from shared.errors import UserError
 from shared.manifest import FORMATS, STORAGE_DTYPES
-from shared.storage import is_remote
+from shared.storage import location
 
 SHARD_BYTES = 1 << 30  # default shard size: about 1 GiB of activations
 
@@ -36,7 +36,8 @@ class HarvestConfig:
     model_dtype: str = "float32"
     """Dtype of the forward pass."""
     format: str | None = "safetensors"
-    """safetensors or zarr; None picks zarr for an object-storage --out (s3://...), else safetensors."""
+    """safetensors or zarr; None picks the default of where `out` is: zarr in object storage
+    (s3://..., the only format there), else safetensors."""
     compression: str | None = None
     """zarr only: None or 'zstd'."""
     shard_rows: int | None = None
@@ -68,12 +69,13 @@ class HarvestConfig:
             # BOS alone would fill every context, leaving no room for the dataset's tokens.
             raise UserError(f"--context-size {self.context_size} leaves no room for tokens after BOS; "
                             "use --context-size 2 or more, or --no-prepend-bos")
-        remote = is_remote(self.out)
+        out = location(self.out if self.out is not None else ".")  # the default folders are local
+        formats = out.capabilities.formats
         if self.format is None:
-            self.format = "zarr" if remote else "safetensors"
-        if remote and self.format != "zarr":
-            raise UserError(f"--out {self.out}: dumps in object storage are written as zarr; pass "
-                            "--format zarr (or leave --format out)")
+            self.format = formats[0]
+        if self.format in FORMATS and self.format not in formats:
+            raise UserError(f"--out {self.out}: dumps in {out.kind} are written as {' or '.join(formats)}; "
+                            f"pass --format {formats[0]} (or leave --format out)")
         for name, allowed in (("dtype", STORAGE_DTYPES), ("model_dtype", STORAGE_DTYPES), ("format", FORMATS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, "

@@ -12,16 +12,16 @@ from shared import atomic
 from shared.errors import DumpError, UserError
 from shared.manifest import MANIFEST_NAME, Manifest, read_manifest, shard_name
 from shared.models import default_dump_folder, short_model_name
-from shared.storage import RemotePath, delete_names, get_bytes, is_remote, list_names, location
+from shared.storage import Location, location
 
 
-def out_folders(out: str | None, model: str, hooks: list[str]) -> dict[str, Path]:
+def out_folders(out: str | None, model: str, hooks: list[str]) -> dict[str, Location]:
     """One hook -> data/{model}_l{layer}; several -> data/{model}/{hook} (or under --out, which
     may be an object-storage prefix s3://bucket/prefix)."""
     short = short_model_name(model)
     if len(hooks) == 1:
-        return {hooks[0]: location(out) if out is not None else default_dump_folder(model, hooks[0])}
-    root = location(out) if out is not None else Path("data") / short
+        return {hooks[0]: location(out if out is not None else default_dump_folder(model, hooks[0]))}
+    root = location(out if out is not None else Path("data") / short)
     return {h: root / h for h in hooks}
 
 
@@ -42,13 +42,10 @@ def _only_leftovers(folder: Path) -> bool:
     return all(p.name == manifest_temp or _SHARD_TEMP.fullmatch(p.name) for p in folder.iterdir())
 
 
-def _looks_like_dump(folder: Path) -> bool:
+def _looks_like_dump(folder: Location) -> bool:
     """A manifest.json harvest could have written, valid or not: --overwrite may delete it."""
     try:
-        if is_remote(folder):
-            raw = json.loads(get_bytes(folder / MANIFEST_NAME) or b"")
-        else:
-            raw = json.loads((folder / MANIFEST_NAME).read_text())
+        raw = json.loads((folder / MANIFEST_NAME).get_bytes() or b"")
     except (OSError, ValueError):
         return False
     return isinstance(raw, dict) and "format_version" in raw and "shards" in raw
@@ -68,20 +65,20 @@ _SHARD_OBJECT = re.compile(r"shard_\d{6}\.zarr/.+")
 _ENTRY_OBJECT = re.compile(r"\.harvest-shards/\d{6}\.json")  # a harvest split over processes
 
 
-def _shards_with_entries(folder: RemotePath, names: list[str]) -> set[str]:
+def _shards_with_entries(folder: Location, names: list[str]) -> set[str]:
     """Shards that ranks of a harvest split over processes finished (each recorded by an entry
     object after its shard was written whole): a resume keeps them."""
     kept = set()
     for n in names:
         if _ENTRY_OBJECT.fullmatch(n):
             try:
-                kept.add(json.loads(get_bytes(folder / n) or b"")["file"])
+                kept.add(json.loads((folder / n).get_bytes() or b"")["file"])
             except (ValueError, KeyError, TypeError):
                 continue  # unreadable: the shard is done again
     return kept
 
 
-def _existing_dump(folder: Path | RemotePath, config_fingerprint: str, resume: bool) -> Manifest:
+def _existing_dump(folder: Location, config_fingerprint: str, resume: bool) -> Manifest:
     """The dump's manifest if it is this harvest's (complete, or interrupted and resumed); else a
     one-line error saying what to do."""
     try:
@@ -98,13 +95,14 @@ def _existing_dump(folder: Path | RemotePath, config_fingerprint: str, resume: b
     return old
 
 
-def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
-    """inspect_folder for an object-storage prefix: the same decisions, on the objects under it.
+def _inspect_prefix(folder: Location, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
+    """inspect_folder without folders (object storage): the same decisions, on the objects under
+    the prefix.
 
     Shards are written in place there (no temp names), so what a crash leaves is shard objects
     that no manifest lists; they are deleted before the harvest writes anything.
     """
-    names = list_names(folder)  # also where a missing bucket or bad keys show, in one line
+    names = folder.list_names()  # also where a missing bucket or bad keys show, in one line
     if not names:
         return Existing(None, False)
     dump_objects = [n for n in names if n == MANIFEST_NAME or _SHARD_OBJECT.fullmatch(n) or _ENTRY_OBJECT.fullmatch(n)]
@@ -115,24 +113,35 @@ def _inspect_remote(folder: RemotePath, config_fingerprint: str, resume: bool, o
         if not (resume or overwrite):
             raise UserError(f"{folder} holds only the shard objects of a harvest that stopped before "
                             "writing its manifest; pass --overwrite (or --resume) to start it again")
-        delete_names(folder, dump_objects)
+        folder.delete_names(dump_objects)
         return Existing(None, False)
     if overwrite and _looks_like_dump(folder):
-        delete_names(folder, dump_objects)  # only the dump's own objects
+        folder.delete_names(dump_objects)  # only the dump's own objects
         return Existing(None, False)
     old = _existing_dump(folder, config_fingerprint, resume)
     if old.complete:
         return Existing(old, True)
     listed = {s.file for s in old.shards} | _shards_with_entries(folder, names)
     stray = [n for n in dump_objects if _SHARD_OBJECT.fullmatch(n) and n.split("/", 1)[0] not in listed]
-    delete_names(folder, stray)  # shards written (whole or in part) after the last manifest
+    folder.delete_names(stray)  # shards written (whole or in part) after the last manifest
     return Existing(old, False)
 
 
-def inspect_folder(folder: Path, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
-    """Decide fresh / resume / done, or refuse with a message saying what to do."""
-    if is_remote(folder):
-        return _inspect_remote(folder, config_fingerprint, resume, overwrite)
+def inspect_folder(folder: str | Path | Location, config_fingerprint: str, resume: bool,
+                   overwrite: bool) -> Existing:
+    """Decide fresh / resume / done, or refuse with a message saying what to do.
+
+    What a crash leaves differs with how writes land: temp names in a folder, objects no manifest
+    lists under a prefix.
+    """
+    folder = location(folder)
+    if not folder.capabilities.folders:
+        return _inspect_prefix(folder, config_fingerprint, resume, overwrite)
+    return _inspect_local(folder, config_fingerprint, resume, overwrite)
+
+
+def _inspect_local(folder: Path, config_fingerprint: str, resume: bool, overwrite: bool) -> Existing:
+    """inspect_folder for a folder on disk."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file, not a folder; choose another --out")
     if not folder.exists() or not any(folder.iterdir()):
@@ -165,16 +174,14 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def check_disk(folders: list[Path], bytes_needed: int, log: Callable[[str], None]) -> None:
+def check_disk(folders: list[Path | Location], bytes_needed: int, log: Callable[[str], None]) -> None:
     """Print the dump size and the free space; refuse when it will not fit."""
-    if any(is_remote(f) for f in folders):
+    spaces = [location(f).free_space() for f in folders]
+    if None in spaces:  # nowhere to measure (a bucket)
         log(f"dump will take {human_bytes(bytes_needed)} in {', '.join(str(f) for f in folders)}")
         return
-    probe = folders[0]
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    log(f"dump will take {human_bytes(bytes_needed)}; {human_bytes(free)} free at {probe.resolve()}")
+    free, at = spaces[0].bytes, spaces[0].at
+    log(f"dump will take {human_bytes(bytes_needed)}; {human_bytes(free)} free at {at}")
     if bytes_needed > free:
         raise UserError(f"not enough disk space: need {human_bytes(bytes_needed)}, "
                         f"{human_bytes(free)} free; ask for fewer --tokens or another --out")

@@ -1,5 +1,6 @@
-"""Writes that appear all at once or not at all (temp file + fsync + rename; in object storage a
-single PUT, which S3 makes visible whole or not at all)."""
+"""Writes that appear all at once or not at all: on disk a temp file + fsync + rename (the
+primitives here, which the local-disk location uses); in object storage a single PUT, which S3
+makes visible whole or not at all (`Location.put_bytes` does the right one)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
-
-from shared.storage import is_remote
 
 
 def fsync_dir(path: Path) -> None:
@@ -50,26 +49,15 @@ def commit(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically replace `path` with `obj` as indented JSON."""
-    if is_remote(path):
-        from shared.storage import put_bytes
+def write_json(path: Any, obj: Any) -> None:
+    """Atomically replace `path` (a path or a location) with `obj` as indented JSON."""
+    from shared.storage import location  # imported when called: the storage package builds on this module
 
-        put_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-        return
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    commit(tmp, path)
+    location(path).put_bytes((json.dumps(obj, indent=1) + "\n").encode())
 
 
-def remove(path: Path) -> None:
-    if is_remote(path):
-        from shared.storage import delete_prefix, delete_names
+def remove(path: Any) -> None:
+    """Remove a file or folder (a shard), or an object and the objects below it; nothing is fine."""
+    from shared.storage import location
 
-        delete_prefix(path)  # a zarr shard's objects
-        delete_names(path.parent, [path.name])  # or a single object (deleting a missing one is fine)
-        return
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    location(path).delete()

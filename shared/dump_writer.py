@@ -14,7 +14,7 @@ from shared.errors import UserError
 from shared.shard_files import (
     arrays_checksum, as_numpy, checksum, stored_to_float32, write_safetensors, write_zarr,
 )
-from shared.storage import delete_prefix, is_remote, location
+from shared.storage import Location, location
 
 _STATS_CHUNK = 32768  # rows per float64 chunk when summing statistics (bounds temporary memory)
 
@@ -38,10 +38,12 @@ def shard_stats(acts: torch.Tensor) -> tuple[list[float], float, float]:
     return total.tolist(), sq, norm
 
 
-def write_shard(folder: Path, manifest: Manifest, index: int, first_row: int, acts: torch.Tensor,
+def write_shard(folder: Path | Location, manifest: Manifest, index: int, first_row: int, acts: torch.Tensor,
                 tokens: np.ndarray, context: np.ndarray, position: np.ndarray,
                 stats: tuple[list[float], float, float] | None = None) -> ShardEntry:
-    """Write one shard atomically (temp + fsync + rename) and return its manifest entry.
+    """Write one shard atomically and return its manifest entry: on disk under a temp name, then
+    fsync + rename; in object storage in place, after deleting whatever a crashed harvest left
+    there (only the manifest, written after this, makes it part of the dump).
 
     `stats` is `shard_stats(acts)` when the caller computed it already.
     """
@@ -50,36 +52,30 @@ def write_shard(folder: Path, manifest: Manifest, index: int, first_row: int, ac
     arrays = {"activations": acts, "tokens": torch.from_numpy(np.ascontiguousarray(tokens, np.int32)),
               "context": torch.from_numpy(np.ascontiguousarray(context, np.int64)),
               "position": torch.from_numpy(np.ascontiguousarray(position, np.int32))}
-    final = folder / name
-    if is_remote(final):
-        # No rename in object storage: the shard is written in place, after deleting whatever a
-        # crashed harvest left there. Only the manifest (written after this) makes it part of the dump.
-        if manifest.format != "zarr":
-            raise UserError(f"{folder}: dumps in object storage are written as zarr (--format zarr)")
-        delete_prefix(final)
-        write_zarr(final, arrays, manifest.compression)
-        digest = arrays_checksum(arrays)
-        return ShardEntry(file=name, rows=len(acts), first_row=first_row, checksum=digest, sum=total,
-                          sum_sq_norm=sq, sum_norm=norm)
-    tmp = atomic.temp_path(final)
-    atomic.remove(tmp)
-    if manifest.format == "safetensors":
-        digest = write_safetensors(tmp, arrays)
-    else:
-        write_zarr(tmp, arrays, manifest.compression)
-        digest = checksum(tmp, manifest.format)
-    atomic.commit(tmp, final)
+    final = location(folder) / name
+    formats = final.capabilities.formats
+    if manifest.format not in formats:
+        raise UserError(f"{folder}: dumps in {final.kind} are written as {' or '.join(formats)} "
+                        f"(--format {formats[0]})")
+    with final.staged() as target:
+        if manifest.format == "safetensors":
+            digest = write_safetensors(target, arrays)
+        else:
+            write_zarr(target, arrays, manifest.compression)
+            # Where reading back is a request per chunk, the checksum comes from the arrays as
+            # written (the same value `checksum` computes).
+            fetched = target.capabilities.fetched
+            digest = arrays_checksum(arrays) if fetched else checksum(target, manifest.format)
     return ShardEntry(file=name, rows=len(acts), first_row=first_row, checksum=digest, sum=total,
                       sum_sq_norm=sq, sum_norm=norm)
 
 
-def write_dump(folder: Path, activations: torch.Tensor, context_size: int, shard_rows: int,
+def write_dump(folder: str | Path | Location, activations: torch.Tensor, context_size: int, shard_rows: int,
                tokens: np.ndarray | None = None, hook: str = "synthetic", model: str = "synthetic",
                fmt: str = "safetensors") -> Manifest:
     """Write `activations` [rows, d_in] (rows ordered context by context) as a complete dump."""
     folder = location(folder)
-    if not is_remote(folder):
-        folder.mkdir(parents=True, exist_ok=True)
+    folder.ensure_folder()
     n, d_in = activations.shape
     if n % context_size:
         raise ValueError(f"{n} rows is not a whole number of {context_size}-row contexts")

@@ -12,7 +12,7 @@ from typing import Any
 
 from shared.errors import DumpError
 from shared.manifest_check import FORMAT_VERSION, FORMATS, STORAGE_DTYPES, validate
-from shared.storage import RemotePath, is_remote
+from shared.storage import Location, location
 
 __all__ = ["FORMAT_VERSION", "FORMATS", "MANIFEST_NAME", "SHARD_ARRAYS", "STORAGE_DTYPES", "Manifest",
            "ShardEntry", "fingerprint", "read_manifest", "shard_name"]
@@ -122,25 +122,15 @@ class Manifest:
         }
 
 
-def read_manifest(folder: "Path | RemotePath") -> Manifest:
+def read_manifest(folder: str | Path | Location) -> Manifest:
     """Load and validate `folder/manifest.json`; a clear DumpError if it is not a dump."""
-    if is_remote(folder):
-        from shared.storage import get_bytes
-
-        path = folder / MANIFEST_NAME
-        data = get_bytes(path)
-        if data is None:
-            raise DumpError(f"{folder} holds no {MANIFEST_NAME}: it is not a dump (run `harvest` first)")
-        try:
-            raw = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DumpError(f"{path} is not valid JSON ({e}); re-harvest the dump") from None
-        return Manifest.from_dict(raw, where=path)
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
+    folder = location(folder)
+    path = folder / MANIFEST_NAME
+    data = path.get_bytes()  # in object storage a missing bucket or bad keys: one line here
+    if data is None:
         raise DumpError(f"{folder} holds no {MANIFEST_NAME}: it is not a dump (run `harvest` first)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DumpError(f"{path} is not valid JSON ({e}); re-harvest the dump") from None
     return Manifest.from_dict(raw, where=path)

@@ -10,7 +10,7 @@ import torch
 
 from shared.errors import DumpError, UserError
 from shared.manifest import Manifest, ShardEntry, read_manifest
-from shared.storage import RemotePath, is_remote, location
+from shared.storage import Location, location
 from shared.shard_files import INDEX_DTYPES, ShardArrays, activations_to_torch, checksum, open_shard
 
 
@@ -18,15 +18,15 @@ from shared.shard_files import INDEX_DTYPES, ShardArrays, activations_to_torch, 
 class Dump:
     """A validated dump. Rows are numbered 0..n_rows-1 across shards in manifest order."""
 
-    path: Path | RemotePath
+    path: Location
     manifest: Manifest
     _shards: list[ShardArrays] = field(default_factory=list, repr=False)
     _starts: list[int] = field(default_factory=list, repr=False)
 
     @property
     def remote(self) -> bool:
-        """In object storage (rows are fetched by chunk) rather than on a local disk."""
-        return is_remote(self.path)
+        """Every read is a request (object storage): rows are fetched in whole chunks."""
+        return self.path.capabilities.fetched
 
     @property
     def n_rows(self) -> int:
@@ -135,7 +135,7 @@ def _check_contexts(path: Path, arrays: ShardArrays, first_row: int, rows: int, 
                         "another dump; re-harvest the dump")
 
 
-def _open_shard_checked(folder: Path | RemotePath, manifest: Manifest, entry: ShardEntry) -> ShardArrays:
+def _open_shard_checked(folder: Location, manifest: Manifest, entry: ShardEntry) -> ShardArrays:
     file = folder / entry.file
     try:
         arrays = open_shard(file, manifest.format)
@@ -143,14 +143,15 @@ def _open_shard_checked(folder: Path | RemotePath, manifest: Manifest, entry: Sh
         _check_dtypes(file, arrays, manifest.dtype)
         _check_contexts(file, arrays, entry.first_row, entry.rows, manifest.rows_per_context)
     except Exception as e:
-        if not is_remote(file) or isinstance(e, UserError):
+        # A fetched shard can fail in as many ways as the network: name it, in one line.
+        if not file.capabilities.fetched or isinstance(e, UserError):
             raise
         raise DumpError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:160]}); "
                         "re-harvest the dump") from None
     return arrays
 
 
-def open_dump(path: str | Path | RemotePath, verify: bool = False, require_complete: bool = True) -> Dump:
+def open_dump(path: str | Path | Location, verify: bool = False, require_complete: bool = True) -> Dump:
     """Open the dump in folder `path` (or object-storage prefix `s3://bucket/prefix`).
 
     Checks every field of the manifest (shared.manifest_check), that every shard it lists exists
@@ -160,17 +161,16 @@ def open_dump(path: str | Path | RemotePath, verify: bool = False, require_compl
     asked not to.
     """
     path = location(path)
-    if is_remote(path):
-        manifest = read_manifest(path)  # a missing bucket, bad keys or no endpoint: one line here
-    else:
-        if not path.exists():
-            raise DumpError(f"{path} does not exist; harvest a dump there first (`harvest --out {path}`)")
-        manifest = read_manifest(path)
+    # Without folders (object storage) a missing bucket, bad keys or no endpoint show in one line
+    # when the manifest is read; an empty prefix holds no manifest.
+    if path.capabilities.folders and not path.exists():
+        raise DumpError(f"{path} does not exist; harvest a dump there first (`harvest --out {path}`)")
+    manifest = read_manifest(path)
     if require_complete and not manifest.complete:
         raise DumpError(f"{path} is an incomplete dump (harvest was interrupted); "
                         f"finish it with `harvest --resume --out {path}` and the same options")
     # Row continuity and totals were checked with the manifest; here only the files remain.
-    if is_remote(path):  # a few small requests per shard: many in flight
+    if path.capabilities.fetched:  # a few small requests per shard: many in flight
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=16) as pool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
-from shared.storage import is_remote, location
+from shared.storage import Location, location
 
 
 def plain_name(name: Any, where: str) -> str:
@@ -26,7 +26,7 @@ def plain_name(name: Any, where: str) -> str:
     return name
 
 
-def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Path:
+def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Location:
     """The dump an SAE folder was trained on, from its cfg.json (`cfg`).
 
     Absolute paths are used as they are; a relative one is tried against the SAE folder, then
@@ -36,10 +36,10 @@ def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Path:
     recorded = cfg.get("shards")
     if not recorded:
         raise UserError(f"{sae_folder}/cfg.json names no dump: pass --shards DUMP_FOLDER")
-    if is_remote(recorded):  # s3://bucket/prefix: used as recorded
-        return location(recorded)
-    path = Path(recorded)
-    candidates = [path] if path.is_absolute() else [Path(sae_folder) / path, path]
+    path = location(recorded)
+    if not path.capabilities.folders:  # no folder to look for (a bucket prefix): used as recorded
+        return path
+    candidates = [path] if path.is_absolute() else [location(sae_folder) / path, path]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve() if not candidate.is_absolute() else candidate

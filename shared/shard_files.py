@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.errors import DumpError
-from shared.storage import RemotePath, is_remote
+from shared.errors import DumpError, UserError
+from shared.storage import Location, location
 
 # numpy has no bfloat16: such activations are stored/mapped as their raw 16-bit words.
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
@@ -100,27 +100,25 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def write_zarr(path: Path | RemotePath, tensors: dict[str, torch.Tensor], compression: str | None) -> None:
-    """One zarr v3 group of the four arrays. In object storage every chunk object also carries a
-    crc32c of its bytes (checked on every read), and chunks are sized by `remote_chunk_rows`."""
+def write_zarr(path: Path | Location, tensors: dict[str, torch.Tensor], compression: str | None) -> None:
+    """One zarr v3 group of the four arrays. Where every read is a request (object storage),
+    every chunk object also carries a crc32c of its bytes (checked on every read), and chunks are
+    sized by `remote_chunk_rows`."""
     import zarr
 
-    remote = is_remote(path)
-    compressors: Any = [] if remote else None
+    path = location(path)
+    fetched = path.capabilities.fetched
+    compressors: Any = [] if fetched else None
     if compression == "zstd":
         compressors = [zarr.codecs.ZstdCodec(level=3)]
-    if remote:
-        from shared.storage import remote_errors, zarr_store
-
+    chunk_rows = _ZARR_CHUNK_ROWS
+    if fetched:
         compressors = [*compressors, zarr.codecs.Crc32cCodec()]
         acts = tensors["activations"]
         chunk_rows = remote_chunk_rows(acts.shape[1], acts.element_size())
-        with remote_errors(path):
-            group = zarr.open_group(zarr_store(path, read_only=False), mode="w", zarr_format=3)
-            _fill_group(group, tensors, compressors, chunk_rows)
-        return
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    _fill_group(group, tensors, compressors, _ZARR_CHUNK_ROWS)
+    with path.errors():
+        group = zarr.open_group(path.zarr_store(read_only=False), mode="w", zarr_format=3)
+        _fill_group(group, tensors, compressors, chunk_rows)
 
 
 def _fill_group(group: Any, tensors: dict[str, torch.Tensor], compressors: Any, chunk_rows: int) -> None:
@@ -203,69 +201,51 @@ def open_safetensors(path: Path) -> ShardArrays:
     return ShardArrays(**views, storage_dtype=_ST_STORAGE.get(header["activations"]["dtype"]))
 
 
-def open_zarr(path: Path | RemotePath) -> ShardArrays:
+def open_zarr(path: Path | Location) -> ShardArrays:
+    """The four arrays of a zarr shard, read lazily; a DumpError saying what is wrong with it."""
     import zarr
 
-    if is_remote(path):
-        return _open_remote_zarr(path)
-    if not path.is_dir():
-        raise DumpError(f"shard {path} is missing; the dump is damaged, re-harvest it")
+    path = location(path)
     try:
-        group = zarr.open_group(str(path), mode="r")
-        arrays = {n: group[n] for n in ("activations", "tokens", "context", "position")}
-        return ShardArrays(**arrays, storage_dtype=_zarr_storage_dtype(arrays["activations"]))
-    except Exception as e:  # zarr raises many types for a damaged store
-        raise DumpError(f"{path} is corrupted or incomplete ({type(e).__name__}: {e})") from None
-
-
-def _open_remote_zarr(path: RemotePath) -> ShardArrays:
-    import zarr
-
-    from shared.storage import remote_errors, zarr_store
-
-    try:
-        with remote_errors(path):
-            group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
+        with path.errors():
+            group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
             arrays = {n: group[n] for n in ARRAY_NAMES}
     except DumpError:
         raise
+    except UserError as e:  # the storage failed (explained in one line), not the shard
+        raise DumpError(str(e)) from None
     except FileNotFoundError:
         raise DumpError(f"shard {path} is missing; the dump is damaged, re-harvest it") from None
     except KeyError as e:
         raise DumpError(f"{path} has no array {e}; the shard is damaged, re-harvest the dump") from None
-    except Exception as e:
-        if "UserError" in type(e).__name__:
-            raise DumpError(str(e)) from None
+    except Exception as e:  # zarr raises many types for a damaged store
         raise DumpError(f"{path} is corrupted or incomplete ({type(e).__name__}: {e})") from None
     return ShardArrays(**arrays, storage_dtype=_zarr_storage_dtype(arrays["activations"]))
 
 
-def chunk_key(path: Path | RemotePath, name: str, arr: Any, chunk: int) -> str:
+def chunk_key(path: Path | Location, name: str, arr: Any, chunk: int) -> str:
     """The object (or file) holding chunk `chunk` (along rows) of array `name` of a zarr shard."""
     return f"{path}/{name}/c/{chunk}" + "/0" * (len(arr.shape) - 1)
 
 
-def read_chunk(path: Path | RemotePath, name: str, arr: Any, chunk: int) -> np.ndarray:
+def read_chunk(path: Path | Location, name: str, arr: Any, chunk: int) -> np.ndarray:
     """Chunk `chunk` of a zarr array, decoded; a DumpError naming the object if it is damaged
     (crc32c mismatch, bad compression) or unreadable."""
     rows = arr.chunks[0]
     try:
         return np.asarray(arr[chunk * rows : (chunk + 1) * rows])
     except Exception as e:
-        from shared.errors import UserError
-
         if isinstance(e, UserError):
             raise
         key = chunk_key(path, name, arr, chunk)
-        if is_remote(path) and type(e).__module__.startswith("obstore"):
-            from shared.storage import explain
-
-            raise DumpError(f"{key}: {explain(RemotePath(key), e)}") from None
+        told = location(key).failure(e)  # the storage's own account, when it failed
+        if told is not None:
+            raise DumpError(f"{key}: {told}") from None
         raise DumpError(f"{key} is corrupted ({type(e).__name__}: {str(e)[:120]}); "
                         "re-harvest the dump") from None
 
 
-def iter_chunks(path: Path | RemotePath, name: str, arr: Any, window: int = 16):
+def iter_chunks(path: Path | Location, name: str, arr: Any, window: int = 16):
     """Every chunk of an array in order, `window` fetched concurrently ahead (bounded memory)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -287,18 +267,19 @@ def _zarr_storage_dtype(activations: Any) -> str | None:
     return {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(np.dtype(activations.dtype))
 
 
-def open_shard(path: Path | RemotePath, fmt: str) -> ShardArrays:
+def open_shard(path: Path | Location, fmt: str) -> ShardArrays:
     return open_safetensors(path) if fmt == "safetensors" else open_zarr(path)
 
 
-def checksum(path: Path | RemotePath, fmt: str) -> str:
+def checksum(path: Path | Location, fmt: str) -> str:
     """sha256 of a safetensors file's bytes, or of a zarr shard's decoded arrays in fixed order."""
+    path = location(path)
     h = hashlib.sha256()
     if fmt == "safetensors":
         with open(path, "rb") as f:
             while block := f.read(1 << 24):
                 h.update(block)
-    elif is_remote(path):
+    elif path.capabilities.fetched:
         # Streamed chunk by chunk, many requests in flight; a damaged object is named.
         arrays = open_zarr(path)
         for name in ARRAY_NAMES:

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from shared.cli_errors import one_line_errors
-from shared.storage import ENDPOINT_HELP, endpoint_option
+from shared.cli_options import ENDPOINT_HELP, endpoint_option
 from shared.errors import UserError
 from shared.run_paths import dump_path_for
 from train.config import LanguageModelSAERunnerConfig

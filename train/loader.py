@@ -195,7 +195,7 @@ class ActivationLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="loader-fetch")
         dump = self.dump
-        cache = os.environ.get(CACHE_ENV) if dump.remote else None
+        cache = os.environ.get(CACHE_ENV) if dump.path.capabilities.fetched else None
 
         def fetch(job):
             i, chunk, _, _ = job

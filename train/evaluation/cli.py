@@ -8,7 +8,7 @@ import click
 
 from shared import atomic
 from shared.cli_errors import one_line_errors
-from shared.storage import ENDPOINT_HELP, endpoint_option
+from shared.cli_options import ENDPOINT_HELP, endpoint_option
 from shared.errors import UserError
 
 

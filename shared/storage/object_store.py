@@ -1,0 +1,169 @@
+"""A location in S3-compatible object storage: `s3://bucket/prefix`.
+
+A key joins with `/` like a path and prints as its URL. There are no folders and no renames: a
+write is a single PUT, which S3 makes visible whole or not at all.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from shared.errors import UserError
+from shared.storage.base import Capabilities, FreeSpace, Location
+from shared.storage.errors import client_error, explain, missing_object, translated
+from shared.storage.s3_client import store_for
+
+SCHEME = "s3://"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+_DELETE_BATCH = 1000  # keys per delete request (the S3 limit)
+
+
+class ObjectStorePath(Location):
+    """`s3://bucket/prefix`: an object's key, or the prefix of the keys below it."""
+
+    __slots__ = ("bucket", "key")
+    capabilities = Capabilities(formats=("zarr",), folders=False, fetched=True)
+    kind = "object storage"
+
+    def __init__(self, url: str):
+        if not url.startswith(SCHEME):
+            raise UserError(f"{url} is not an s3:// URL")
+        bucket, _, key = url[len(SCHEME):].partition("/")
+        if not _BUCKET.fullmatch(bucket):
+            raise UserError(f"{url}: '{bucket}' is not a valid bucket name; write s3://BUCKET/PREFIX")
+        parts = [p for p in key.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise UserError(f"{url}: '.' and '..' have no meaning in an object key prefix")
+        self.bucket = bucket
+        self.key = "/".join(parts)
+
+    # ---- naming ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key}" if self.key else f"{SCHEME}{self.bucket}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectStorePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __truediv__(self, name: str) -> "ObjectStorePath":
+        return ObjectStorePath(f"{self.url}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1] if self.key else self.bucket
+
+    @property
+    def parent(self) -> "ObjectStorePath":
+        return ObjectStorePath(f"{SCHEME}{self.bucket}/{self.key.rpartition('/')[0]}")
+
+    def resolve(self) -> "ObjectStorePath":
+        return self
+
+    def is_absolute(self) -> bool:
+        return True
+
+    def recorded(self) -> str:
+        return self.url  # a URL means the same thing from anywhere
+
+    # ---- the client -----------------------------------------------------------------------
+    def _store(self) -> Any:
+        """obstore's client rooted at this prefix."""
+        return store_for(self.bucket, self.key, self.url)
+
+    def _translated(self, every: bool = False) -> Any:
+        return translated(self, f"{SCHEME}{self.bucket}", every)
+
+    # ---- whole objects --------------------------------------------------------------------
+    def get_bytes(self) -> bytes | None:
+        import obstore
+
+        try:
+            return bytes(obstore.get(self.parent._store(), self.name).bytes())
+        except UserError:
+            raise
+        except Exception as e:
+            if missing_object(e):
+                return None
+            raise explain(self, f"{SCHEME}{self.bucket}", e) from None
+
+    def put_bytes(self, data: bytes) -> None:
+        import obstore
+
+        with self._translated(every=True):
+            obstore.put(self.parent._store(), self.name, data)
+
+    def list_names(self, limit: int | None = None) -> list[str]:
+        import obstore
+
+        out: list[str] = []
+        with self._translated(every=True):
+            for batch in obstore.list(self._store(), chunk_size=limit or 1000):
+                out.extend(meta["path"] for meta in batch)
+                if limit is not None and len(out) >= limit:
+                    return sorted(out)[:limit]
+        return sorted(out)
+
+    def exists(self) -> bool:
+        import obstore
+
+        if self.list_names(limit=1):
+            return True
+        with self._translated(every=True):
+            try:
+                obstore.head(self.parent._store(), self.name)
+            except Exception as e:
+                if missing_object(e):
+                    return False
+                raise
+        return True
+
+    def delete(self) -> None:
+        """Every object below `self/` (a zarr shard, say), then an object named `self`."""
+        names = self.list_names()
+        if names:
+            self.delete_names(names)
+        self.parent.delete_names([self.name])  # deleting a missing object is fine
+
+    def delete_names(self, names: list[str]) -> None:
+        import obstore
+
+        store = self._store()
+        with self._translated():
+            for start in range(0, len(names), _DELETE_BATCH):
+                obstore.delete(store, names[start : start + _DELETE_BATCH])
+
+    @contextmanager
+    def staged(self) -> Iterator[Location]:
+        # No rename here: written in place, after deleting whatever a crashed write left; only a
+        # manifest written afterwards makes it part of a dump.
+        self.delete()
+        yield self
+
+    def ensure_folder(self) -> None:
+        """Prefixes need no creating."""
+
+    def free_space(self) -> FreeSpace | None:
+        return None  # a bucket has no size limit to check beforehand
+
+    # ---- zarr and failures ----------------------------------------------------------------
+    def zarr_store(self, read_only: bool) -> Any:
+        """A zarr v3 store over the objects below `self/`."""
+        from zarr.storage import ObjectStore
+
+        return ObjectStore(self._store(), read_only=read_only)
+
+    def errors(self) -> Any:
+        return self._translated()
+
+    def failure(self, e: BaseException) -> UserError | None:
+        return explain(self, f"{SCHEME}{self.bucket}", e) if client_error(e) else None
