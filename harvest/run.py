@@ -24,6 +24,7 @@ from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fingerprint
 from shared.models import (
     bos_token_id, check_hook, hook_layer, load_model, model_fingerprint, model_n_ctx, stop_at_layer,
 )
+from shared.process_group import agree, end_group, rank_device, ranks_from_env, start_group, with_rank
 from shared.shard_files import TORCH_DTYPE
 from shared.storage import is_remote
 
@@ -109,15 +110,15 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bo
     """
     from harvest import distributed
 
-    ranks = distributed.ranks_from_env()
-    device = distributed.rank_device(cfg.device, ranks)
-    created = distributed.start_group(ranks, device, timeout=distributed._TIMEOUT)
+    ranks = ranks_from_env()
+    device = rank_device(cfg.device, ranks)
+    created = start_group(ranks, device, timeout=distributed._TIMEOUT)
     try:
         return _harvest(cfg, ranks, str(device), log if ranks.lead else (lambda s: None), progress)
     except UserError as e:
-        raise distributed.with_rank(ranks, e) from None
+        raise with_rank(ranks, e) from None
     finally:
-        distributed.end_group(created)
+        end_group(created)
 
 
 def default_shard_rows(cfg: HarvestConfig, d_in: int) -> int:
@@ -179,9 +180,9 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
                 distributed.prepare_rank_folder(folders[h])
         return manifests
 
-    manifests = distributed.agree(ranks, prepare if ranks.lead else dict)
+    manifests = agree(ranks, prepare if ranks.lead else dict)
     if ranks.active:  # the other ranks read the manifests rank 0 prepared, for the hooks left to do
-        manifests = distributed.agree(ranks, (lambda: manifests) if ranks.lead else lambda: {
+        manifests = agree(ranks, (lambda: manifests) if ranks.lead else lambda: {
             h: m for h, m in ((h, distributed.read_prepared(f)) for h, f in folders.items()) if not m.complete})
     if not manifests:
         return HarvestResult(folders)
