@@ -182,7 +182,7 @@ def run_by_shards(cfg: Any, ranks: Ranks, model: Any, source: Any, manifests: di
     """
     from tqdm import tqdm
 
-    from harvest.contexts import BatchProducer, pack_contexts
+    from harvest.contexts import pack_contexts, prefetched_batches
     from harvest.data import iter_token_docs
     from harvest.forward import forward_into
     from shared.models import bos_token_id
@@ -209,8 +209,8 @@ def run_by_shards(cfg: Any, ranks: Ranks, model: Any, source: Any, manifests: di
         last_batch = min(-(-cfg.n_contexts // bsz), (max(mine) + 1) * batches_per_shard) - 1
         docs = iter_token_docs(source, getattr(model, "tokenizer", None))
         contexts = pack_contexts(docs, cfg.context_size, bos_token_id(model), cfg.prepend_bos)
-        producer = BatchProducer(contexts, cfg.n_contexts, bsz, cfg.context_size, first_batch,
-                                 keep=lambda b: b // batches_per_shard in mine)
+        producer = prefetched_batches(contexts, cfg.n_contexts, bsz, cfg.context_size, first_batch,
+                                      keep=lambda b: b // batches_per_shard in mine)
         my_tokens = sum(min(shard_rows, n_rows - i * shard_rows) // rpc for i in mine) * cfg.context_size
         bar = tqdm(total=my_tokens, unit="tok", unit_scale=True, disable=not (progress and ranks.lead),
                    desc="harvest" + (f" (rank 0 of {ranks.world})" if ranks.active else ""), smoothing=0.1)

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from harvest.config import SHARD_BYTES, HarvestConfig
-from harvest.contexts import BatchProducer, pack_contexts, too_few_tokens
+from harvest.contexts import pack_contexts, prefetched_batches, too_few_tokens
 from harvest.data import DocumentSource, iter_token_docs, open_documents
 from harvest.forward import forward_into
 from harvest.target import Existing, check_disk, inspect_folder, out_folders
@@ -220,7 +220,7 @@ def _run(cfg: HarvestConfig, model: Any, source: DocumentSource, writers: dict[s
     start_batch = start_row // rpc // bsz
     docs = iter_token_docs(source, getattr(model, "tokenizer", None))
     contexts = pack_contexts(docs, cfg.context_size, bos_token_id(model), cfg.prepend_bos)
-    producer = BatchProducer(contexts, cfg.n_contexts, bsz, cfg.context_size, start_batch)
+    producer = prefetched_batches(contexts, cfg.n_contexts, bsz, cfg.context_size, start_batch)
     storage = TORCH_DTYPE[cfg.dtype]
     total_tokens = cfg.n_contexts * cfg.context_size
     bar = tqdm(total=total_tokens, initial=start_batch * bsz * cfg.context_size, unit="tok",
