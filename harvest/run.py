@@ -16,6 +16,7 @@ from harvest.config import SHARD_BYTES, HarvestConfig
 from harvest.contexts import pack_contexts, prefetched_batches, too_few_tokens
 from harvest.data import DocumentSource, iter_token_docs, open_documents
 from harvest.forward import forward_into
+from harvest.pass_id import pass_id_for
 from harvest.target import Existing, check_disk, inspect_folder, out_folders
 from harvest.writer import ShardWriter
 from shared import atomic
@@ -96,6 +97,7 @@ class HarvestResult:
     folders: dict[str, Path]  # hook -> dump folder
     tokens: int = 0  # tokens run through the model by this call (0 when nothing was left to do)
     seconds: float = 0.0  # wall time of the forward/write loop, model loading excluded
+    pass_id: str | None = None  # the pass's identifier in every manifest it wrote (None: nothing to do)
 
     @property
     def tokens_per_s(self) -> float:
@@ -148,6 +150,7 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
 
     def prepare() -> dict[str, Manifest]:
         manifests: dict[str, Manifest] = {}
+        resumed: dict[str, Manifest] = {}
         bytes_needed = 0
         for h, folder in folders.items():
             elem = TORCH_DTYPE[cfg.dtype].itemsize
@@ -158,6 +161,8 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
             if existing.done:
                 log(f"{folder} already holds this complete dump; nothing to do")
                 continue
+            if existing.manifest is not None:
+                resumed[h] = existing.manifest
             m = existing.manifest or new_manifest(cfg, h, widths[h], fields, model, model_fp, source,
                                                   shard_rows)
             if by_shards:
@@ -171,6 +176,9 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
                             f"context = {cfg.batch_size * cfg.rows_per_context})")
         if not manifests:
             return manifests
+        pass_id = pass_id_for(resumed)
+        for m in manifests.values():
+            m.pass_id = pass_id
         check_disk([folders[h] for h in manifests], bytes_needed, log)
         for h, m in manifests.items():
             if not is_remote(folders[h]):
@@ -186,10 +194,11 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
             h: m for h, m in ((h, distributed.read_prepared(f)) for h, f in folders.items()) if not m.complete})
     if not manifests:
         return HarvestResult(folders)
+    pass_id = next(iter(manifests.values())).pass_id
     if by_shards:
         tokens, seconds = distributed.run_by_shards(cfg, ranks, model, source, manifests, folders, stop,
                                                     device, progress, log)
-        result = HarvestResult(folders, tokens, seconds)
+        result = HarvestResult(folders, tokens, seconds, pass_id)
         log(f"harvested {tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s)"
             + (f" on rank 0 of {ranks.world}" if ranks.active else ""))
         return result
@@ -207,7 +216,7 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
         for w in writers.values():
             w.abort()
         raise
-    result = HarvestResult(folders, tokens, time.perf_counter() - start)
+    result = HarvestResult(folders, tokens, time.perf_counter() - start, pass_id)
     log(f"harvested {tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s)")
     return result
 
