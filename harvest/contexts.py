@@ -52,37 +52,40 @@ def pack_contexts(docs: Iterable[Sequence[int]], context_size: int, bos: int | N
 
 def context_batches(contexts: Iterator[np.ndarray], n_contexts: int, batch_size: int,
                     context_size: int, start_batch: int = 0,
-                    keep: Callable[[int], bool] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(first_context_index, tokens [batch, context_size] int64) for contexts [start_batch x
-    batch_size, n_contexts), batched on the global grid of `batch_size`.
+                    keep: Callable[[int], bool] | None = None,
+                    last_batch: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first_context_index, tokens [batch, context_size] int64) for the batches start_batch ..
+    last_batch (default: the last) of `n_contexts` contexts, on the global grid of `batch_size`.
 
     The grid is global so that a resumed run, or a rank of a harvest split over processes, forms
     exactly the batches an uninterrupted single process forms (forward results depend on the
     batch). `keep` (batch index -> bool), when given, selects the batches to yield (a rank's share
     of the shards); the others are skipped without being stacked. Raises `too_few_tokens` when
-    `contexts` ends before `n_contexts`.
+    `contexts` ends before the last batch is full.
     """
     start = start_batch * batch_size
+    end = n_contexts if last_batch is None else min(n_contexts, (last_batch + 1) * batch_size)
     index = 0
     batch: list[np.ndarray] = []
     for ctx in contexts:
         if index >= start and (keep is None or keep(index // batch_size)):
             batch.append(ctx)
         index += 1
-        if batch and (index % batch_size == 0 or index == n_contexts):
+        if batch and (index % batch_size == 0 or index == end):
             yield index - len(batch), np.stack(batch)
             batch = []
-        if index == n_contexts:
+        if index == end:
             break
-    if index < n_contexts:
+    if index < end:
         raise too_few_tokens(index, n_contexts, context_size)
 
 
 def prefetched_batches(contexts: Iterator[np.ndarray], n_contexts: int, batch_size: int,
                        context_size: int, start_batch: int = 0,
-                       keep: Callable[[int], bool] | None = None,
+                       keep: Callable[[int], bool] | None = None, last_batch: int | None = None,
                        prefetch_batches: int = 4) -> Iterator[tuple[int, np.ndarray]]:
     """`context_batches` built in a background thread, `prefetch_batches` ahead, so that
     tokenization overlaps the forward pass. Close the returned generator to stop the thread."""
-    return background(context_batches(contexts, n_contexts, batch_size, context_size, start_batch, keep),
+    return background(context_batches(contexts, n_contexts, batch_size, context_size, start_batch, keep,
+                                      last_batch),
                       maxsize=prefetch_batches, name="harvest-tokens")
