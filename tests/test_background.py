@@ -65,3 +65,12 @@ def test_batches_follow_the_global_grid():
 def test_running_out_of_contexts_is_one_user_error():
     with pytest.raises(UserError, match="holds only 15 tokens"):
         list(prefetched_batches(_contexts(5, 3), 10, 4, 3))
+
+
+def test_the_stream_ends_at_the_last_batch_asked_for():
+    # A rank whose last shard ends at batch 1 reads no further: a dataset shorter than the whole
+    # harvest is the problem of the rank that needs the missing contexts.
+    got = list(prefetched_batches(_contexts(8, 3), 10, 4, 3, last_batch=1))
+    assert [first for first, _ in got] == [0, 4]
+    with pytest.raises(UserError, match="holds only 15 tokens"):
+        list(prefetched_batches(_contexts(5, 3), 10, 4, 3, last_batch=1))

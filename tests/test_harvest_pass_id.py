@@ -5,7 +5,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 
 import harvest.writer
 from helpers import dump_files, pass_id, run_harvest
