@@ -38,7 +38,7 @@ class HarvestPass:
     """What one harvest invocation forwards and where it writes: the same on every rank."""
 
     cfg: HarvestConfig
-    model: "TransformerBridge"
+    model: TransformerBridge
     source: DocumentSource
     manifests: dict[str, Manifest]
     """hook -> manifest, for the hooks still to do (rank 0 wrote them to disk)."""
