@@ -68,7 +68,8 @@ def main() -> None:
     args = p.parse_args()
 
     from harvest.config import HarvestConfig
-    from harvest.run import harvest, pick_device
+    from harvest.run import harvest
+    from shared.device import pick_device
     from shared.models import load_model, stop_at_layer
 
     device = str(pick_device(args.device))

@@ -1,12 +1,11 @@
 """Pack documents into fixed-length contexts (as the seed did) and batch them ahead of the model."""
 from __future__ import annotations
 
-import queue
-import threading
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from shared.background import background
 from shared.errors import UserError
 
 
@@ -51,67 +50,42 @@ def pack_contexts(docs: Iterable[Sequence[int]], context_size: int, bos: int | N
         pieces, held = ([rest], rest.size) if rest.size else ([], 0)
 
 
-class BatchProducer:
-    """Builds batches of contexts in a background thread so tokenization overlaps the forward.
+def context_batches(contexts: Iterator[np.ndarray], n_contexts: int, batch_size: int,
+                    context_size: int, start_batch: int = 0,
+                    keep: Callable[[int], bool] | None = None,
+                    last_batch: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first_context_index, tokens [batch, context_size] int64) for the batches start_batch ..
+    last_batch (default: the last) of `n_contexts` contexts, on the global grid of `batch_size`.
 
-    Yields (first_context_index, tokens [batch, context_size] int64) for contexts
-    [skip, n_contexts), batched on the global grid of `batch_size` so a resumed run forms exactly
-    the batches an uninterrupted run formed (forward results depend on the batch). `keep` (batch
-    index -> bool), when given, selects the batches to yield (a rank's share of a harvest split
-    over processes); the others are skipped without being stacked.
+    The grid is global so that a resumed run, or a rank of a harvest split over processes, forms
+    exactly the batches an uninterrupted single process forms (forward results depend on the
+    batch). `keep` (batch index -> bool), when given, selects the batches to yield (a rank's share
+    of the shards); the others are skipped without being stacked. Raises `too_few_tokens` when
+    `contexts` ends before the last batch is full.
     """
+    start = start_batch * batch_size
+    end = n_contexts if last_batch is None else min(n_contexts, (last_batch + 1) * batch_size)
+    index = 0
+    batch: list[np.ndarray] = []
+    for ctx in contexts:
+        if index >= start and (keep is None or keep(index // batch_size)):
+            batch.append(ctx)
+        index += 1
+        if batch and (index % batch_size == 0 or index == end):
+            yield index - len(batch), np.stack(batch)
+            batch = []
+        if index == end:
+            break
+    if index < end:
+        raise too_few_tokens(index, n_contexts, context_size)
 
-    def __init__(self, contexts: Iterator[np.ndarray], n_contexts: int, batch_size: int,
-                 context_size: int, start_batch: int = 0, prefetch_batches: int = 4,
-                 keep: Callable[[int], bool] | None = None):
-        self._contexts = contexts
-        self._context_size = context_size
-        self._n = n_contexts
-        self._b = batch_size
-        self._start = start_batch * batch_size
-        self._keep = keep
-        self._q: queue.Queue = queue.Queue(maxsize=prefetch_batches)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="harvest-tokens", daemon=True)
-        self._thread.start()
 
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            index = 0
-            batch: list[np.ndarray] = []
-            for ctx in self._contexts:
-                if index >= self._start and (self._keep is None or self._keep(index // self._b)):
-                    batch.append(ctx)
-                index += 1
-                if batch and (index % self._b == 0 or index == self._n):
-                    if not self._put((index - len(batch), np.stack(batch))):
-                        return
-                    batch = []
-                if index == self._n:
-                    break
-            if index < self._n:
-                raise too_few_tokens(index, self._n, self._context_size)
-            self._put(None)
-        except BaseException as e:  # hand any failure to the consumer, which re-raises it
-            self._put(e)
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
+def prefetched_batches(contexts: Iterator[np.ndarray], n_contexts: int, batch_size: int,
+                       context_size: int, start_batch: int = 0,
+                       keep: Callable[[int], bool] | None = None, last_batch: int | None = None,
+                       prefetch_batches: int = 4) -> Iterator[tuple[int, np.ndarray]]:
+    """`context_batches` built in a background thread, `prefetch_batches` ahead, so that
+    tokenization overlaps the forward pass. Close the returned generator to stop the thread."""
+    return background(context_batches(contexts, n_contexts, batch_size, context_size, start_batch, keep,
+                                      last_batch),
+                      maxsize=prefetch_batches, name="harvest-tokens")

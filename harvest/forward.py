@@ -20,12 +20,10 @@ def row_columns(tokens: np.ndarray, first_context: int, skip_bos: bool) -> tuple
 
 def forward_into(model: Any, batches: Iterable[tuple[int, np.ndarray]], writers: dict[str, Any],
                  widths: dict[str, int], *, stop: int | None, device: str, skip_bos: bool,
-                 rows_per_context: int, storage: torch.dtype, bar: Any,
-                 until_context: int | None = None) -> int:
+                 rows_per_context: int, storage: torch.dtype, bar: Any) -> int:
     """Run `model` over each (first context, tokens [batch, context_size]) of `batches`, to layer
     `stop` only, and give each hook's rows (BOS dropped with `skip_bos`, cast to the storage dtype)
-    to `writers[hook].add`. Stops after the batch starting at `until_context`. Returns the tokens
-    run through the model."""
+    to `writers[hook].add`. Returns the tokens run through the model."""
     hooks = list(writers)
     done = 0
     with torch.inference_mode():
@@ -41,6 +39,4 @@ def forward_into(model: Any, batches: Iterable[tuple[int, np.ndarray]], writers:
             done += toks.size
             written = sum(w.bytes_written for w in writers.values())
             bar.set_postfix_str(f"{written / 1e9:.2f} GB written", refresh=False)
-            if until_context is not None and first_ctx >= until_context:
-                break
     return done

@@ -1,8 +1,8 @@
-"""The harvest: tokens -> model forward (to the deepest hook only) -> per-hook shard writers."""
+"""The harvest: load the model and dataset, prepare each hook's dump (fresh, resumed or done), then
+the driver (harvest.driver): tokens -> model forward (to the deepest hook only) -> shard writers."""
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -10,23 +10,26 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from harvest.config import SHARD_BYTES, HarvestConfig
-from harvest.contexts import BatchProducer, pack_contexts, too_few_tokens
-from harvest.data import DocumentSource, iter_token_docs, open_documents
-from harvest.forward import forward_into
+from harvest.contexts import too_few_tokens
+from harvest.data import DocumentSource, open_documents
+from harvest.driver import HarvestPass, drive
+from harvest.ledger import has_progress, prepare_rank_folder
+from harvest.pass_id import pass_id_for
+from harvest.shard_plan import check_shard_rows
 from harvest.target import Existing, check_disk, inspect_folder, out_folders
-from harvest.writer import ShardWriter
 from shared import atomic
 from shared.errors import UserError
-from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fingerprint
+from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fingerprint, read_manifest
 from shared.models import (
     bos_token_id, check_hook, hook_layer, load_model, model_fingerprint, model_n_ctx, stop_at_layer,
 )
+from shared.process_group import Ranks, agree, end_group, rank_device, ranks_from_env, start_group, with_rank
 from shared.shard_files import TORCH_DTYPE
 from shared.storage import is_remote
 
+_TIMEOUT = dt.timedelta(hours=12)  # ranks wait at barriers for the slowest one (imbalance: a shard)
 _VERSIONED = ("mats-sae-training", "torch", "transformer-lens", "transformers", "datasets",
               "safetensors", "numpy", "zarr")
 
@@ -95,6 +98,7 @@ class HarvestResult:
     folders: dict[str, Path]  # hook -> dump folder
     tokens: int = 0  # tokens run through the model by this call (0 when nothing was left to do)
     seconds: float = 0.0  # wall time of the forward/write loop, model loading excluded
+    pass_id: str | None = None  # the pass's identifier in every manifest it wrote (None: nothing to do)
 
     @property
     def tokens_per_s(self) -> float:
@@ -104,20 +108,18 @@ class HarvestResult:
 def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print, progress: bool = True) -> HarvestResult:
     """Harvest activations for every hook in `cfg` (one model pass for all of them).
 
-    Under torchrun every rank harvests a share of the shards (see `harvest.distributed`); only
-    rank 0 logs, shows progress and writes the manifests.
+    Under torchrun every rank harvests a share of the shards (see `harvest.driver`); only rank 0
+    logs, shows progress and writes the manifests.
     """
-    from harvest import distributed
-
-    ranks = distributed.ranks_from_env()
-    device = distributed.rank_device(cfg.device, ranks)
-    created = distributed.start_group(ranks, device, timeout=distributed._TIMEOUT)
+    ranks = ranks_from_env()
+    device = rank_device(cfg.device, ranks)
+    created = start_group(ranks, device, timeout=_TIMEOUT)
     try:
         return _harvest(cfg, ranks, str(device), log if ranks.lead else (lambda s: None), progress)
     except UserError as e:
-        raise distributed.with_rank(ranks, e) from None
+        raise with_rank(ranks, e) from None
     finally:
-        distributed.end_group(created)
+        end_group(created)
 
 
 def default_shard_rows(cfg: HarvestConfig, d_in: int) -> int:
@@ -128,10 +130,8 @@ def default_shard_rows(cfg: HarvestConfig, d_in: int) -> int:
     return max(unit, rows - rows % unit)
 
 
-def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], None],
+def _harvest(cfg: HarvestConfig, ranks: Ranks, device: str, log: Callable[[str], None],
              progress: bool) -> HarvestResult:
-    from harvest import distributed
-
     model = load_model(cfg.model, device, cfg.model_dtype)
     source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
                             cfg.shuffle_documents, cfg.shuffle_buffer_docs)
@@ -142,11 +142,13 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
     folders = out_folders(cfg.out, cfg.model, cfg.hooks)
     n_rows = cfg.n_contexts * cfg.rows_per_context
     model_fp = model_fingerprint(model)
-    # Shard by shard (each shard whole, from any rank) under torchrun, and to resume a dump begun so.
-    by_shards = ranks.active or any(distributed.has_progress(f) for f in folders.values())
+    # Shards recorded one by one in entry files (each shard whole, from any rank) under torchrun,
+    # and to resume a dump begun so; else in the manifest, in order.
+    by_entries = ranks.active or any(has_progress(f) for f in folders.values())
 
     def prepare() -> dict[str, Manifest]:
         manifests: dict[str, Manifest] = {}
+        resumed: dict[str, Manifest] = {}
         bytes_needed = 0
         for h, folder in folders.items():
             elem = TORCH_DTYPE[cfg.dtype].itemsize
@@ -157,78 +159,42 @@ def _harvest(cfg: HarvestConfig, ranks: Any, device: str, log: Callable[[str], N
             if existing.done:
                 log(f"{folder} already holds this complete dump; nothing to do")
                 continue
+            if existing.manifest is not None:
+                resumed[h] = existing.manifest
             m = existing.manifest or new_manifest(cfg, h, widths[h], fields, model, model_fp, source,
                                                   shard_rows)
-            if by_shards:
-                distributed.check_shard_rows(m.shard_rows, cfg.batch_size, cfg.rows_per_context, str(folder))
+            if by_entries:
+                check_shard_rows(m.shard_rows, cfg.batch_size, cfg.rows_per_context, str(folder))
             manifests[h] = m
             done_rows = sum(s.rows for s in m.shards)
             bytes_needed += (n_rows - done_rows) * (widths[h] * elem + 16)
-        if by_shards and len({m.shard_rows for m in manifests.values()}) > 1:
+        if by_entries and len({m.shard_rows for m in manifests.values()}) > 1:
             raise UserError("a harvest split over processes cuts every hook's dump at the same rows: "
                             "pass one --shard-rows for all hooks (a multiple of batch-size x rows per "
                             f"context = {cfg.batch_size * cfg.rows_per_context})")
         if not manifests:
             return manifests
+        pass_id = pass_id_for(resumed)
+        for m in manifests.values():
+            m.pass_id = pass_id
         check_disk([folders[h] for h in manifests], bytes_needed, log)
         for h, m in manifests.items():
             if not is_remote(folders[h]):
                 folders[h].mkdir(parents=True, exist_ok=True)
             atomic.write_json(folders[h] / MANIFEST_NAME, m.to_dict())
-            if by_shards:
-                distributed.prepare_rank_folder(folders[h])
+            if by_entries:
+                prepare_rank_folder(folders[h])
         return manifests
 
-    manifests = distributed.agree(ranks, prepare if ranks.lead else dict)
+    manifests = agree(ranks, prepare if ranks.lead else dict)
     if ranks.active:  # the other ranks read the manifests rank 0 prepared, for the hooks left to do
-        manifests = distributed.agree(ranks, (lambda: manifests) if ranks.lead else lambda: {
-            h: m for h, m in ((h, distributed.read_prepared(f)) for h, f in folders.items()) if not m.complete})
+        manifests = agree(ranks, (lambda: manifests) if ranks.lead else lambda: {
+            h: m for h, m in ((h, read_manifest(f)) for h, f in folders.items()) if not m.complete})
     if not manifests:
         return HarvestResult(folders)
-    if by_shards:
-        tokens, seconds = distributed.run_by_shards(cfg, ranks, model, source, manifests, folders, stop,
-                                                    device, progress, log)
-        result = HarvestResult(folders, tokens, seconds)
-        log(f"harvested {tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s)"
-            + (f" on rank 0 of {ranks.world}" if ranks.active else ""))
-        return result
-
-    pin = torch.device(device).type == "cuda"
-    writers: dict[str, ShardWriter] = {}
-    for h, m in manifests.items():
-        writers[h] = ShardWriter(folders[h], m, n_rows, pin)
-    start = time.perf_counter()
-    try:
-        tokens = _run(cfg, model, source, writers, stop, device, progress)
-        for w in writers.values():
-            w.finish()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    result = HarvestResult(folders, tokens, time.perf_counter() - start)
-    log(f"harvested {tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s)")
+    job = HarvestPass(cfg, model, source, manifests, folders, stop, device, by_entries)
+    tokens, seconds = drive(job, ranks, progress, log)
+    result = HarvestResult(folders, tokens, seconds, next(iter(manifests.values())).pass_id)
+    log(f"harvested {tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s)"
+        + (f" on rank 0 of {ranks.world}" if ranks.active else ""))
     return result
-
-
-def _run(cfg: HarvestConfig, model: Any, source: DocumentSource, writers: dict[str, ShardWriter],
-         stop: int | None, device: str, progress: bool) -> int:
-    """Forward every remaining batch and hand its rows to the writers; returns tokens processed."""
-    rpc, bsz = cfg.rows_per_context, cfg.batch_size
-    start_row = min(w.next_row for w in writers.values())
-    start_batch = start_row // rpc // bsz
-    docs = iter_token_docs(source, getattr(model, "tokenizer", None))
-    contexts = pack_contexts(docs, cfg.context_size, bos_token_id(model), cfg.prepend_bos)
-    producer = BatchProducer(contexts, cfg.n_contexts, bsz, cfg.context_size, start_batch)
-    storage = TORCH_DTYPE[cfg.dtype]
-    total_tokens = cfg.n_contexts * cfg.context_size
-    bar = tqdm(total=total_tokens, initial=start_batch * bsz * cfg.context_size, unit="tok",
-               unit_scale=True, disable=not progress, desc="harvest", smoothing=0.1)
-    try:
-        done = forward_into(model, producer, writers, {h: w.manifest.d_in for h, w in writers.items()},
-                            stop=stop, device=device, skip_bos=cfg.skip_bos, rows_per_context=rpc,
-                            storage=storage, bar=bar)
-    finally:
-        producer.close()
-        bar.close()
-    return done

@@ -1,8 +1,10 @@
-"""Per-hook shard writer: fills shard buffers from forward passes, writes full shards in a
-background thread that overlaps the next forward, and keeps the manifest in step.
+"""Per-hook shard writer: fills shard buffers from forward passes, writes each shard whole in a
+background thread that overlaps the next forward, and records it in the harvest's ledger.
 
+It writes the shards it is given (all those still to do in a single process, a rank's share
+under torchrun) and drops the rows of any other shard, so every process runs the same writer.
 Memory is bounded: each hook owns two shard buffers, one filling while the other is written.
-Durability order: shard temp file -> fsync -> rename -> manifest rewrite (itself atomic).
+Durability order: shard temp file -> fsync -> rename -> entry recorded (itself atomic).
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared import atomic
-from shared.errors import UserError
+from harvest.ledger import Ledger
 from shared.dump_writer import shard_stats, write_shard
-from shared.manifest import MANIFEST_NAME, Manifest, shard_name
+from shared.errors import UserError
+from shared.manifest import Manifest, shard_name
 from shared.shard_files import TORCH_DTYPE
+from shared.storage import RemotePath
 
 _CHECK_CHUNK = 32768  # rows per isfinite check (bounds temporary memory)
+
 
 class NonFiniteActivations(UserError):
     pass
@@ -48,13 +52,18 @@ def first_non_finite(acts: torch.Tensor) -> int | None:
 
 
 class ShardWriter:
-    """Receives rows in order for one hook and turns them into durable shards."""
+    """Receives one hook's rows in row order and turns the shards in `writes` into durable shards.
 
-    def __init__(self, folder: Path, manifest: Manifest, n_rows: int, pin_memory: bool):
+    Rows of other shards (already on disk, or another rank's) are dropped as they arrive.
+    """
+
+    def __init__(self, folder: Path | RemotePath, manifest: Manifest, n_rows: int,
+                 writes: frozenset[int], ledger: Ledger, pin_memory: bool):
         self.folder = folder
         self.manifest = manifest
         self.n_rows = n_rows
-        self.next_row = sum(s.rows for s in manifest.shards)  # rows already durable (resume)
+        self.writes = writes
+        self.ledger = ledger
         self._pin = pin_memory
         self._capacity = min(manifest.shard_rows, max(1, n_rows))
         self._free: queue.Queue[ShardBuffer | None] = queue.Queue()
@@ -65,6 +74,10 @@ class ShardWriter:
         self.bytes_written = 0
         self._thread = threading.Thread(target=self._loop, name=f"writer-{manifest.hook}", daemon=True)
         self._thread.start()
+
+    def shard_end(self, index: int) -> int:
+        """One past the last row of shard `index`."""
+        return min((index + 1) * self.manifest.shard_rows, self.n_rows)
 
     # ---- main thread -------------------------------------------------------------------------
     def _new_buffer(self, index: int, first_row: int) -> ShardBuffer:
@@ -84,27 +97,37 @@ class ShardWriter:
 
     def add(self, first_row: int, acts: torch.Tensor, tokens: np.ndarray, context: np.ndarray,
             position: np.ndarray) -> None:
-        """Append rows [first_row, first_row + len(acts)); rows already on disk are skipped."""
+        """Take rows [first_row, first_row + len(acts)) (acts [rows, d_in] in the storage dtype;
+        tokens, context, position [rows]); rows of shards not in `writes` are dropped."""
         self.raise_if_failed()
         n = acts.shape[0]
-        skip = max(0, self.next_row - first_row)
-        at = skip
+        at = 0
         while at < n:
-            if self._current is None:
-                index = self.next_row // self.manifest.shard_rows
-                self._current = self._new_buffer(index, self.next_row)
-            buf = self._current
-            take = min(n - at, self._capacity - buf.fill)
-            sl = slice(buf.fill, buf.fill + take)
-            buf.acts[sl].copy_(acts[at : at + take], non_blocking=self._pin)
-            buf.tokens[sl] = tokens[at : at + take]
-            buf.context[sl] = context[at : at + take]
-            buf.position[sl] = position[at : at + take]
-            buf.fill += take
+            row = first_row + at
+            index = row // self.manifest.shard_rows
+            take = min(n - at, self.shard_end(index) - row)
+            if index in self.writes:
+                self._copy(index, row, slice(at, at + take), acts, tokens, context, position)
             at += take
-            self.next_row += take
-            if buf.fill == self._capacity or self.next_row == self.n_rows:
-                self._submit()
+
+    def _copy(self, index: int, row: int, rows: slice, acts: torch.Tensor, tokens: np.ndarray,
+              context: np.ndarray, position: np.ndarray) -> None:
+        """Rows `rows` of a batch, which are rows [row, ...) of the dump, into shard `index`'s buffer."""
+        if self._current is None:
+            # A shard is filled from its first row: a rank forwards every batch of its shards.
+            assert row == index * self.manifest.shard_rows, (index, row)
+            self._current = self._new_buffer(index, row)
+        buf = self._current
+        assert buf.index == index and row == buf.first_row + buf.fill, (index, row, buf.index, buf.fill)
+        take = rows.stop - rows.start
+        sl = slice(buf.fill, buf.fill + take)
+        buf.acts[sl].copy_(acts[rows], non_blocking=self._pin)
+        buf.tokens[sl] = tokens[rows]
+        buf.context[sl] = context[rows]
+        buf.position[sl] = position[rows]
+        buf.fill += take
+        if buf.first_row + buf.fill == self.shard_end(index):
+            self._submit()
 
     def _submit(self) -> None:
         buf = self._current
@@ -116,17 +139,13 @@ class ShardWriter:
         self._current = None
 
     def finish(self) -> None:
-        """Write what is left, wait for the writer, then mark the dump complete."""
-        if self._current is not None and self._current.fill:
-            self._submit()
+        """Wait until every shard handed over is durable and recorded (errors re-raise here)."""
+        partial = self._current
         self._todo.put(None)
         self._thread.join()
         self.raise_if_failed()
-        m = self.manifest
-        m.n_rows = sum(s.rows for s in m.shards)
-        m.finalize_stats()
-        m.complete = True
-        atomic.write_json(self.folder / MANIFEST_NAME, m.to_dict())
+        if partial is not None:  # the forward stopped inside one of this process's shards
+            raise RuntimeError(f"{self.folder}: shard {partial.index} got only {partial.fill} rows")
 
     def abort(self) -> None:
         self._todo.put(None)
@@ -164,7 +183,7 @@ class ShardWriter:
                 f"context {buf.context[bad]}, position {buf.position[bad]}); try --model-dtype float32 "
                 "or check the model"
             )
-        m.shards.append(write_shard(self.folder, m, buf.index, buf.first_row, acts, buf.tokens[:n],
-                                    buf.context[:n], buf.position[:n], stats=stats))
-        atomic.write_json(self.folder / MANIFEST_NAME, m.to_dict())
+        entry = write_shard(self.folder, m, buf.index, buf.first_row, acts, buf.tokens[:n],
+                            buf.context[:n], buf.position[:n], stats=stats)
+        self.ledger.record(buf.index, entry)
         self.bytes_written += acts.numel() * acts.element_size() + n * 16

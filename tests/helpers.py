@@ -19,10 +19,18 @@ def run_harvest(*args: str, expect_ok: bool = True):
 def dump_files(folder: Path) -> dict[str, bytes]:
     """Every file of a dump by name, for byte-for-byte comparison.
 
-    The manifest's creation time is blanked: it is the one field two separate runs cannot share.
+    The manifest's creation time and pass identifier are blanked: they are the fields two separate
+    runs cannot share (a resume keeps the pass's; tests compare it with `pass_id`).
     """
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
     manifest = json.loads(files["manifest.json"])
+    assert manifest.get("pass_id"), f"{folder}: the manifest names no pass"
     manifest["created"] = None
+    manifest["pass_id"] = None
     files["manifest.json"] = json.dumps(manifest).encode()
     return files
+
+
+def pass_id(folder: Path) -> str | None:
+    """The pass identifier in the dump's manifest (None when the manifest lacks one)."""
+    return json.loads((folder / "manifest.json").read_text()).get("pass_id")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import dump_files, run_harvest
+from helpers import dump_files, pass_id, run_harvest
 
 REPO = Path(__file__).parents[1]
 
@@ -59,21 +59,20 @@ def test_two_rank_harvest_equals_one_process(tiny_model, token_dataset, tmp_path
     got = torchrun(["-m", "harvest", *_harvest_args(tiny_model, token_dataset, out)])
     assert not (out / ".harvest-shards").exists()
     assert dump_files(out) == dump_files(ref)
+    assert pass_id(out) != pass_id(ref)  # another pass over the same rows
     assert got.stdout.splitlines() == [f"blocks.0.hook_mlp_out: {out}"]  # rank 0 alone reports the dump
 
 
 _DYING_RANK = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import harvest.distributed as d
-real = d.RankShardWriter._write
-written = []
-def dying(self):
-    real(self)
-    written.append(1)
+import harvest.writer as w
+real = w.ShardWriter._write
+def dying(self, buf):
+    real(self, buf)  # the shard and its entry are durable
     if os.environ["RANK"] == "1":
         os._exit(9)  # rank 1 dies right after its first shard
-d.RankShardWriter._write = dying
+w.ShardWriter._write = dying
 from harvest.cli import main
 main()
 """
@@ -89,6 +88,7 @@ def test_killed_rank_resumes_to_the_identical_dump(tiny_model, token_dataset, tm
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"]
     assert (out / "shard_000001.safetensors").exists()  # rank 1's first shard, kept
+    begun = manifest["pass_id"]
     # The same launch finishes it; so does one process (another N).
     alone = tmp_path / "alone"
     shutil.copytree(out, alone)
@@ -96,6 +96,7 @@ def test_killed_rank_resumes_to_the_identical_dump(tiny_model, token_dataset, tm
     assert dump_files(out) == dump_files(ref)
     run_harvest(*_harvest_args(tiny_model, token_dataset, alone)[1:], "--resume")
     assert dump_files(alone) == dump_files(ref)
+    assert pass_id(out) == pass_id(alone) == begun  # both resumes continued rank 0's pass
 
 
 # ---- training ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import shared.dump_writer
-from helpers import dump_files, run_harvest
+from helpers import dump_files, pass_id, run_harvest
 from harvest.target import human_bytes
 from shared import atomic
 from shared.dump_writer import write_dump
@@ -277,8 +277,10 @@ def test_disk_full_mid_harvest_is_one_line_and_resumable(tiny_model, token_datas
               "disk is full", "--resume")
     monkeypatch.setattr(shared.dump_writer, "write_safetensors", real)
     assert len(read_manifest(out).shards) == 2
+    begun = pass_id(out)
     run_harvest(*_args(tiny_model, token_dataset, out), "--resume")
     assert dump_files(out) == dump_files(ref)
+    assert pass_id(out) == begun
     open_dump(out, verify=True)
     # Small dumps are sized in units that show them.
     assert "KB;" in first.output and "0.00 GB" not in first.output

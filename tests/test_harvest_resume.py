@@ -13,7 +13,7 @@ import pytest
 
 import harvest.writer
 from conftest import write_token_dataset
-from helpers import dump_files, run_harvest
+from helpers import dump_files, pass_id, run_harvest
 from shared.errors import DumpError
 from shared.reader import open_dump
 
@@ -54,6 +54,7 @@ def test_crash_then_resume_is_byte_identical(tiny_model, token_dataset, tmp_path
 
     run_harvest(*_args(tiny_model, token_dataset, out), *fmt_args, "--resume")
     assert dump_files(out) == dump_files(ref)
+    assert pass_id(out) == partial["pass_id"] != pass_id(ref)  # the same pass, continued
     open_dump(out, verify=True)
 
 
@@ -82,11 +83,12 @@ def test_sigkill_then_resume_is_byte_identical(tiny_model, vocab_size, tmp_path)
     ref = tmp_path / "ref"
     run_harvest(*_args(tiny_model, ds, ref, tokens=30_000, shard_rows=500))
     assert dump_files(tmp_path / "out") == dump_files(ref)
+    assert pass_id(tmp_path / "out") == state["pass_id"]
 
 
 def test_rerun_of_a_complete_dump_does_nothing(tiny_model, token_dataset, tmp_path):
     out = tmp_path / "out"
     run_harvest(*_args(tiny_model, token_dataset, out))
-    before = dump_files(out)
+    before = dump_files(out), pass_id(out)
     again = run_harvest(*_args(tiny_model, token_dataset, out))
-    assert "nothing to do" in again.output and dump_files(out) == before
+    assert "nothing to do" in again.output and (dump_files(out), pass_id(out)) == before

@@ -87,10 +87,12 @@ def _args(model: Path, ds: Path, out: str, tokens: int = 1000, shard_rows: int =
 
 
 def _same_dump(a, b) -> None:
-    """Row for row, and every manifest field but the creation time and the shards' locations."""
+    """Row for row, and every manifest field but the creation time and the pass identifier (the
+    fields two separate harvests cannot share)."""
     ma, mb = a.manifest.to_dict(), b.manifest.to_dict()
     for m in (ma, mb):
         m.pop("created")
+        assert m.pop("pass_id")
     assert ma == mb
     for name in ("tokens", "context", "position"):
         assert np.array_equal(a.column(name, 0, a.n_rows), b.column(name, 0, b.n_rows)), name
@@ -142,6 +144,7 @@ def test_killed_harvest_resumes_in_the_bucket(tiny_model, token_dataset, tmp_pat
     run_harvest(*_args(tiny_model, token_dataset, url), "--resume")
     a, b = open_dump(url, verify=True), open_dump(ref_url, verify=True)
     assert a.manifest.created == partial["created"]  # the same dump, continued
+    assert a.manifest.pass_id == partial["pass_id"] != b.manifest.pass_id
     _same_dump(a, b)
     # --overwrite deletes the dump's objects (and only those) and starts again.
     client.put_object(Bucket=bucket, Key="run/notes.txt", Body=b"mine")
@@ -287,8 +290,10 @@ def test_harvest_split_over_processes_into_the_bucket(tiny_model, token_dataset,
     assert "killed/.harvest-shards/000001.json" in keys  # rank 1's first shard, recorded
     kept = "killed/shard_000001.zarr/zarr.json"
     before = client.head_object(Bucket=bucket, Key=kept)["ETag"], client.head_object(Bucket=bucket, Key=kept)["LastModified"]
+    begun = json.loads(client.get_object(Bucket=bucket, Key="killed/manifest.json")["Body"].read())["pass_id"]
     time.sleep(1.1)  # LastModified has whole seconds
     run_harvest(*_args(tiny_model, token_dataset, killed, shard_rows=320), "--resume")  # one process: another N
     _same_dump(open_dump(killed, verify=True), open_dump(ref, verify=True))
+    assert open_dump(killed).manifest.pass_id == begun
     after = client.head_object(Bucket=bucket, Key=kept)["ETag"], client.head_object(Bucket=bucket, Key=kept)["LastModified"]
     assert after == before  # the finished shard was kept, not written again

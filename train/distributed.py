@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import torch
 
-from harvest.distributed import (Ranks, agree, barrier, end_group, rank_device, ranks_from_env,
-                                 start_group, with_rank)
+from shared.process_group import (Ranks, agree, barrier, end_group, rank_device, ranks_from_env,
+                                  start_group, with_rank)
 from shared.errors import UserError
 
 __all__ = ["Parallel", "DataShard", "current", "parallel_training", "agree", "barrier", "with_rank",

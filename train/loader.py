@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from shared.background import background
 from shared.reader import Dump
 from shared.shard_files import remote_chunk_rows, stored_to_float32
 
@@ -310,51 +310,3 @@ def cached_chunk(cache: Path, dump: Dump, shard: int, chunk: int) -> np.ndarray:
     except OSError:
         pass  # a full or read-only cache only costs the next fetch
     return data
-
-
-def background(items: Iterator, maxsize: int, name: str) -> Iterator:
-    """Run an iterator in a thread, `maxsize` items ahead; errors re-raise in the consumer.
-
-    Closing the returned generator stops the producer and joins its thread, so no thread is left
-    running inside a torch op when the interpreter exits.
-    """
-    q: queue.Queue = queue.Queue(maxsize=maxsize)
-    stop = threading.Event()
-    done = object()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    break
-            else:
-                put(done)
-        except BaseException as e:
-            put(e)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()

@@ -13,7 +13,7 @@ import harvest.writer
 import shared.atomic
 from conftest import write_token_dataset
 from fault._support import error_line, invoke, ok
-from helpers import dump_files
+from helpers import dump_files, pass_id
 from shared.manifest import shard_name
 
 
@@ -73,5 +73,8 @@ def test_full_disk_is_one_line_then_resume_is_identical(setup, tmp_path, monkeyp
     manifest = out / "manifest.json"
     assert not manifest.is_file() or not json.loads(manifest.read_text())["complete"]
 
+    begun = pass_id(out) if manifest.is_file() else None
     ok("harvest", [*args(model, ds, out), "--resume"])
     assert dump_files(out) == reference
+    if begun is not None:  # a resume continues the pass its first manifest named
+        assert pass_id(out) == begun

@@ -22,7 +22,7 @@ from fault._support import (
     TALLY, Running, checkpoints_listed, error_line, invoke, kill_when, ok, read_json, rng,
     shards_listed, start_forked, start_module, warm_up,
 )
-from helpers import dump_files
+from helpers import dump_files, pass_id
 from shared.dump_writer import write_dump
 
 
@@ -111,9 +111,12 @@ def test_harvest_killed_anywhere_resumes_to_identical_dump(tiny_model, vocab_siz
                 start = lambda: start_forked("harvest", [*args, *again], tmp_path / f"log{i}_{j}")  # noqa: E731
             points.append(run_and_kill(start, event, out, r.uniform(0.0, 0.02)))
         progress = shards_listed(out)
+        begun = pass_id(out) if (out / "manifest.json").is_file() else None
         got = invoke("harvest", [*args, "--resume"])
         if got.code == 0:
             verdict, note = "identical", ""
+            if begun is not None:  # the resume continued the pass the kill interrupted
+                assert pass_id(out) == begun, f"harvest killed at {points}: the resume changed pass_id"
         else:
             note = error_line(got, strict=False)
             assert progress == 0, f"told to restart with {progress} shards done:\n" + got.describe()
