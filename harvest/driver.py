@@ -27,7 +27,7 @@ from shared.manifest import Manifest
 from shared.models import bos_token_id
 from shared.process_group import Ranks, agree, barrier
 from shared.shard_files import TORCH_DTYPE
-from shared.storage import RemotePath
+from shared.storage import Location
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -42,7 +42,7 @@ class HarvestPass:
     source: DocumentSource
     manifests: dict[str, Manifest]
     """hook -> manifest, for the hooks still to do (rank 0 wrote them to disk)."""
-    folders: dict[str, Path | RemotePath]
+    folders: dict[str, Location]
     """hook -> dump folder."""
     stop: int | None
     """The model runs to this layer only (`stop_at_layer` of the deepest hook)."""

@@ -18,7 +18,6 @@ single process with the same settings, whatever the number of ranks.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +26,7 @@ from harvest.shard_plan import n_shards
 from shared import atomic
 from shared.errors import UserError
 from shared.manifest import MANIFEST_NAME, Manifest, ShardEntry
-from shared.storage import RemotePath, delete_prefix, get_bytes, is_remote, list_names, list_names_limited, location
+from shared.storage import Location, location
 
 PROGRESS = ".harvest-shards"  # inside a dump being harvested shard by shard: one entry file per shard
 
@@ -40,7 +39,7 @@ class Ledger(Protocol):
 class ManifestLedger:
     """One process writing a dump's shards in order: each entry joins the manifest, rewritten."""
 
-    def __init__(self, folder: Path | RemotePath, manifest: Manifest):
+    def __init__(self, folder: Location, manifest: Manifest):
         self.folder = location(folder)
         self.manifest = manifest
 
@@ -54,49 +53,43 @@ class ManifestLedger:
 class EntryLedger:
     """Shards written in any order (by any rank): each entry in its own file in `.harvest-shards/`."""
 
-    def __init__(self, folder: Path | RemotePath):
+    def __init__(self, folder: Location):
         self.folder = location(folder)
 
     def record(self, index: int, entry: ShardEntry) -> None:
         atomic.write_json(entry_path(self.folder, index), asdict(entry))
 
 
-def progress_folder(folder: Path | RemotePath) -> Path | RemotePath:
+def progress_folder(folder: Location) -> Location:
     return location(folder) / PROGRESS
 
 
-def entry_path(folder: Path | RemotePath, index: int) -> Path | RemotePath:
+def entry_path(folder: Location, index: int) -> Location:
     return progress_folder(folder) / f"{index:06d}.json"
 
 
-def has_progress(folder: Path | RemotePath) -> bool:
+def has_progress(folder: Location) -> bool:
     """Whether a harvest split over processes began in `folder` (its shard entries are there)."""
-    progress = progress_folder(folder)
-    return bool(list_names_limited(progress)) if is_remote(progress) else progress.is_dir()
+    return progress_folder(folder).exists()
 
 
-def prepare_rank_folder(folder: Path | RemotePath) -> None:
+def prepare_rank_folder(folder: Location) -> None:
     """Rank 0, after writing the manifest: the folder for the shard entries (object storage has
     no folders: the entries' keys share a prefix)."""
+    progress_folder(folder).ensure_folder()
+
+
+def _entry_texts(folder: Location) -> list[bytes]:
     progress = progress_folder(folder)
-    if not is_remote(progress):
-        progress.mkdir(parents=True, exist_ok=True)
+    names = [n for n in progress.list_names() if n.endswith(".json") and "/" not in n]
+    return [b for b in ((progress / n).get_bytes() for n in names) if b is not None]
 
 
-def _entry_texts(folder: Path | RemotePath) -> list[bytes]:
-    progress = progress_folder(folder)
-    if is_remote(progress):
-        return [b for b in (get_bytes(progress / n) for n in sorted(list_names(progress)) if n.endswith(".json"))
-                if b is not None]
-    return [p.read_bytes() for p in sorted(progress.glob("*.json"))] if progress.is_dir() else []
+def _shard_exists(folder: Location, name: str) -> bool:
+    return (location(folder) / name).exists()
 
 
-def _shard_exists(folder: Path | RemotePath, name: str) -> bool:
-    where = location(folder) / name
-    return bool(list_names_limited(where)) if is_remote(where) else where.exists()
-
-
-def finished_shards(folder: Path | RemotePath, m: Manifest) -> dict[int, ShardEntry]:
+def finished_shards(folder: Location, m: Manifest) -> dict[int, ShardEntry]:
     """Shards already written with their entries: the manifest's (a single process's prefix) and
     the entry files of ranks, each only while its shard is there."""
     done = {s.first_row // m.shard_rows: s for s in m.shards}
@@ -110,7 +103,7 @@ def finished_shards(folder: Path | RemotePath, m: Manifest) -> dict[int, ShardEn
     return done
 
 
-def complete_dump(folder: Path | RemotePath, m: Manifest, n_rows: int) -> None:
+def complete_dump(folder: Location, m: Manifest, n_rows: int) -> None:
     """Rank 0, after every rank finished: the manifest indexes every shard, in shard order."""
     done = finished_shards(folder, m)
     want = n_shards(n_rows, m.shard_rows)
@@ -123,8 +116,4 @@ def complete_dump(folder: Path | RemotePath, m: Manifest, n_rows: int) -> None:
     m.finalize_stats()
     m.complete = True
     atomic.write_json(location(folder) / MANIFEST_NAME, m.to_dict())
-    progress = progress_folder(folder)
-    if is_remote(progress):
-        delete_prefix(progress)
-    else:
-        shutil.rmtree(progress, ignore_errors=True)
+    progress_folder(folder).delete()

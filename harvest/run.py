@@ -27,7 +27,6 @@ from shared.models import (
 )
 from shared.process_group import Ranks, agree, end_group, rank_device, ranks_from_env, start_group, with_rank
 from shared.shard_files import TORCH_DTYPE
-from shared.storage import is_remote
 
 _TIMEOUT = dt.timedelta(hours=12)  # ranks wait at barriers for the slowest one (imbalance: a shard)
 _VERSIONED = ("mats-sae-training", "torch", "transformer-lens", "transformers", "datasets",
@@ -179,8 +178,7 @@ def _harvest(cfg: HarvestConfig, ranks: Ranks, device: str, log: Callable[[str],
             m.pass_id = pass_id
         check_disk([folders[h] for h in manifests], bytes_needed, log)
         for h, m in manifests.items():
-            if not is_remote(folders[h]):
-                folders[h].mkdir(parents=True, exist_ok=True)
+            folders[h].ensure_folder()
             atomic.write_json(folders[h] / MANIFEST_NAME, m.to_dict())
             if by_entries:
                 prepare_rank_folder(folders[h])

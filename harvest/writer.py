@@ -22,7 +22,7 @@ from shared.dump_writer import shard_stats, write_shard
 from shared.errors import UserError
 from shared.manifest import Manifest, shard_name
 from shared.shard_files import TORCH_DTYPE
-from shared.storage import RemotePath
+from shared.storage import Location
 
 _CHECK_CHUNK = 32768  # rows per isfinite check (bounds temporary memory)
 
@@ -57,7 +57,7 @@ class ShardWriter:
     Rows of other shards (already on disk, or another rank's) are dropped as they arrive.
     """
 
-    def __init__(self, folder: Path | RemotePath, manifest: Manifest, n_rows: int,
+    def __init__(self, folder: Location, manifest: Manifest, n_rows: int,
                  writes: frozenset[int], ledger: Ledger, pin_memory: bool):
         self.folder = folder
         self.manifest = manifest

@@ -17,9 +17,6 @@ from test_object_storage import _client, moto_url  # noqa: F401  (moto_url: a fi
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("harvest", "train", "shared", "benchmarks", "scripts")
 STORAGE_PACKAGE = REPO / "shared" / "storage"
-# Temporary exception: these files are being rewritten elsewhere and still call the transitional
-# wrappers of shared.storage; they are converted (and leave this list) when that work is merged.
-NOT_YET_CONVERTED = {"harvest/run.py", "harvest/distributed.py", "harvest/writer.py"}
 FORBIDDEN_NAMES = {"is_remote", "RemotePath"}
 
 
@@ -53,7 +50,7 @@ def test_no_module_outside_the_storage_package_asks_which_kind_it_holds():
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
             name = path.relative_to(REPO).as_posix()
-            if STORAGE_PACKAGE in path.parents or name in NOT_YET_CONVERTED:
+            if STORAGE_PACKAGE in path.parents:
                 continue
             found = kind_tests(path.read_text())
             if found:
@@ -196,13 +193,3 @@ def test_capabilities_and_failures(where):
     assert where.failure(ValueError("a bug")) is None
 
 
-def test_transitional_wrappers_still_answer(where):
-    """Modules not yet converted call the old functions of shared.storage."""
-    from shared.storage import ENDPOINT_HELP, endpoint_option, get_bytes, is_remote, list_names, put_bytes
-
-    assert callable(endpoint_option) and "s3://" in ENDPOINT_HELP
-    assert is_remote(where) == is_remote(str(where)) == where.capabilities.fetched
-    assert not is_remote(Path("/tmp")) and not is_remote(None)
-    where.ensure_folder()
-    put_bytes(where / "w", b"x")
-    assert get_bytes(where / "w") == b"x" and list_names(where) == ["w"]
