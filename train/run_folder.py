@@ -24,10 +24,10 @@ from shared.errors import UserError
 from shared.manifest import MANIFEST_NAME
 from train import distributed
 from train.config import LanguageModelSAERunnerConfig
-from train.run_layout import LOCK, SINGLE, lock_path, recorded_configs
+from train.run_layout import LOCK, RESOLVED_NAME, SINGLE, lock_path, recorded_configs
 
 _NOT_COMPARED = {f.name for f in fields(LanguageModelSAERunnerConfig)
-                 if f.metadata["group"] in ("evaluation", "logging")} | {"checkpoint_path", "resolved_run_name"}
+                 if f.metadata["group"] in ("evaluation", "logging")} | {"checkpoint_path", RESOLVED_NAME}
 """Settings that do not change what is trained: a rerun may differ in them (and the folder itself)."""
 
 

@@ -66,7 +66,7 @@ RUN_FILES = (CONFIG, CHECKPOINT_INDEX, SWEEP_INDEX, METRICS)
 """Files whose presence means a folder already holds a run (or a sweep)."""
 SINGLE = ""
 """The key of a single run's config in `recorded_configs`."""
-_NOT_A_SETTING = "resolved_run_name"  # what config.json adds to the training config
+RESOLVED_NAME = "resolved_run_name"  # what config.json adds to the training config
 
 
 # ---- one run's folder ----------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def dashboard_folder(run_dir: Path) -> Path:
 
 def write_run_config(run_dir: Path, config: dict[str, Any], name: str) -> None:
     """config.json: the training config and the run's resolved name."""
-    atomic.write_json(Path(run_dir) / CONFIG, config | {_NOT_A_SETTING: name})
+    atomic.write_json(Path(run_dir) / CONFIG, config | {RESOLVED_NAME: name})
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any] | None:
@@ -218,7 +218,7 @@ def read_sweep_configs(root: Path) -> dict[str, dict[str, Any] | None]:
     for r in runs:
         raw = r.get("config") or read_run_config(Path(root) / r["name"])
         if raw is not None:
-            raw = {k: v for k, v in raw.items() if k != _NOT_A_SETTING}
+            raw = {k: v for k, v in raw.items() if k != RESOLVED_NAME}
         out[r["name"]] = raw
     return out
 
