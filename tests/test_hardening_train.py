@@ -339,10 +339,12 @@ def test_crafted_names_in_run_files_are_refused(tmp_path, dump):
 # ---- 7. a sweep killed before its first config ----------------------------------------------
 
 def test_sweep_killed_before_its_first_config_resumes(tmp_path, dump, monkeypatch):
+    import train.run as run_mod
+
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep_mod, "make_slot", killed)
+    monkeypatch.setattr(run_mod, "make_slot", killed)
     cfg = small_cfg(dump, tmp_path / "sw", total_training_tokens=512)
     with pytest.raises(KeyboardInterrupt):
         train_sweep(cfg, {"l1_coefficient": [0.1, 0.2]}, progress=False)

@@ -23,13 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from shared import atomic
 from shared.errors import UserError
-from shared.run_paths import plain_name
+from train import run_layout
+from train.run_layout import SPARSITY, STATE_JSON, STATE_TENSORS
 from train.sae_trainer import Counters, SAETrainer
 
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
-SPARSITY = "sparsity.safetensors"
-CHECKPOINT_INDEX = "checkpoints.json"
 _TRACKERS = ("tokens_since_fired", "window_fired", "fired_total")
 _METRIC_SUM = "metric_sum."
 
@@ -68,37 +65,8 @@ def save_checkpoint(folder: Path, trainer: SAETrainer, dump_info: dict[str, Any]
              "dump": dump_info, "config": trainer.cfg.to_dict()}
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
     atomic.commit(tmp, folder)
-    _index_checkpoint(folder, trainer)
+    run_layout.record_checkpoint(folder, trainer.counters.step, trainer.counters.tokens_seen)
     return folder
-
-
-def _index_checkpoint(folder: Path, trainer: SAETrainer) -> None:
-    """Record the checkpoint in <run>/checkpoints.json, so resuming never lists folders."""
-    index_path = folder.parent / CHECKPOINT_INDEX
-    entries = [e for e in read_checkpoint_index(folder.parent) if e["folder"] != folder.name]
-    entries.append({"folder": folder.name, "step": trainer.counters.step,
-                    "tokens": trainer.counters.tokens_seen})
-    atomic.write_json(index_path, sorted(entries, key=lambda e: (e["step"], e["folder"])))
-
-
-def read_checkpoint_index(run_dir: Path) -> list[dict[str, Any]]:
-    """[{folder, step, tokens}] of a run's checkpoints, oldest first ([] if none yet); each folder
-    a plain name inside the run folder."""
-    path = Path(run_dir) / CHECKPOINT_INDEX
-    if not path.is_file():
-        return []
-    try:
-        entries = json.loads(path.read_text())
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise TypeError("not a list of checkpoint entries")
-        for e in entries:
-            if not isinstance(e.get("step"), int) or not isinstance(e.get("tokens"), int):
-                raise TypeError(f"entry {e} lacks an integer step or tokens")
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); restore it or start the run again") from None
-    for e in entries:
-        plain_name(e.get("folder"), str(path))
-    return entries
 
 
 def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:
@@ -131,11 +99,11 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 def _not_a_checkpoint(folder: Path) -> str:
     """Why `folder` cannot be resumed from, and what to do instead."""
-    entries = read_checkpoint_index(folder) if (folder / CHECKPOINT_INDEX).is_file() else []
+    entries = run_layout.read_checkpoint_index(folder)
     if entries:
         return (f"{folder} is a run folder, not a checkpoint: resume from its latest checkpoint, "
                 f"--resume-from {folder / entries[-1]['folder']}")
-    if (folder / "config.json").is_file() or (folder / "metrics.jsonl").is_file():
+    if run_layout.has_run_files(folder):
         return (f"{folder} holds a run stopped before its first checkpoint: there is nothing to resume; "
                 "start it again with the same command and --overwrite")
     return f"{folder} is not a checkpoint of this tool (no {STATE_JSON}); pass a folder such as data/runs/<run>/final"

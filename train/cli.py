@@ -117,10 +117,11 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
     """The command's body: the final checkpoint folder of every SAE trained (by this process)."""
     from train.distributed import parallel_training
     from train.run import train
-    from train.sweep import parse_sweep_flags, read_sweep_configs, resume_sweep, train_sweep
+    from train.run_layout import is_sweep, read_sweep_configs
+    from train.sweep import parse_sweep_flags, resume_sweep, train_sweep
 
     log = lambda s: click.echo(s, err=True)  # noqa: E731
-    if resume_from and (Path(resume_from) / "sweep.json").is_file():
+    if resume_from and is_sweep(Path(resume_from)):
         if sweeps or config_file or overwrite or any(v is not None for v in flags.values()):
             raise UserError("a sweep resumes with its own settings: pass only --resume-from SWEEP_FOLDER")
         try:  # the sweep's device, for the process group (resume_sweep reports a damaged sweep.json)

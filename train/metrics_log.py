@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-METRICS = "metrics.jsonl"
+from train.run_layout import metrics_path
+
 HIST_BINS = np.linspace(-10, 0, 51)  # log10 density bins; -10 means "never fired"
 
 
@@ -20,7 +21,7 @@ def _clean(value: Any) -> Any:
 class MetricsLog:
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], use_wandb: bool,
                  project: str, entity: str | None, resume_step: int = 0, group: str | None = None):
-        self.path = Path(run_dir) / METRICS
+        self.path = metrics_path(run_dir)
         if resume_step and self.path.exists():
             # Drop what an interrupted run logged after its last checkpoint: it is logged again.
             kept = [line for line in self.path.read_text().splitlines()

@@ -10,7 +10,6 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shared import atomic
 from shared.device import pick_device
 from shared.errors import UserError
 from shared.reader import Dump, open_dump
@@ -33,8 +31,11 @@ from train.holdout import split_rows
 from train.loader import ActivationLoader
 from train import distributed
 from train.metrics_log import MetricsLog, NullMetrics
-from train.run_folder import own_run_folder
+from train import run_layout
+from train.run_folder import hold_run_folder
+from train.run_layout import SweepEntry
 from train.sae_trainer import SAETrainer
+from train.summary import log_summary_to_wandb, write_summary
 
 B_DEC_SAMPLE_ROWS = 16384  # rows the geometric median is computed on
 
@@ -183,7 +184,7 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
     metrics: Any = NullMetrics()
     if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(run_dir / "config.json", cfg.to_dict() | {"resolved_run_name": name})
+        run_layout.write_run_config(run_dir, cfg.to_dict(), name)
         metrics = MetricsLog(run_dir, name, cfg.to_dict(), cfg.log_to_wandb, cfg.wandb_project,
                              cfg.wandb_entity, resume_step=trainer.counters.step, group=wandb_group)
     checkpoints = {round(data.total_steps * (i + 1) / (cfg.n_checkpoints + 1))
@@ -201,7 +202,44 @@ def run_folder(cfg: LanguageModelSAERunnerConfig, default_name: str) -> Path:
     """--checkpoint-path, else data/runs/<run name>; absolute."""
     if cfg.checkpoint_path:
         return Path(cfg.checkpoint_path).resolve()
-    return (Path("data") / "runs" / plain_name(default_name, "run_name")).resolve()
+    return run_layout.default_folder(default_name).resolve()
+
+
+@dataclass
+class Job:
+    """One training into one folder. A single run is a sweep of one: the same path trains both
+    (`train_job`), and only the layout differs: a single run's files sit directly in `folder`, a
+    sweep has an index (sweep.json), one subfolder per SAE and a summary."""
+
+    folder: Path
+    base: LanguageModelSAERunnerConfig
+    """Settings every SAE shares (device, evaluation, wandb); a single run's own config."""
+    saes: list[tuple[str, LanguageModelSAERunnerConfig]]
+    """(name, config) of each SAE, in grid order."""
+    keys: list[str] | None = None
+    """The swept settings of a sweep; None for a single run."""
+    resume_from: dict[str, Path] | None = None
+    """The checkpoint each SAE continues from, by name; None: every SAE starts afresh."""
+    groups: list[list[int]] | None = None
+    """Indices into `saes` of the SAEs this process trains, group after group, each group in
+    lockstep (a sweep's SAEs split to fit in memory); None: all of them in one group."""
+    wandb_group: str | None = None
+
+    @property
+    def sweep(self) -> bool:
+        return self.keys is not None
+
+    def run_dir(self, name: str) -> Path:
+        return run_layout.sae_folder(self.folder, name, self.sweep)
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """The SAEs' configs as the folder records them (what `hold_run_folder` checks it against)."""
+        return run_layout.as_recorded({name: cfg.to_dict() for name, cfg in self.saes}, self.sweep)
+
+    def entries(self) -> list[SweepEntry]:
+        """The sweep's SAEs with their swept settings, as its index and summary list them."""
+        return [SweepEntry(name, self.run_dir(name), {k: getattr(cfg, k) for k in self.keys or ()})
+                for name, cfg in self.saes]
 
 
 def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = None,
@@ -215,8 +253,7 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     check_settings_used([cfg])
     if cfg.run_name is not None:
         plain_name(cfg.run_name, "run_name")
-    parallel = distributed.current()
-    if not parallel.lead:  # data-parallel: rank 0 logs, shows progress and writes the run folder
+    if not distributed.current().lead:  # data-parallel: rank 0 logs, shows progress and writes the run folder
         log, progress = (lambda s: None), False
     cfg = with_absolute_dump(cfg)
     data = plan_data(cfg, verify)
@@ -225,20 +262,78 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     run_dir = run_folder(cfg, name)
     cfg = replace(cfg, checkpoint_path=str(run_dir))
     resume = Path(resume_from) if resume_from else None
-    own = resume is not None and resume.resolve().parent == run_dir
-    owner = own_run_folder(run_dir, None if own else {"": cfg.to_dict()}, overwrite, log) if parallel.lead \
-        else nullcontext()
-    with owner:
-        slot = make_slot(cfg, data, run_dir, name, resume)
-        sae = slot.trainer.sae.cfg
-        log(f"training {sae.d_in} -> {sae.d_sae} SAE on {data.loader.n_rows:,} rows of {data.dump.path} "
-            f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
-            f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {run_dir}"
-            + (f"; data-parallel over {parallel.ranks.world} processes" if slot.trainer.shard else ""))
-        [final] = run_slots([slot], data, progress)
-    log(f"final SAE: {final}")
-    evaluation = evaluate_final(cfg, final, log) if cfg.evaluate_at_end and parallel.lead else None
-    return TrainResult(slot.trainer.sae, run_dir, final, slot.trainer, evaluation)
+    job = Job(run_dir, cfg, [(name, cfg)], resume_from={name: resume} if resume else None)
+    own = resume is not None and resume.resolve().parent == run_dir  # the folder's own checkpoint
+    with hold_run_folder(run_dir, None if own else job.configs(), overwrite, log):
+        [result] = train_job(job, data, log, progress)
+    return result
+
+
+def train_job(job: Job, data: DataPlan, log: Callable[[str], None], progress: bool) -> list[TrainResult]:
+    """Train the job's SAEs into its folder, which this process holds (`hold_run_folder`): a
+    sweep's index first, then each group of SAEs in lockstep on `data`, then the evaluation of
+    every final SAE and, for a sweep, its summary. Returns this process's results in grid order."""
+    if job.sweep:
+        _start_sweep(job, data, log)
+    results: list[TrainResult] = []
+    for group in job.groups if job.groups is not None else [list(range(len(job.saes)))]:
+        slots = [make_slot(cfg, data, job.run_dir(name), name,
+                           job.resume_from[name] if job.resume_from else None, wandb_group=job.wandb_group)
+                 for name, cfg in (job.saes[i] for i in group)]
+        if not job.sweep:
+            _announce_run(slots[0], data, log)
+        finals = run_slots(slots, data, progress, resume_hint=job.folder if job.sweep else None)
+        results += [TrainResult(s.trainer.sae, s.run_dir, final, s.trainer) for s, final in zip(slots, finals)]
+    if not job.sweep:
+        log(f"final SAE: {results[0].final}")
+    if job.base.evaluate_at_end and results and distributed.current().writes_runs:
+        model = _load_model_once(data, job.base)
+        baselines: dict = {}  # the ablation runs are the same for every SAE: pay for them once
+        for r in results:
+            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines)
+    if job.sweep:
+        _finish_sweep(job, log)
+    return results
+
+
+def _start_sweep(job: Job, data: DataPlan, log: Callable[[str], None]) -> None:
+    """Say what the sweep trains, and write its index first, with every SAE's config, so that a
+    sweep interrupted at any point can be resumed."""
+    parallel = distributed.current()
+    log(f"sweep of {len(job.saes)} SAEs on {data.loader.n_rows:,} rows of {data.dump.path} for "
+        f"{data.total_steps:,} steps each; folder {job.folder}"
+        + {"sweep": f"; spread over {parallel.ranks.world} processes",
+           "data": f"; each data-parallel over {parallel.ranks.world} processes"}.get(parallel.mode, ""))
+    if parallel.lead:
+        job.folder.mkdir(parents=True, exist_ok=True)
+        run_layout.write_sweep_index(job.folder, job.entries(), job.keys or [],
+                                     {name: cfg.to_dict() for name, cfg in job.saes})
+
+
+def _announce_run(slot: Slot, data: DataPlan, log: Callable[[str], None]) -> None:
+    """What a single run trains, once its SAE is built (or restored)."""
+    sae = slot.trainer.sae.cfg
+    log(f"training {sae.d_in} -> {sae.d_sae} SAE on {data.loader.n_rows:,} rows of {data.dump.path} "
+        f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
+        f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {slot.run_dir}"
+        + (f"; data-parallel over {distributed.current().ranks.world} processes" if slot.trainer.shard else ""))
+
+
+def _finish_sweep(job: Job, log: Callable[[str], None]) -> None:
+    """The sweep's table and plots (and their wandb run), once every rank's SAEs are done."""
+    parallel = distributed.current()
+    distributed.barrier(parallel.ranks)
+    if parallel.lead:
+        rows = write_summary(job.folder, job.entries(), job.keys or [], log)
+        if job.base.log_to_wandb:
+            log_summary_to_wandb(job.base.wandb_project, job.base.wandb_entity, job.wandb_group or "",
+                                 job.folder, rows)
+
+
+def _load_model_once(data: DataPlan, base: LanguageModelSAERunnerConfig) -> Any:
+    from shared.models import load_model
+
+    return load_model(data.dump.manifest.model, str(pick_device(base.device)))
 
 
 def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable[[str], None],
@@ -248,7 +343,7 @@ def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable
 
     result = evaluate_checkpoint(final, EvalConfig(holdout_contexts=cfg.eval_holdout_contexts,
                                                    device=cfg.device), model=model, baselines=baselines)
-    atomic.write_json(final.parent / "eval.json", result)
+    run_layout.write_eval(final.parent, result)
     shown = {k: result[k] for k in ("explained_variance", "l0", "ce_loss_recovered") if k in result}
     log(f"evaluation of {final}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     return result
@@ -268,13 +363,14 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Pa
         except KeyboardInterrupt:
             for s in slots:
                 check_finite(s, weights=True)
-            saved = [save_checkpoint(s.run_dir / str(s.trainer.counters.tokens_seen), s.trainer, data.ident)
-                     if s.writes else s.run_dir / str(s.trainer.counters.tokens_seen) for s in slots]
+            saved = [run_layout.checkpoint_folder(s.run_dir, s.trainer.counters.tokens_seen) for s in slots]
+            saved = [save_checkpoint(folder, s.trainer, data.ident) if s.writes else folder
+                     for s, folder in zip(slots, saved)]
             raise UserError(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
         for s in slots:  # every SAE is checked before any final is saved
             check_finite(s, weights=True)
-        return [save_checkpoint(s.run_dir / "final", s.trainer, data.ident) if s.writes else s.run_dir / "final"
-                for s in slots]
+        return [save_checkpoint(run_layout.final_folder(s.run_dir), s.trainer, data.ident) if s.writes
+                else run_layout.final_folder(s.run_dir) for s in slots]
     finally:
         for s in slots:
             s.metrics.close()

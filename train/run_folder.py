@@ -1,6 +1,7 @@
 """Who may write into a run folder: one `train` at a time, and only into its own run.
 
     <run>/train.lock    {"pid", "host", "token"} of the process training into the folder
+                        (the name is `train.run_layout`'s)
 
 A lock whose process is gone (killed, machine rebooted) is stale: it is reported and taken over.
 Before training, the folder must not be a dump or a file, and a folder already holding another
@@ -13,7 +14,7 @@ import json
 import os
 import secrets
 import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,13 +22,12 @@ from typing import Any, Callable, Iterator
 from shared import atomic
 from shared.errors import UserError
 from shared.manifest import MANIFEST_NAME
+from train import distributed
 from train.config import LanguageModelSAERunnerConfig
+from train.run_layout import LOCK, RESOLVED_NAME, SINGLE, lock_path, recorded_configs
 
-LOCK_NAME = "train.lock"
-SINGLE = ""  # the key of a single run's config in `recorded_configs`
-_RUN_FILES = ("config.json", "checkpoints.json", "sweep.json", "metrics.jsonl")
 _NOT_COMPARED = {f.name for f in fields(LanguageModelSAERunnerConfig)
-                 if f.metadata["group"] in ("evaluation", "logging")} | {"checkpoint_path", "resolved_run_name"}
+                 if f.metadata["group"] in ("evaluation", "logging")} | {"checkpoint_path", RESOLVED_NAME}
 """Settings that do not change what is trained: a rerun may differ in them (and the folder itself)."""
 
 
@@ -44,7 +44,7 @@ class RunLock:
     """Exclusive ownership of a folder by this process, as a lock file created atomically."""
 
     def __init__(self, folder: Path, log: Callable[[str], None]):
-        self.path = Path(folder) / LOCK_NAME
+        self.path = lock_path(folder)
         self.log = log
         self.mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": secrets.token_hex(8)})
 
@@ -72,7 +72,7 @@ class RunLock:
     def _create(self) -> bool:
         """Write our lock beside, then hard-link it into place: link never replaces an existing
         file, and the lock appears with its content (no half-written lock to misread)."""
-        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp = self.path.with_name(f".{LOCK}.{os.getpid()}.{secrets.token_hex(4)}")
         tmp.write_text(self.mine)
         try:
             os.link(tmp, self.path)
@@ -85,7 +85,7 @@ class RunLock:
     def _remove_if_unchanged(self, stale: str) -> None:
         """Move the stale lock aside (atomic: one process wins); if what was moved is not the
         stale lock (a racer took it over first), put it back."""
-        aside = self.path.with_name(f".{LOCK_NAME}.stale.{os.getpid()}.{secrets.token_hex(4)}")
+        aside = self.path.with_name(f".{LOCK}.stale.{os.getpid()}.{secrets.token_hex(4)}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -133,20 +133,6 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in _NOT_COMPARED}
 
 
-def recorded_configs(folder: Path) -> dict[str, dict[str, Any] | None] | None:
-    """The configs a folder's run recorded: {SINGLE: cfg} for a single run, {name: cfg or None}
-    for a sweep's SAEs; None if the folder holds no run."""
-    from train.sweep import read_sweep_configs
-
-    if (folder / "sweep.json").is_file():
-        return read_sweep_configs(folder)
-    if (folder / "config.json").is_file():
-        return {SINGLE: json.loads((folder / "config.json").read_text())}
-    if any((folder / name).exists() for name in _RUN_FILES):
-        return {SINGLE: None}
-    return None
-
-
 def check_same_run(folder: Path, wanted: dict[str, dict[str, Any]], overwrite: bool,
                    log: Callable[[str], None]) -> None:
     """Refuse a folder holding another run, or (with overwrite) empty it for this one."""
@@ -163,7 +149,7 @@ def check_same_run(folder: Path, wanted: dict[str, dict[str, Any]], overwrite: b
                         "--resume-from one of its checkpoints, or --overwrite to replace it")
     log(f"--overwrite: removing the run in {folder}")
     for entry in folder.iterdir():
-        if entry.name != LOCK_NAME:
+        if entry.name != LOCK:
             atomic.remove(entry)
 
 
@@ -177,4 +163,17 @@ def own_run_folder(folder: Path, wanted: dict[str, dict[str, Any]] | None, overw
     with RunLock(folder, log):
         if wanted is not None:
             check_same_run(folder, wanted, overwrite, log)
+        yield
+
+
+@contextmanager
+def hold_run_folder(folder: Path, wanted: dict[str, dict[str, Any]] | None, overwrite: bool,
+                    log: Callable[[str], None]) -> Iterator[None]:
+    """`own_run_folder` for every process of the training: under torchrun rank 0 holds the folder
+    (only it writes the run's own files), and the other ranks start once it does (or stop, with
+    one line, if it cannot) instead of waiting for it at the first collective."""
+    parallel = distributed.current()
+    with ExitStack() as stack:
+        distributed.agree(parallel.ranks, lambda: stack.enter_context(own_run_folder(folder, wanted, overwrite, log))
+                          if parallel.lead else None)
         yield

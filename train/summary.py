@@ -7,12 +7,13 @@
     feature_density.png           log10 feature density histogram per SAE
     loss_curves.png               MSE and L0 against step per SAE
     plots.json                    which SAEs each plot shows
+
+(the file names are `train.run_layout`'s)
 """
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,18 +21,16 @@ import numpy as np
 from safetensors.torch import load_file
 
 from shared import atomic
-from shared.errors import UserError
-from shared.run_paths import plain_name
-from train.metrics_log import METRICS
+from train import run_layout as layout
+from train.run_layout import SweepEntry
 
-PLOTS = ("frontier_l0_ev.png", "frontier_l0_ce.png", "frontier_l0_kl.png", "feature_density.png", "loss_curves.png")
 COLUMNS = ("train_mse", "train_explained_variance", "train_l0", "train_frac_dead", "eval_mse", "eval_explained_variance",
            "eval_l0", "eval_frac_dead", "eval_frac_dense", "ce_clean", "ce_with_sae",
            "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS
+    path = layout.metrics_path(run_dir)
     if not path.is_file():
         return []
     return [row for row in (json.loads(line) for line in path.read_text().splitlines() if line)
@@ -45,9 +44,8 @@ def summary_row(name: str, run_dir: Path, settings: dict[str, Any]) -> dict[str,
     if logged:
         # Last logged training values (mse in the normalized space when inputs were normalized).
         row.update({f"train_{k}": logged[-1].get(k) for k in ("mse", "explained_variance", "l0", "frac_dead")})
-    eval_path = Path(run_dir) / "eval.json"
-    if eval_path.is_file():
-        ev = json.loads(eval_path.read_text())
+    ev = layout.read_eval(run_dir)
+    if ev is not None:
         for k, v in ev.items():
             if k in ("mse", "explained_variance", "l0", "frac_dead", "frac_dense"):
                 row[f"eval_{k}"] = v
@@ -125,7 +123,7 @@ def _density_plot(runs: list[tuple[str, Path]], path: Path, plt) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bins = np.linspace(-10, 0, 51)
     for name, final in runs:
-        sparsity = final / "sparsity.safetensors"
+        sparsity = final / layout.SPARSITY
         if sparsity.is_file():
             values = load_file(str(sparsity))["sparsity"].numpy()
             ax.hist(np.clip(values, -10, 0), bins=bins, histtype="step", label=name)
@@ -167,56 +165,7 @@ def format_table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in table)
 
 
-@dataclass
-class SummaryEntry:
-    """One SAE of a sweep: where it lives and its swept settings."""
-
-    name: str
-    run_dir: Path
-    settings: dict[str, Any]
-
-    @property
-    def final(self) -> Path:
-        return self.run_dir / "final"
-
-
-SWEEP_INDEX = "sweep.json"  # the sweep's own index of its SAEs (folders are never listed)
-"""{"keys": [...], "runs": [{"name", "folder", "settings", "config"}]}: each SAE's folder is named
-by `folder`, relative to the sweep folder (always its name), so a moved sweep still finds its SAEs;
-`config` is the SAE's whole training config, so a sweep stopped before any SAE folder was written
-still resumes."""
-
-
-def write_sweep_index(root: Path, entries: list[SummaryEntry], keys: list[str],
-                      configs: dict[str, dict[str, Any]] | None = None) -> None:
-    runs = [{"name": e.name, "folder": e.run_dir.name, "settings": e.settings}
-            | ({"config": configs[e.name]} if configs else {}) for e in entries]
-    atomic.write_json(Path(root) / SWEEP_INDEX, {"keys": keys, "runs": runs})
-
-
-def read_sweep_runs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """sweep.json's run entries, each name checked to be a plain folder name, and its keys."""
-    path = Path(root) / SWEEP_INDEX
-    try:
-        raw = json.loads(path.read_text())
-        runs, keys = raw["runs"], raw["keys"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); restore it or start the sweep again") from None
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
-        raise UserError(f"{path} lists no SAEs; restore it or start the sweep again")
-    for r in runs:
-        plain_name(r.get("name"), str(path))
-    return runs, keys
-
-
-def read_sweep_index(root: Path) -> tuple[list[SummaryEntry], list[str]]:
-    """The sweep's SAEs, each in <root>/<its name> wherever the sweep folder now is (sweeps written
-    before recorded `folder` relative to the working directory of the run: not used)."""
-    runs, keys = read_sweep_runs(root)
-    return [SummaryEntry(r["name"], Path(root) / r["name"], r["settings"]) for r in runs], keys
-
-
-def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],
+def write_summary(root: Path, entries: list[SweepEntry], keys: list[str],
                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Write the table and plots for a sweep's SAEs into `root`."""
     import matplotlib
@@ -232,26 +181,41 @@ def write_summary(root: Path, entries: list[SummaryEntry], keys: list[str],
         row["label_keys"] = ", ".join(keys)
     swept = list(keys)
     keys = ["name", *keys, *[c for c in COLUMNS if any(r.get(c) is not None for r in rows)]]
-    atomic.write_json(root / "summary.json", [{k: v for k, v in r.items() if not k.startswith("label")}
-                                              for r in rows])
-    with open(root / "summary.csv", "w", newline="") as f:
+    atomic.write_json(root / layout.SUMMARY_JSON, [{k: v for k, v in r.items() if not k.startswith("label")}
+                                                   for r in rows])
+    with open(root / layout.SUMMARY_CSV, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys + ["folder"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     ev_key = "eval_explained_variance" if all(r.get("eval_explained_variance") is not None for r in rows) \
         else "train_explained_variance"
     drawn = {
-        "frontier_l0_ev.png": _frontier_plot(rows, ev_key, "explained variance", root / "frontier_l0_ev.png",
-                                             plt, swept),
-        "frontier_l0_ce.png": _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered",
-                                             root / "frontier_l0_ce.png", plt, swept),
-        "frontier_l0_kl.png": _frontier_plot(rows, "kl_clean_sae", "KL(clean || with SAE)",
-                                             root / "frontier_l0_kl.png", plt, swept, higher_is_better=False),
-        "feature_density.png": _density_plot([(e.name, e.final) for e in entries],
-                                             root / "feature_density.png", plt),
-        "loss_curves.png": _curves_plot([(e.name, e.run_dir) for e in entries], root / "loss_curves.png", plt),
+        layout.FRONTIER_EV: _frontier_plot(rows, ev_key, "explained variance", root / layout.FRONTIER_EV,
+                                           plt, swept),
+        layout.FRONTIER_CE: _frontier_plot(rows, "ce_loss_recovered", "CE loss recovered",
+                                           root / layout.FRONTIER_CE, plt, swept),
+        layout.FRONTIER_KL: _frontier_plot(rows, "kl_clean_sae", "KL(clean || with SAE)",
+                                           root / layout.FRONTIER_KL, plt, swept, higher_is_better=False),
+        layout.DENSITY_PLOT: _density_plot([(e.name, e.final) for e in entries],
+                                           root / layout.DENSITY_PLOT, plt),
+        layout.CURVES_PLOT: _curves_plot([(e.name, e.run_dir) for e in entries], root / layout.CURVES_PLOT, plt),
     }
-    atomic.write_json(root / "plots.json", drawn)  # which SAEs each plot shows
+    atomic.write_json(root / layout.PLOTS_INDEX, drawn)  # which SAEs each plot shows
     log(format_table(rows, keys))
-    log(f"summary: {root / 'summary.csv'}, plots: {root}/*.png")
+    log(f"summary: {root / layout.SUMMARY_CSV}, plots: {root}/*.png")
     return rows
+
+
+def log_summary_to_wandb(project: str, entity: str | None, group: str, root: Path,
+                         rows: list[dict[str, Any]]) -> None:
+    """The sweep's table and plots as one more run of the sweep's wandb group."""
+    import wandb
+
+    run = wandb.init(project=project, entity=entity, group=group,
+                     name=f"{group}-summary", job_type="summary", dir=str(root), reinit="create_new")
+    keys = sorted({k for r in rows for k in r if not k.startswith("label")})
+    run.log({"summary": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])})
+    for name in layout.PLOTS:
+        if (root / name).is_file():  # the CE frontier exists only after evaluation with the model
+            run.log({f"plots/{Path(name).stem}": wandb.Image(str(root / name))})
+    run.finish()

@@ -8,23 +8,22 @@ subfolder named after its settings, and ends with exactly the weights it would h
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from dataclasses import fields, replace
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
+from shared.device import pick_device
 from shared.errors import UserError
 from shared.run_paths import dump_path_for, plain_name
 from train import distributed
+from train import run_layout as layout
 from train.arch_settings import check_settings_used, check_shapes, without_unused
 from train.config import SWEEPABLE_GROUPS, LanguageModelSAERunnerConfig
-from train.run import (TrainResult, evaluate_final, make_slot, pick_device, plan_data, run_slots,
-                       with_absolute_dump)
-from train.run_folder import own_run_folder
+from train.run import DataPlan, Job, TrainResult, plan_data, run_folder, train_job, with_absolute_dump
+from train.run_folder import hold_run_folder
 
 MEMORY_HEADROOM = 0.8  # plan to use at most this fraction of free memory
 
@@ -125,6 +124,23 @@ def groups_that_fit(sizes: list[int], budget: int) -> list[list[int]]:
     return groups
 
 
+def plan_groups(runs: list[tuple[str, LanguageModelSAERunnerConfig]], base: LanguageModelSAERunnerConfig,
+                data: DataPlan, log: Callable[[str], None]) -> list[list[int]]:
+    """The SAEs this process trains (sweep-parallel: grid points rank, rank + N, ...), split into
+    groups trained in lockstep one after the other, each within the memory free now."""
+    device = pick_device(base.device)
+    parallel = distributed.current()
+    d_in = data.dump.d_in
+    mine = parallel.my_runs(len(runs))
+    sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size) for i in mine]
+    budget = int(free_bytes(device) * MEMORY_HEADROOM) - 3 * data.loader.buffer_rows * d_in * 4
+    groups = [[mine[j] for j in g] for g in groups_that_fit(sizes, max(budget, 1))] if mine else []
+    if len(groups) > 1:
+        log(f"the {len(runs)} SAEs need {sum(sizes) / 1e9:.1f} GB, {max(budget, 0) / 1e9:.1f} GB is free "
+            f"on {device}: training them in {len(groups)} groups of {', '.join(str(len(g)) for g in groups)}")
+    return groups
+
+
 def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
                 log: Callable[[str], None] = print, progress: bool = True, verify: bool = True,
                 overwrite: bool = False) -> list[TrainResult]:
@@ -136,39 +152,11 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
     runs = grid(base, sweep)
     data = plan_data(base, verify)
     check_shapes(runs, data.dump.d_in)  # every SAE, before any trains
-    root = Path(base.checkpoint_path or Path("data") / "runs" / plain_name(_sweep_name(base, data), "run_name"))
-    root = root.resolve()
+    root = run_folder(base, _sweep_name(base, data))
     runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
-    with _own_sweep_folder(root, {name: cfg.to_dict() for name, cfg in runs}, overwrite, log):
-        return _train_runs(base, runs, list(sweep), root, data, None, log, progress)
-
-
-@contextmanager
-def _own_sweep_folder(root: Path, wanted: dict[str, dict[str, Any]] | None, overwrite: bool,
-                      log: Callable[[str], None]) -> Iterator[None]:
-    """`own_run_folder` for the sweep; under torchrun rank 0 holds it, and the other ranks start
-    once it does (or stop, with one line, if it cannot)."""
-    parallel = distributed.current()
-    with ExitStack() as stack:
-        distributed.agree(parallel.ranks, lambda: stack.enter_context(own_run_folder(root, wanted, overwrite, log))
-                          if parallel.lead else None)
-        yield
-
-
-def read_sweep_configs(root: Path) -> dict[str, dict[str, Any] | None]:
-    """Each SAE's training config: from sweep.json, else (sweeps written before it held them) from
-    the SAE's config.json; None where neither exists yet."""
-    from train.summary import read_sweep_runs
-
-    runs, _ = read_sweep_runs(root)
-    out: dict[str, dict[str, Any] | None] = {}
-    for r in runs:
-        legacy = Path(root) / r["name"] / "config.json"
-        raw = r.get("config") or (json.loads(legacy.read_text()) if legacy.is_file() else None)
-        if raw is not None:
-            raw = {k: v for k, v in raw.items() if k != "resolved_run_name"}
-        out[r["name"]] = raw
-    return out
+    job = Job(root, base, runs, list(sweep), wandb_group=_sweep_name(base, data))
+    with hold_run_folder(root, job.configs(), overwrite, log):
+        return train_job(replace(job, groups=plan_groups(runs, base, data, log)), data, log, progress)
 
 
 def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool = True,
@@ -178,24 +166,22 @@ def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool 
     root = Path(root).resolve()
     if not distributed.current().lead:
         log = lambda s: None  # noqa: E731
-    with _own_sweep_folder(root, None, False, log):
+    with hold_run_folder(root, None, False, log):
         runs, keys, step, resume_from = _sweep_state(root)
         log(f"resuming the sweep in {root} at step {step:,}" if resume_from else
             f"the SAEs in {root} share no checkpoint: training them from the start")
         base = runs[0][1]
         data = plan_data(base, verify)
-        return _train_runs(base, runs, keys, root, data, resume_from, log, progress)
+        job = Job(root, base, runs, keys, resume_from, plan_groups(runs, base, data, log), _sweep_name(base, data))
+        return train_job(job, data, log, progress)
 
 
 def _sweep_state(root: Path) -> tuple[list[tuple[str, LanguageModelSAERunnerConfig]], list[str], int,
                                       dict[str, Path] | None]:
     """(SAE configs, swept keys, step, checkpoint of each SAE at that step) of a sweep folder; the
     checkpoints are None (and the step 0) when the SAEs share none."""
-    from train.checkpoint import read_checkpoint_index
-    from train.summary import read_sweep_index
-
-    entries, keys = read_sweep_index(root)
-    configs = read_sweep_configs(root)
+    entries, keys = layout.read_sweep_index(root)
+    configs = layout.read_sweep_configs(root)
     runs = []
     for e in entries:
         raw = configs[e.name]
@@ -205,8 +191,8 @@ def _sweep_state(root: Path) -> tuple[list[tuple[str, LanguageModelSAERunnerConf
         # The sweep folder may have moved since: its dump is found from the recorded path, and
         # its outputs go where it is now.
         raw = raw | {"shards": str(dump_path_for(e.run_dir, raw)), "checkpoint_path": str(root)}
-        runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(root / "sweep.json"))))
-    indexes = [{c["step"]: c["folder"] for c in read_checkpoint_index(e.run_dir) if c["folder"] != "final"}
+        runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(layout.sweep_index_path(root)))))
+    indexes = [{c["step"]: c["folder"] for c in layout.read_checkpoint_index(e.run_dir) if c["folder"] != layout.FINAL}
                for e in entries]
     common = set.intersection(*(set(i) for i in indexes)) if indexes else set()
     if not common:
@@ -215,76 +201,5 @@ def _sweep_state(root: Path) -> tuple[list[tuple[str, LanguageModelSAERunnerConf
     return runs, keys, step, {e.name: e.run_dir / index[step] for e, index in zip(entries, indexes)}
 
 
-def _sweep_name(base: LanguageModelSAERunnerConfig, data: Any) -> str:
+def _sweep_name(base: LanguageModelSAERunnerConfig, data: DataPlan) -> str:
     return base.run_name or f"sweep-{data.dump.path.name}"
-
-
-def _train_runs(base: LanguageModelSAERunnerConfig, runs: list[tuple[str, LanguageModelSAERunnerConfig]],
-                keys: list[str], root: Path, data: Any, resume_from: dict[str, Path] | None,
-                log: Callable[[str], None], progress: bool) -> list[TrainResult]:
-    """Train `runs` in lockstep groups that fit in memory, then evaluate and summarise."""
-    from train.summary import SummaryEntry, write_summary, write_sweep_index
-
-    device = pick_device(base.device)
-    parallel = distributed.current()
-    d_in = data.dump.d_in
-    sweep_name = _sweep_name(base, data)
-    mine = parallel.my_runs(len(runs))  # sweep-parallel: grid points rank, rank + N, ...
-    sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size) for i in mine]
-    budget = int(free_bytes(device) * MEMORY_HEADROOM) - 3 * data.loader.buffer_rows * d_in * 4
-    groups = [[mine[j] for j in g] for g in groups_that_fit(sizes, max(budget, 1))] if mine else []
-    if len(groups) > 1:
-        log(f"the {len(runs)} SAEs need {sum(sizes) / 1e9:.1f} GB, {max(budget, 0) / 1e9:.1f} GB is free "
-            f"on {device}: training them in {len(groups)} groups of {', '.join(str(len(g)) for g in groups)}")
-    log(f"sweep of {len(runs)} SAEs on {data.loader.n_rows:,} rows of {data.dump.path} for "
-        f"{data.total_steps:,} steps each; folder {root}"
-        + {"sweep": f"; spread over {parallel.ranks.world} processes",
-           "data": f"; each data-parallel over {parallel.ranks.world} processes"}.get(parallel.mode, ""))
-    entries = [SummaryEntry(name, root / name, {k: getattr(cfg, k) for k in keys}) for name, cfg in runs]
-    if parallel.lead:
-        root.mkdir(parents=True, exist_ok=True)
-        # First, with every SAE's config, so that a sweep interrupted at any point can be resumed.
-        write_sweep_index(root, entries, keys, {name: cfg.to_dict() for name, cfg in runs})
-    results: list[TrainResult | None] = [None] * len(runs)
-    for group in groups:
-        slots = [make_slot(runs[i][1], data, root / runs[i][0], runs[i][0],
-                           resume_from[runs[i][0]] if resume_from else None, wandb_group=sweep_name)
-                 for i in group]
-        finals = run_slots(slots, data, progress, resume_hint=root)
-        for i, slot, final in zip(group, slots, finals):
-            results[i] = TrainResult(slot.trainer.sae, slot.run_dir, final, slot.trainer)
-    done = [r for r in results if r is not None]
-    if base.evaluate_at_end and done and parallel.writes_runs:
-        model = _load_model_once(data, base)
-        baselines: dict = {}  # the ablation runs are the same for every SAE: pay for them once
-        for r in done:
-            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines)
-    distributed.barrier(parallel.ranks)  # every rank's SAEs are done before rank 0 sums them up
-    if parallel.lead:
-        rows = write_summary(root, entries, keys, log)
-        if base.log_to_wandb:
-            _log_summary_to_wandb(base, sweep_name, root, rows)
-    return done
-
-
-def _log_summary_to_wandb(base: LanguageModelSAERunnerConfig, group: str, root: Path,
-                          rows: list[dict[str, Any]]) -> None:
-    """The sweep's table and plots as one more run of the sweep's wandb group."""
-    import wandb
-
-    run = wandb.init(project=base.wandb_project, entity=base.wandb_entity, group=group,
-                     name=f"{group}-summary", job_type="summary", dir=str(root), reinit="create_new")
-    keys = sorted({k for r in rows for k in r if not k.startswith("label")})
-    run.log({"summary": wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])})
-    from train.summary import PLOTS
-
-    for name in PLOTS:
-        if (root / name).is_file():  # the CE frontier exists only after evaluation with the model
-            run.log({f"plots/{Path(name).stem}": wandb.Image(str(root / name))})
-    run.finish()
-
-
-def _load_model_once(data, base: LanguageModelSAERunnerConfig) -> Any:
-    from shared.models import load_model
-
-    return load_model(data.dump.manifest.model, str(pick_device(base.device)))

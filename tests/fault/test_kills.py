@@ -275,13 +275,13 @@ def test_sweep_killed_before_its_saes_exist_resumes(train_dump, tmp_path, monkey
     """The window between the sweep index and the SAEs' own folders, made deterministic: the
     process dies (here: an exception) right after `sweep.json` is written. The resume either
     trains the sweep from the start or says in one line to start again."""
-    import train.sweep
+    import train.run
 
     def die(*args, **kwargs):
         raise SystemExit(137)
 
     root = tmp_path / "sweep"
-    monkeypatch.setattr(train.sweep, "make_slot", die)
+    monkeypatch.setattr(train.run, "make_slot", die)
     assert invoke("train", sweep_args(train_dump, root)).code == 137
     monkeypatch.undo()
     assert (root / "sweep.json").is_file() and not (root / SAES[0] / "config.json").exists()

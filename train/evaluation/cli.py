@@ -6,7 +6,6 @@ from typing import Any
 
 import click
 
-from shared import atomic
 from shared.cli_errors import one_line_errors
 from shared.cli_options import ENDPOINT_HELP, endpoint_option
 from shared.errors import UserError
@@ -14,15 +13,16 @@ from shared.errors import UserError
 
 def _targets(path: Path) -> tuple[list[Path], Path | None]:
     """(final checkpoint folders, sweep root or None) for a checkpoint, run or sweep folder."""
-    from train.summary import SWEEP_INDEX, read_sweep_index
+    from shared.saes.base import CFG_NAME
+    from train import run_layout
 
-    if (path / SWEEP_INDEX).is_file():
-        entries, _ = read_sweep_index(path)
+    if run_layout.is_sweep(path):
+        entries, _ = run_layout.read_sweep_index(path)
         return [e.final for e in entries], path
-    if (path / "cfg.json").is_file():
+    if (path / CFG_NAME).is_file():
         return [path], None
-    if (path / "final" / "cfg.json").is_file():
-        return [path / "final"], None
+    if (run_layout.final_folder(path) / CFG_NAME).is_file():
+        return [run_layout.final_folder(path)], None
     raise UserError(f"{path} is not an SAE checkpoint, run folder or sweep folder "
                     "(expected cfg.json, final/cfg.json or sweep.json)")
 
@@ -106,6 +106,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
                       models: dict) -> None:
     from shared.saes import load_sae
     from train.evaluation.dashboard.build import build_dashboard, read_evaluation
+    from train.run_layout import dashboard_folder
 
     tokenizers: dict = {}  # one per model: a sweep's SAEs share it
     for final in finals:
@@ -116,7 +117,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
         if key not in tokenizers:
             tokenizers[key] = _tokenizer(dump)
         run = final.parent
-        index = build_dashboard(load_sae(final, device=device), dump, run / "dashboard", name=run.name,
+        index = build_dashboard(load_sae(final, device=device), dump, dashboard_folder(run), name=run.name,
                                 model=models.get(key), tokenizer=tokenizers[key], evaluation=read_evaluation(run),
                                 device=device, progress=not quiet, log=lambda s: click.echo(s, err=True))
         click.echo(f"dashboard: {index}")
@@ -125,6 +126,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
 def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
     from shared.models import load_model
     from train.evaluation.run_eval import evaluate_checkpoint
+    from train.run_layout import write_eval
 
     baselines: dict = {}  # ablation losses, shared by SAEs evaluated on the same contexts
     for final in finals:
@@ -135,7 +137,7 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
                 models[dump.manifest.model] = load_model(dump.manifest.model, cfg.device)
             model = models[dump.manifest.model]
         result = evaluate_checkpoint(final, cfg, model=model, baselines=baselines, dump=dump)
-        atomic.write_json(final.parent / "eval.json", result)
+        write_eval(final.parent, result)
         shown = ", ".join(f"{k} {result[k]:.4g}" for k in
                           ("mse", "explained_variance", "l0", "frac_dead", "frac_dense", "ce_loss_recovered",
                            "kl_clean_sae", "relative_reconstruction_bias", "frac_near_duplicate")
@@ -201,7 +203,8 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
                              max_eval_contexts=max_eval_contexts, device=dev, verify=verify)
             _metrics(finals, dumps, cfg, models)
             if sweep_root is not None:
-                from train.summary import read_sweep_index, write_summary
+                from train.run_layout import read_sweep_index
+                from train.summary import write_summary
 
                 entries, keys = read_sweep_index(sweep_root)
                 write_summary(sweep_root, entries, keys, log=click.echo)

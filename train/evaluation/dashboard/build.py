@@ -1,7 +1,6 @@
 """Build one SAE's dashboard: one pass over its dump, the decoder's geometry, the logit table."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +13,7 @@ from train.evaluation.dashboard import DashboardInputs, used_token_ids, write_da
 from train.evaluation.feature_stats import FeatureStatsConfig, feature_stats
 from train.evaluation.geometry import decoder_neighbours
 from train.evaluation.logit_table import logit_effects, unembedding
+from train.run_layout import read_eval
 
 NEIGHBOURS = 6
 """Nearest features listed per feature."""
@@ -64,9 +64,8 @@ def _shown(path: Path) -> str:
 
 
 def read_evaluation(run_folder: Path) -> dict[str, Any] | None:
-    """The run's eval.json, if `evaluate` has written one."""
-    path = Path(run_folder) / "eval.json"
+    """The run's eval.json, if `evaluate` has written one (a damaged one is left out)."""
     try:
-        return json.loads(path.read_text())
+        return read_eval(run_folder)
     except (OSError, ValueError):
         return None
