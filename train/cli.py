@@ -123,13 +123,15 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if resume_from and is_sweep(Path(resume_from)):
         if sweeps or config_file or overwrite or any(v is not None for v in flags.values()):
-            raise UserError("a sweep resumes with its own settings: pass only --resume-from SWEEP_FOLDER")
+            raise UserError("a sweep resumes with its own settings: pass only --resume-from SWEEP_FOLDER "
+                            "(and --shards DUMP_FOLDER if its dump has moved)")
         try:  # the sweep's device, for the process group (resume_sweep reports a damaged sweep.json)
             device = (next(iter(read_sweep_configs(Path(resume_from)).values()), None) or {}).get("device")
         except Exception:
             device = None
         with parallel_training(parallel, True, device):
-            return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify)]
+            return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify,
+                                                    shards=shards)]
     raw = checkpoint_config(Path(resume_from), find_dump=shards is None) if resume_from else {}
     raw.update(read_config_file(config_file) if config_file else {})
     sweep = raw.pop("sweep", None) or {}

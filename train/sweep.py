@@ -18,6 +18,7 @@ import torch
 from shared.device import pick_device
 from shared.errors import UserError
 from shared.run_paths import dump_path_for, plain_name
+from shared.storage import absolute
 from train import distributed
 from train import run_layout as layout
 from train.arch_settings import check_settings_used, check_shapes, without_unused
@@ -160,14 +161,15 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
 
 
 def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool = True,
-                 verify: bool = True) -> list[TrainResult]:
+                 verify: bool = True, shards: str | None = None) -> list[TrainResult]:
     """Continue every SAE of the sweep in `root` from the newest checkpoint they all have (from the
-    start if they have none: the sweep was stopped before its first checkpoint)."""
+    start if they have none: the sweep was stopped before its first checkpoint); `shards` is the
+    dump's new place when it has moved since (the resume checks it is the same dump)."""
     root = Path(root).resolve()
     if not distributed.current().lead:
         log = lambda s: None  # noqa: E731
     with hold_run_folder(root, None, False, log):
-        runs, keys, step, resume_from = _sweep_state(root)
+        runs, keys, step, resume_from = _sweep_state(root, shards)
         log(f"resuming the sweep in {root} at step {step:,}" if resume_from else
             f"the SAEs in {root} share no checkpoint: training them from the start")
         base = runs[0][1]
@@ -176,7 +178,7 @@ def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool 
         return train_job(job, data, log, progress)
 
 
-def _sweep_state(root: Path) -> tuple[list[tuple[str, LanguageModelSAERunnerConfig]], list[str], int,
+def _sweep_state(root: Path, shards: str | None = None) -> tuple[list[tuple[str, LanguageModelSAERunnerConfig]], list[str], int,
                                       dict[str, Path] | None]:
     """(SAE configs, swept keys, step, checkpoint of each SAE at that step) of a sweep folder; the
     checkpoints are None (and the step 0) when the SAEs share none."""
@@ -190,7 +192,8 @@ def _sweep_state(root: Path) -> tuple[list[tuple[str, LanguageModelSAERunnerConf
                             "sweep again with its original command (and --overwrite)")
         # The sweep folder may have moved since: its dump is found from the recorded path, and
         # its outputs go where it is now.
-        raw = raw | {"shards": str(dump_path_for(e.run_dir, raw)), "checkpoint_path": str(root)}
+        dump = absolute(shards) if shards else str(dump_path_for(e.run_dir, raw))
+        raw = raw | {"shards": dump, "checkpoint_path": str(root)}
         runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(layout.sweep_index_path(root)))))
     indexes = [{c["step"]: c["folder"] for c in layout.read_checkpoint_index(e.run_dir) if c["folder"] != layout.FINAL}
                for e in entries]
