@@ -26,3 +26,26 @@ def dump_files(folder: Path) -> dict[str, bytes]:
     manifest["created"] = None
     files["manifest.json"] = json.dumps(manifest).encode()
     return files
+
+
+def set_pass_id(folders, pass_id: str = "test-pass", keep: bool = True) -> None:
+    """Give the manifests in `folders` (local dump folders, or s3:// dumps) the same `pass_id`, as
+    a harvest pass writing them all does; `keep` leaves a pass_id a manifest already has (so the
+    tests hold whether or not harvest writes one)."""
+    from shared import storage
+    from shared.manifest import MANIFEST_NAME
+
+    for folder in folders:
+        if storage.is_remote(folder):
+            path = storage.location(folder) / MANIFEST_NAME
+            raw = json.loads(storage.get_bytes(path))
+        else:
+            path = Path(folder) / MANIFEST_NAME
+            raw = json.loads(path.read_text())
+        if raw.get("pass_id") is None or not keep:
+            raw["pass_id"] = pass_id
+        data = json.dumps(raw, indent=1).encode()
+        if storage.is_remote(folder):
+            storage.put_bytes(path, data)
+        else:
+            path.write_bytes(data)
