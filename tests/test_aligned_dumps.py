@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import write_token_dataset
-from helpers import run_harvest, set_pass_id
+from helpers import NARROW, SAME_WIDTH, WIDE, assert_aligned, harvest_pass, set_pass_id
 from shared import shard_files
 from shared.errors import UserError
-from shared.reader import Dump, open_dump
+from shared.reader import open_dump
 from shared.saes import SAEConfig, architecture_class
 from shared.saes.base import StepContext
 from train.batch import Batch
@@ -27,26 +27,6 @@ from train.same_pass import check_same_pass
 from train.step import explained_variance, make_optimizer, train_step_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-NARROW, WIDE = "blocks.0.hook_mlp_out", "blocks.0.mlp.hook_post"  # d_model 32, d_mlp 128
-SAME_WIDTH = "blocks.0.hook_resid_post"  # d_model 32, like NARROW
-
-
-def harvest_pass(model: Path, ds: Path, out: Path, hooks=(NARROW, WIDE), tokens: int = 8000,
-                 pass_id: str | None = "pass-1", fmt: str = "safetensors") -> list[Path]:
-    """One harvest pass writing every hook in `hooks` (BOS rows skipped: every row's activations
-    are then distinct, so a batch row reveals which dump row it is); the dumps' folders."""
-    args = ["--model", str(model), "--dataset", str(ds), "--out", str(out), "--context-size", "32",
-            "--batch-size", "5", "--tokens", str(tokens), "--shard-rows", "2480", "--skip-bos",
-            "--format", fmt]
-    for hook in hooks:
-        args += ["--hook", hook]
-    run_harvest(*args)
-    folders = [out / hook for hook in hooks] if len(hooks) > 1 else [out]
-    if pass_id is not None:
-        set_pass_id(folders, pass_id)
-    return folders
-
 
 @pytest.fixture(scope="module")
 def big_dataset(tmp_path_factory, vocab_size) -> Path:
@@ -57,37 +37,6 @@ def big_dataset(tmp_path_factory, vocab_size) -> Path:
 @pytest.fixture(scope="module")
 def pair(tiny_model, big_dataset, tmp_path_factory) -> list[Path]:
     return harvest_pass(tiny_model, big_dataset, tmp_path_factory.mktemp("pair"))
-
-
-def row_index(dumps: list[Dump]) -> dict[bytes, list[int]]:
-    """Each row's activations in every dump (as bytes, side by side) -> the rows holding them
-    (more than one only where the model saw the same tokens: position 1 after the same token)."""
-    acts = [d.activations(0, d.n_rows).float().numpy() for d in dumps]
-    index: dict[bytes, list[int]] = {}
-    for i in range(dumps[0].n_rows):
-        index.setdefault(b"".join(a[i].tobytes() for a in acts), []).append(i)
-    assert len(index) > 0.9 * dumps[0].n_rows  # nearly every row is its own
-    return index
-
-
-def assert_aligned(dumps: list[Dump], batches: list[tuple[torch.Tensor, ...]]) -> int:
-    """Every batch row holds, in each of its parts, the same dump row of each dump (looked up by
-    all its parts together, so a row of one dump paired with another row of the other is not
-    found), and that row's token, context and position are the same in every dump. Returns the
-    rows checked."""
-    index = row_index(dumps)
-    columns = {name: [d.column(name, 0, d.n_rows) for d in dumps] for name in ("tokens", "context", "position")}
-    checked = 0
-    for batch in batches:
-        assert len(batch) == len(dumps)
-        for part, dump in zip(batch, dumps):
-            assert part.shape == (len(batch[0]), dump.d_in) and part.dtype == torch.float32
-        for j in range(len(batch[0])):
-            rows = index[b"".join(part[j].numpy().tobytes() for part in batch)]
-            for name, per_dump in columns.items():
-                assert all(np.array_equal(per_dump[0][rows], other[rows]) for other in per_dump[1:]), name
-            checked += 1
-    return checked
 
 
 def test_pair_of_one_pass_loads_as_one_aligned_stream(pair):
@@ -108,18 +57,18 @@ def test_pair_of_one_pass_loads_as_one_aligned_stream(pair):
 
 
 def test_pair_in_whole_chunk_reads_stays_aligned_whatever_the_widths(pair, monkeypatch):
-    # Small chunks, so that they differ by width: 4096 rows at d_in 32, 1024 at 128 (each shard
-    # of 2480 rows is then 1 chunk of the narrow dump and 3 of the wide one).
-    monkeypatch.setattr(shard_files, "REMOTE_CHUNK_BYTES", 1 << 19)
+    # Small chunks, so that they differ by width: 2048 rows at d_in 32, 1024 at 128 (a shard of
+    # 2480 rows: chunks of 2048 + 432 rows in the narrow dump, 1024 + 1024 + 432 in the wide one).
+    monkeypatch.setattr(shard_files, "REMOTE_CHUNK_BYTES", 1 << 18)
     monkeypatch.setenv("MATS_SAE_READ", "chunks")
     dumps = [open_dump(p) for p in pair]
     for order in (dumps, dumps[::-1]):
         loader = AlignedLoader(order, batch_size=128, seed=1, buffer_rows=2048)
         assert loader.whole_chunks
-        assert [r._chunk_rows[0] for r in loader.readers] == ([4096, 1024] if order is dumps else [1024, 4096])
+        assert [r._chunk_rows[0] for r in loader.readers] == ([2048, 1024] if order is dumps else [1024, 2048])
         starts, lens = loader._blocks()
-        # The narrow dump's chunks cut at every shard boundary: the same blocks in either order.
-        assert list(lens) == [2480, 2480, 2480, 310]
+        # The narrow dump's chunks (cut at every shard boundary): the same blocks in either order.
+        assert list(lens) == [2048, 432] * 3 + [310]
         assert assert_aligned(order, list(itertools.islice(loader.batches(), 20))) == 20 * 128
     wide_first = AlignedLoader(dumps[::-1], batch_size=128, seed=1, buffer_rows=2048)
     narrow_first = AlignedLoader(dumps, batch_size=128, seed=1, buffer_rows=2048)
@@ -129,7 +78,7 @@ def test_pair_in_whole_chunk_reads_stays_aligned_whatever_the_widths(pair, monke
 
 def test_single_dump_whole_chunk_order_is_unchanged_by_the_aligned_grid(pair, monkeypatch):
     # With the dump of the largest chunks first, the aligned order is that dump's own order.
-    monkeypatch.setattr(shard_files, "REMOTE_CHUNK_BYTES", 1 << 19)
+    monkeypatch.setattr(shard_files, "REMOTE_CHUNK_BYTES", 1 << 18)
     monkeypatch.setenv("MATS_SAE_READ", "chunks")
     dumps = [open_dump(p) for p in pair]
     alone = ActivationLoader(dumps[0], batch_size=128, seed=1, buffer_rows=2048)

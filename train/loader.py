@@ -265,19 +265,20 @@ class ActivationLoader:
                     yield self._read(rows[need]), [np.searchsorted(need, b) for b in batches]
             epoch, in_epoch = epoch + 1, 0
 
-    def _read(self, rows: np.ndarray) -> list[np.ndarray]:
-        """The given sorted rows of every dump read, one [len(rows), width] array each."""
-        return [self.gather(rows).numpy()]
+    def _read(self, rows: np.ndarray) -> Any:
+        """The given sorted rows read into one buffer: [len(rows), d_in] (an `AlignedLoader`: a
+        tuple of them, one per dump)."""
+        return self.gather(rows).numpy()
 
-    def _assemble(self, parts: list[torch.Tensor]) -> Any:
-        """One batch from its part of each dump: the tensor itself for a single dump."""
-        return parts[0]
+    def _batch_at(self, data: Any, positions: np.ndarray) -> Any:
+        """One batch: the rows at `positions` of a buffer `_read` returned."""
+        batch = torch.from_numpy(np.take(data, positions, axis=0))
+        return batch.pin_memory() if self._pin else batch
 
-    def _cut(self, buffers: Iterator[tuple[list[np.ndarray], list[np.ndarray]]]) -> Iterator[Any]:
+    def _cut(self, buffers: Iterator[tuple[Any, list[np.ndarray]]]) -> Iterator[Any]:
         for data, batches in buffers:
             for positions in batches:
-                parts = [torch.from_numpy(np.take(d, positions, axis=0)) for d in data]
-                yield self._assemble([p.pin_memory() for p in parts] if self._pin else parts)
+                yield self._batch_at(data, positions)
 
     def batches(self, start_batch: int = 0) -> Iterator[Any]:
         """Batches from global batch index `start_batch` on (with `share`, this rank's rows of each):
@@ -346,11 +347,11 @@ class AlignedLoader(ActivationLoader):
         self.rows_read += len(rows)
         return parts
 
-    def _read(self, rows: np.ndarray) -> list[np.ndarray]:
-        return [part.numpy() for part in self.gather(rows)]
+    def _read(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(part.numpy() for part in self.gather(rows))
 
-    def _assemble(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(parts)
+    def _batch_at(self, data: tuple[np.ndarray, ...], positions: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return tuple(super(AlignedLoader, self)._batch_at(part, positions) for part in data)
 
 
 def cached_chunk(cache: Path, dump: Dump, shard: int, chunk: int) -> np.ndarray:
