@@ -23,6 +23,7 @@ from shared.saes import SAEConfig, architecture_class
 from shared.saes.base import StepContext
 from train.batch import Batch
 from train.loader import ActivationLoader, AlignedLoader
+from train import same_pass
 from train.same_pass import check_same_pass
 from train.step import explained_variance, make_optimizer, train_step_
 
@@ -97,7 +98,8 @@ def test_data_parallel_shares_of_an_aligned_stream_are_its_global_batches(pair):
             torch.testing.assert_close(torch.cat([p[i][side] for p in parts]), batch[side], rtol=0, atol=0)
 
 
-def test_dumps_of_different_passes_are_refused_in_one_line(tiny_model, big_dataset, pair, tmp_path, vocab_size):
+def test_dumps_of_different_passes_are_refused_in_one_line(tiny_model, big_dataset, pair, tmp_path, vocab_size,
+                                                           monkeypatch):
     narrow = open_dump(pair[0])
     # The same settings harvested again: a different pass_id.
     [again] = harvest_pass(tiny_model, big_dataset, tmp_path / "again", hooks=(WIDE,), pass_id="pass-2")
@@ -120,16 +122,26 @@ def test_dumps_of_different_passes_are_refused_in_one_line(tiny_model, big_datas
     with pytest.raises(UserError, match="tokens differ at row") as e:
         AlignedLoader([open_dump(first), open_dump(second)], batch_size=10, seed=0)
     assert "\n" not in str(e.value)
+    # Larger dumps are compared on their shard boundaries and a sample: caught there too.
+    monkeypatch.setattr(same_pass, "WHOLE_CHECK_ROWS", 1000)
+    with pytest.raises(UserError, match="tokens differ at row"):
+        check_same_pass([open_dump(first), open_dump(second)])
+    check_same_pass([open_dump(p) for p in pair])
 
 
-def test_column_check_is_cheap(pair):
-    """The pass check reads the int columns whole at this size; report how long it takes."""
+def test_column_check_covers_every_shard_boundary_of_large_dumps(pair, monkeypatch):
     dumps = [open_dump(p) for p in pair]
+    assert same_pass.checked_ranges(*dumps) == [(0, dumps[0].n_rows)]  # small: whole
+    monkeypatch.setattr(same_pass, "WHOLE_CHECK_ROWS", 1000)
+    ranges = same_pass.checked_ranges(*dumps)
+    covered = {r for a, b in ranges for r in range(a, b)}
+    for i in range(dumps[0].n_shards):
+        lo, hi = dumps[0].shard_range(i)
+        assert {lo, hi - 1} <= covered
+    assert len(covered) < dumps[0].n_rows  # a sample, not every row
     started = time.perf_counter()
     check_same_pass(dumps)
-    took = time.perf_counter() - started
-    print(f"pass check of 2 x {dumps[0].n_rows} rows: {took * 1e3:.1f} ms")
-    assert took < 5.0
+    assert time.perf_counter() - started < 5.0
 
 
 def test_step_metrics_are_against_the_target():

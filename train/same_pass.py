@@ -5,8 +5,11 @@ Two dumps are of one pass when their manifests' `pass_id`s are equal (where both
 written before it existed have None), they describe the same token stream (model, dataset,
 split, tokenizer, context layout, row count), and their `tokens`, `context` and `position`
 columns agree. The columns are compared whole up to WHOLE_CHECK_ROWS rows; beyond that on the
-first and last row of every shard of each dump plus SAMPLE_RUNS seeded runs of SAMPLE_RUN_ROWS
-consecutive rows (a run is a few contiguous reads, cheap in object storage too).
+first and last row of every shard of each dump (where a shard of another pass or a misplaced one
+would show) plus SAMPLE_RUNS seeded runs of SAMPLE_RUN_ROWS consecutive rows (each a contiguous
+read, cheap in object storage too). Measured on 2 CPU cores, local safetensors dumps in the page
+cache: two dumps of 2^20 rows compared whole in 0.1-0.2 s; the sampled check of the same dumps
+(4 shards each) in 0.04 s.
 """
 from __future__ import annotations
 
@@ -65,11 +68,16 @@ def checked_ranges(a: Dump, b: Dump) -> list[tuple[int, int]]:
     n = a.n_rows
     if n <= WHOLE_CHECK_ROWS:
         return [(0, n)] if n else []
-    rows = set()
+    rows: set[int] = set()
     for dump in (a, b):
         for i in range(dump.n_shards):
             lo, hi = dump.shard_range(i)
             rows.update((lo, hi - 1))
-    ranges = [(r, r + 1) for r in sorted(rows)]
+    ranges: list[tuple[int, int]] = []
+    for r in sorted(rows):  # a shard's last row and the next one's first: one read
+        if ranges and ranges[-1][1] == r:
+            ranges[-1] = (ranges[-1][0], r + 1)
+        else:
+            ranges.append((r, r + 1))
     starts = np.random.default_rng(0).integers(0, n - SAMPLE_RUN_ROWS, size=SAMPLE_RUNS)
     return ranges + [(int(s), int(s) + SAMPLE_RUN_ROWS) for s in np.sort(starts)]
