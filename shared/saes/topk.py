@@ -6,8 +6,9 @@ arXiv 2406.04093), with their AuxK loss for dead features.
     x_hat = f @ W_dec + b_dec                           x_hat: [batch, d_in]
     loss  = ||x - x_hat||^2 + aux_loss_coefficient * ||e_hat - e||^2      (each averaged over rows)
 
-AuxK: e = x - x_hat (detached; x the target, the input itself for an SAE) is the residual; e_hat = ReLU(TopK_aux_k(h restricted to the dead
-latents)) @ W_dec (no b_dec) is the dead latents' best aux_k-sparse reconstruction of it, so the
+AuxK: e = x - x_hat (detached; x in the losses is the target, the input itself for an SAE) is the
+residual; e_hat = ReLU(TopK_aux_k(h restricted to the dead latents)) @ W_dec (no b_dec) is the
+dead latents' best aux_k-sparse reconstruction of it, so the
 gradient of this term reaches only dead latents' encoder columns and decoder rows. Dead latents
 come from the trainer (`StepContext.dead_mask`); with none dead the term is 0. SAELens multiplies
 the term by min(n_dead / aux_k, 1); OpenAI's code and this one do not.
