@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from click.testing import CliRunner
 
 from harvest.cli import main as harvest_main
+from shared.reader import Dump
 
 
 def run_harvest(*args: str, expect_ok: bool = True):
@@ -34,3 +37,71 @@ def dump_files(folder: Path) -> dict[str, bytes]:
 def pass_id(folder: Path) -> str | None:
     """The pass identifier in the dump's manifest (None when the manifest lacks one)."""
     return json.loads((folder / "manifest.json").read_text()).get("pass_id")
+
+
+def set_pass_id(folders, pass_id: str = "test-pass", keep: bool = True) -> None:
+    """Give the manifests in `folders` (local dump folders, or s3:// dumps) the same `pass_id`, as
+    a harvest pass writing them all does; `keep` leaves a pass_id a manifest already has (so the
+    tests hold whether or not harvest writes one)."""
+    from shared.manifest import MANIFEST_NAME
+    from shared.storage import location
+
+    for folder in folders:
+        path = location(folder) / MANIFEST_NAME
+        raw = json.loads(path.get_bytes())
+        if raw.get("pass_id") is None or not keep:
+            raw["pass_id"] = pass_id
+        path.put_bytes(json.dumps(raw, indent=1).encode())
+
+
+NARROW, WIDE = "blocks.0.hook_mlp_out", "blocks.0.mlp.hook_post"  # d_model 32, d_mlp 128
+SAME_WIDTH = "blocks.0.hook_resid_post"  # d_model 32, like NARROW
+
+
+def harvest_pass(model: Path, ds: Path, out: Path | str, hooks=(NARROW, WIDE), tokens: int = 8000,
+                 pass_id: str | None = "pass-1", fmt: str | None = None) -> list:
+    """One harvest pass writing every hook in `hooks` into `out` (a folder or an s3:// prefix),
+    with `pass_id` set in every manifest that lacks one; the dumps' locations. BOS rows are
+    skipped: they are all alike, and `row_index` finds rows by their activations."""
+    args = ["--model", str(model), "--dataset", str(ds), "--out", str(out), "--context-size", "32",
+            "--batch-size", "5", "--tokens", str(tokens), "--shard-rows", "2480", "--skip-bos"]
+    args += ["--format", fmt] if fmt else []
+    for hook in hooks:
+        args += ["--hook", hook]
+    run_harvest(*args)
+    folders = [f"{out}/{hook}" for hook in hooks] if len(hooks) > 1 else [str(out)]
+    folders = folders if str(out).startswith("s3://") else [Path(f) for f in folders]
+    if pass_id is not None:
+        set_pass_id(folders, pass_id)
+    return folders
+
+
+def row_index(dumps: list[Dump]) -> dict[bytes, list[int]]:
+    """Each row's activations in every dump (as bytes, side by side) -> the rows holding them
+    (more than one only where the model saw the same tokens: position 1 after the same token)."""
+    acts = [d.activations(0, d.n_rows).float().numpy() for d in dumps]
+    index: dict[bytes, list[int]] = {}
+    for i in range(dumps[0].n_rows):
+        index.setdefault(b"".join(a[i].tobytes() for a in acts), []).append(i)
+    assert len(index) > 0.9 * dumps[0].n_rows  # nearly every row is its own
+    return index
+
+
+def assert_aligned(dumps: list[Dump], batches: list[tuple[torch.Tensor, ...]]) -> int:
+    """Every batch row holds, in each of its parts, the same dump row of each dump (looked up by
+    all its parts together, so a row of one dump paired with another row of the other is not
+    found), and that row's token, context and position are the same in every dump. Returns the
+    rows checked."""
+    index = row_index(dumps)
+    columns = {name: [d.column(name, 0, d.n_rows) for d in dumps] for name in ("tokens", "context", "position")}
+    checked = 0
+    for batch in batches:
+        assert len(batch) == len(dumps)
+        for part, dump in zip(batch, dumps):
+            assert part.shape == (len(batch[0]), dump.d_in) and part.dtype == torch.float32
+        for j in range(len(batch[0])):
+            rows = index[b"".join(part[j].numpy().tobytes() for part in batch)]
+            for name, per_dump in columns.items():
+                assert all(np.array_equal(per_dump[0][rows], other[rows]) for other in per_dump[1:]), name
+            checked += 1
+    return checked

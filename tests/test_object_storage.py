@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import harvest.writer
-from helpers import run_harvest
+from helpers import assert_aligned, harvest_pass, run_harvest
 from shared import storage
 from shared.errors import DumpError
 from shared.reader import open_dump
@@ -202,6 +203,28 @@ def test_train_from_bucket_equals_train_from_disk(tiny_model, token_dataset, tmp
     storage.set_endpoint(endpoint)
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "r1" / "eval.json").read_text())["dump"] == url
+
+
+def test_aligned_loader_reads_bucket_dumps_of_different_widths(tiny_model, token_dataset, s3, monkeypatch):
+    """Two hooks of one pass in the bucket (whole chunks, of 2048 rows at d_in 32 and 1024 at 128):
+    one aligned stream, in the order a local copy read the same way gives."""
+    import itertools
+
+    from shared import shard_files
+    from train.loader import AlignedLoader
+
+    monkeypatch.setattr(shard_files, "REMOTE_CHUNK_BYTES", 1 << 18)
+    _, bucket = s3
+    dumps = [open_dump(f) for f in harvest_pass(tiny_model, token_dataset, f"s3://{bucket}/p", tokens=3200)]
+    assert [d.shard(0).activations.chunks[0] for d in dumps] == [2048, 1024]
+    loader = AlignedLoader(dumps, batch_size=96, seed=4, buffer_rows=960)
+    assert loader.whole_chunks
+    assert list(loader._blocks()[1]) == [2048, 432, 620]  # the narrow dump's chunks, for both
+    batches = list(itertools.islice(loader.batches(), 40))  # more than an epoch of 3100 rows
+    assert assert_aligned(dumps, batches) == sum(len(b[0]) for b in batches)
+    wide_first = AlignedLoader(dumps[::-1], batch_size=96, seed=4, buffer_rows=960)
+    for a, b in zip(batches, itertools.islice(wide_first.batches(), 40)):
+        assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
 
 
 def test_corrupted_object_is_named_by_train(tiny_model, token_dataset, tmp_path, s3):

@@ -19,6 +19,9 @@ contexts as the buffer holds (about 3,600 at d_in 576 with the default 1 GiB buf
 MATS_SAE_READ=chunks reads a local dump the same way (the same batches as from the bucket), and
 MATS_SAE_CHUNK_CACHE=FOLDER keeps the fetched chunks on local disk for later epochs, runs and sweeps
 (each checked against its sha256 when read back).
+
+`AlignedLoader` reads several dumps of one harvest pass (a transcoder's input and target hooks)
+in one order: each batch is the same rows of every dump.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ import torch
 from shared.background import background
 from shared.reader import Dump
 from shared.shard_files import remote_chunk_rows, stored_to_float32
+from train.same_pass import check_same_pass
 
 BUFFER_BYTES = 1 << 30  # default shuffle buffer: about 1 GiB of float32 rows
 READ_ENV = "MATS_SAE_READ"  # "chunks": read a local dump in whole chunks, as from object storage
@@ -255,20 +259,30 @@ class ActivationLoader:
                     lo, hi = self.share_of(len(batch))
                     batches.append(batch[lo:hi])
                 if self.share is None:
-                    yield self.gather(rows).numpy(), batches
+                    yield self._read(rows), batches
                 else:  # read only this rank's rows of the buffer's batches
                     need = np.unique(np.concatenate(batches))
-                    yield self.gather(rows[need]).numpy(), [np.searchsorted(need, b) for b in batches]
+                    yield self._read(rows[need]), [np.searchsorted(need, b) for b in batches]
             epoch, in_epoch = epoch + 1, 0
 
-    def _cut(self, buffers: Iterator[tuple[np.ndarray, list[np.ndarray]]]) -> Iterator[torch.Tensor]:
+    def _read(self, rows: np.ndarray) -> Any:
+        """The given sorted rows read into one buffer: [len(rows), d_in] (an `AlignedLoader`: a
+        tuple of them, one per dump)."""
+        return self.gather(rows).numpy()
+
+    def _batch_at(self, data: Any, positions: np.ndarray) -> Any:
+        """One batch: the rows at `positions` of a buffer `_read` returned."""
+        batch = torch.from_numpy(np.take(data, positions, axis=0))
+        return batch.pin_memory() if self._pin else batch
+
+    def _cut(self, buffers: Iterator[tuple[Any, list[np.ndarray]]]) -> Iterator[Any]:
         for data, batches in buffers:
             for positions in batches:
-                batch = torch.from_numpy(np.take(data, positions, axis=0))
-                yield batch.pin_memory() if self._pin else batch
+                yield self._batch_at(data, positions)
 
-    def batches(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """Batches from global batch index `start_batch` on (with `share`, this rank's rows of each).
+    def batches(self, start_batch: int = 0) -> Iterator[Any]:
+        """Batches from global batch index `start_batch` on (with `share`, this rank's rows of each):
+        [batch, d_in] tensors (an `AlignedLoader`: a tuple of them, one per dump).
 
         Two background threads: one gathers the next buffer from disk while the other cuts the
         current one into batches, so the optimizer does not wait on either.
@@ -276,7 +290,68 @@ class ActivationLoader:
         buffers = background(self._buffers(start_batch), maxsize=1, name="loader-read")
         cpu = background(self._cut(buffers), maxsize=self.prefetch_batches, name="loader-batch")
         for batch in cpu:
-            yield batch.to(self.device, non_blocking=True) if self.device.type != "cpu" else batch
+            yield batch if self.device.type == "cpu" else _to_device(batch, self.device)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor or a tuple of them) on `device`, copied without blocking."""
+    if isinstance(batch, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in batch)
+    return batch.to(device, non_blocking=True)
+
+
+class AlignedLoader(ActivationLoader):
+    """Several dumps of one harvest pass (checked: `train.same_pass`) in one shuffled order: each
+    batch is a tuple of [batch, d_in_k] float32 tensors, one per dump, row j of each being the same
+    dump row (the same token), whatever the dumps' widths and formats.
+
+    The order is the single-dump loader's, computed once for all: with `block_rows` blocks it is
+    exactly the first dump's own order; reading whole chunks, the blocks are the chunks of the
+    dump with the largest chunks (chunk rows are powers of two, so each such block covers whole
+    chunks of every other dump), cut also at every dump's shard boundaries, so no block straddles
+    a chunk or a shard of any dump and the order never depends on the widths.
+    """
+
+    def __init__(self, dumps: Sequence[Dump], batch_size: int, seed: int, device: str | torch.device = "cpu",
+                 buffer_rows: int | None = None, block_rows: int = 16,
+                 rows: tuple[int, int] | None = None, prefetch_batches: int = 4,
+                 whole_chunks: bool | None = None, share: tuple[int, int] | None = None):
+        dumps = list(dumps)
+        if len(dumps) < 2:
+            raise ValueError("an aligned loader reads two dumps or more")
+        check_same_pass(dumps)
+        if whole_chunks is None:
+            whole_chunks = any(d.remote for d in dumps) or os.environ.get(READ_ENV) == "chunks"
+        # The buffer holds every dump's rows: size it by their summed width.
+        buffer_rows = buffer_rows or default_buffer_rows(sum(d.d_in for d in dumps), batch_size)
+        super().__init__(dumps[0], batch_size, seed, device, buffer_rows, block_rows, rows, prefetch_batches,
+                         whole_chunks, share)
+        self.dumps = dumps
+        self.readers = [ActivationLoader(d, batch_size, seed, "cpu", self.buffer_rows, block_rows, rows,
+                                         whole_chunks=whole_chunks) for d in dumps]
+        """One reader per dump: only their `gather` is used (the order is this loader's)."""
+
+    def _blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.whole_chunks:
+            return super()._blocks()
+        widest = max(self.readers, key=lambda r: max(r._chunk_rows, default=0))  # the first of the largest
+        starts, _ = widest._blocks()
+        shard_starts = [d.shard_range(i)[0] for d in self.dumps for i in range(d.n_shards)]
+        edges = np.unique(np.concatenate([starts, np.asarray(shard_starts, dtype=np.int64)]))
+        edges = edges[(edges >= self.lo) & (edges < self.hi)]
+        return edges, np.diff(np.r_[edges, self.hi])
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        """The given sorted global rows of every dump: one float32 [len(rows), d_in_k] each."""
+        parts = tuple(reader.gather(rows) for reader in self.readers)
+        self.rows_read += len(rows)
+        return parts
+
+    def _read(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(part.numpy() for part in self.gather(rows))
+
+    def _batch_at(self, data: tuple[np.ndarray, ...], positions: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return tuple(super(AlignedLoader, self)._batch_at(part, positions) for part in data)
 
 
 def cached_chunk(cache: Path, dump: Dump, shard: int, chunk: int) -> np.ndarray:

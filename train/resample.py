@@ -20,16 +20,18 @@ _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 @torch.no_grad()
 def per_row_reconstruction_loss(sae: SparseAutoencoder, inputs: torch.Tensor,
-                                chunk_rows: int = 8192) -> torch.Tensor:
-    """||x - x_hat||^2 per row, in chunks (inputs may be large and live on the CPU).
+                                chunk_rows: int = 8192, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """||t - x_hat||^2 per row, in chunks (inputs may be large and live on the CPU).
 
-    inputs: [n, d_in] any float dtype, any device -> [n] float32 on the SAE's device.
+    inputs: [n, d_in], targets: [n, d_out] (None: the inputs, as for an SAE), any float dtype,
+    any device -> [n] float32 on the SAE's device.
     """
     device, dtype = sae.W_enc.device, sae.W_enc.dtype
     losses = []
     for start in range(0, inputs.shape[0], chunk_rows):
         x = inputs[start:start + chunk_rows].to(device=device, dtype=dtype)
-        losses.append((x - sae(x).sae_out).pow(2).sum(dim=-1).float())
+        t = x if targets is None else targets[start:start + chunk_rows].to(device=device, dtype=dtype)
+        losses.append((t - sae(x).sae_out).pow(2).sum(dim=-1).float())
     return torch.cat(losses)
 
 
@@ -93,12 +95,12 @@ def _dead_indices(sae: SparseAutoencoder, dead_mask: torch.Tensor) -> torch.Tens
 
 def _resample_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_mask: torch.Tensor,
                inputs: torch.Tensor, feature_reinit_scale: float, generator: torch.Generator | None,
-               replacement: bool) -> int:
+               replacement: bool, targets: torch.Tensor | None = None) -> int:
     dead = _dead_indices(sae, dead_mask)
     n_dead = int(dead.numel())
     if n_dead == 0:
         return 0
-    losses = per_row_reconstruction_loss(sae, inputs)
+    losses = per_row_reconstruction_loss(sae, inputs, targets=targets)
     rows = sample_by_loss_squared(losses, n_dead, generator, replacement)
     chosen = inputs[rows.to(inputs.device)].to(sae.W_dec.device)
     reinit_features_(sae, dead, chosen, feature_reinit_scale)
@@ -108,24 +110,28 @@ def _resample_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_ma
 
 def resample_anthropic_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_mask: torch.Tensor,
                         inputs: torch.Tensor, feature_reinit_scale: float = 0.2,
-                        generator: torch.Generator | None = None) -> int:
+                        generator: torch.Generator | None = None, targets: torch.Tensor | None = None) -> int:
     """Resample the dead features from a large random sample of inputs (paper: 819,200 rows).
 
     dead_mask: [d_sae] bool; inputs: [n, d_in], on any device (moved to the SAE in chunks);
+    targets: [n, d_out] the losses are measured against (None: the inputs);
     generator: on the SAE's device. Draws distinct inputs whenever enough inputs have non-zero
     loss. Returns the number of features resampled.
     """
-    return _resample_(sae, optimizer, dead_mask, inputs, feature_reinit_scale, generator, replacement=False)
+    return _resample_(sae, optimizer, dead_mask, inputs, feature_reinit_scale, generator, replacement=False,
+                      targets=targets)
 
 
 def resample_l2_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_mask: torch.Tensor,
                  inputs: torch.Tensor, feature_reinit_scale: float = 0.2,
-                 generator: torch.Generator | None = None) -> int:
-    """The seed's `l2` resampler: inputs come from the current training batch only.
+                 generator: torch.Generator | None = None, targets: torch.Tensor | None = None) -> int:
+    """The seed's `l2` resampler: inputs (and targets, None for an SAE) come from the current
+    training batch only.
 
     dead_mask: [d_sae] bool (the seed: density below `dead_feature_threshold` over
     `dead_feature_window`); inputs: [batch, d_in]; generator: on the SAE's device. Like the seed,
     draws with replacement: a batch is often smaller than the number of dead features, so the
     same input may seed several features. Returns the number of features resampled.
     """
-    return _resample_(sae, optimizer, dead_mask, inputs, feature_reinit_scale, generator, replacement=True)
+    return _resample_(sae, optimizer, dead_mask, inputs, feature_reinit_scale, generator, replacement=True,
+                      targets=targets)

@@ -1,7 +1,7 @@
 """The training loop: dump -> shuffled loader -> SAE steps -> resampling, metrics, checkpoints.
 
 One loop serves a single run and a sweep alike: every batch is read once and fed to each SAE of
-the group in turn (`for slot in slots: slot.trainer.update(x)`), each SAE with its own optimizer,
+the group in turn (`for slot in slots: slot.trainer.update(batch)`), each SAE with its own optimizer,
 schedule, resampling, metrics and checkpoints.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from train.arch_settings import check_settings_used, check_shapes
 from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
 from train.holdout import split_rows
-from train.loader import ActivationLoader
+from train.batch import Batch
+from train.loader import ActivationLoader, AlignedLoader
 from train import distributed
 from train.metrics_log import MetricsLog, NullMetrics
 from train import run_layout
@@ -51,20 +52,36 @@ class TrainResult:
 
 @dataclass
 class DataPlan:
-    """What every SAE trained from one stream shares: the dump, its split, the loader."""
+    """What every SAE trained from one stream shares: the input and target dumps (one dump, the
+    same object twice, for an SAE), their split, the loader, each side's scale."""
 
     dump: Dump
+    """The input dump (what the encoder reads)."""
+    target_dump: Dump
+    """The target dump (what the decoder reconstructs): `dump` itself for an SAE."""
     loader: ActivationLoader
-    scale: float
+    """An `AlignedLoader` over (input, target) when they are two dumps."""
+    input_scale: float
+    target_scale: float
     total_tokens: int
     total_steps: int
     ident: dict[str, Any]
     _init_sample: torch.Tensor | None = None
 
+    @property
+    def paired(self) -> bool:
+        """Whether input and target are two dumps (of one harvest pass)."""
+        return self.target_dump is not self.dump
+
+    def batch(self, raw: Any) -> Batch:
+        """A loader batch (a tensor, or an (input, target) tuple) as a scaled training Batch."""
+        return Batch.of(raw).scaled(self.input_scale, self.target_scale)
+
     def init_sample(self, seed: int) -> torch.Tensor:
-        """Random training rows for b_dec's geometric median, read once for a whole sweep."""
+        """Random training rows of the input for b_dec's geometric median, read once for a whole
+        sweep: [rows, d_in], raw."""
         if self._init_sample is None:
-            self._init_sample = random_rows(self.loader, B_DEC_SAMPLE_ROWS, seed, 0)
+            self._init_sample = random_rows(self.loader, B_DEC_SAMPLE_ROWS, seed, 0).input
         return self._init_sample
 
 
@@ -92,15 +109,30 @@ class NonFiniteError(UserError):
     """Training diverged: a loss or a weight became NaN or infinite."""
 
 
-def dump_identity(dump: Dump, train_rows: tuple[int, int]) -> dict[str, Any]:
+def dump_identity(dump: Dump, train_rows: tuple[int, int], target: Dump | None = None) -> dict[str, Any]:
     """What a checkpoint records about its activations (and what a resume must match); the dump
-    path absolute, so the run folder finds it from any directory."""
+    path absolute, so the run folder finds it from any directory. `dump` is the input; a target
+    that is another dump adds `target` (its path, fingerprint, hook and width); an SAE's identity
+    (target None or the dump itself) is exactly what it was before targets existed."""
     m = dump.manifest
-    return {"shards": absolute(dump.path), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
-            "hook_point_layer": m.layer, "model_name": m.model, "dataset_path": m.dataset,
-            "context_size": m.context_size, "prepend_bos": m.prepend_bos, "skip_bos": m.skip_bos,
-            "d_in_dump": m.d_in, "train_rows": list(train_rows),
-            "eval_holdout_contexts": (dump.n_rows - train_rows[1]) // m.rows_per_context}
+    ident = {"shards": absolute(dump.path), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
+             "hook_point_layer": m.layer, "model_name": m.model, "dataset_path": m.dataset,
+             "context_size": m.context_size, "prepend_bos": m.prepend_bos, "skip_bos": m.skip_bos,
+             "d_in_dump": m.d_in, "train_rows": list(train_rows),
+             "eval_holdout_contexts": (dump.n_rows - train_rows[1]) // m.rows_per_context}
+    if target is not None and target is not dump:
+        t = target.manifest
+        ident["target"] = {"shards": absolute(target.path), "dump_fingerprint": t.config_fingerprint,
+                           "hook_point": t.hook, "hook_point_layer": t.layer, "d_out_dump": t.d_in}
+    return ident
+
+
+def _target_key(ident: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a resume must match of the target dump: None for an SAE (its target is its input)."""
+    target = ident.get("target")
+    if not isinstance(target, dict):
+        return None
+    return target.get("dump_fingerprint"), target.get("hook_point"), target.get("d_out_dump")
 
 
 def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool) -> Dump:
@@ -122,10 +154,16 @@ def check_resume(state: dict[str, Any], ident: dict[str, Any], folder: Path) -> 
         if saved.get(key) != ident[key]:
             raise UserError(f"{folder} was trained on a different {what} ({saved.get(key)}) than "
                             f"{ident['shards']} ({ident[key]}); resume with the run's own dump and settings")
+    if _target_key(saved) != _target_key(ident):
+        def shown(i: dict[str, Any]) -> str:
+            return "its input" if _target_key(i) is None else f"{i['target'].get('shards')} ({_target_key(i)})"
+        raise UserError(f"{folder} was trained on a different target ({shown(saved)}) than this run's "
+                        f"({shown(ident)}); resume with the run's own dumps and settings")
 
 
 def input_scale(cfg: LanguageModelSAERunnerConfig, dump: Dump) -> float:
-    """expected_norm: scale so E||x|| = sqrt(d_in), from the manifest's statistics."""
+    """The scale of one side's activations (input or target, each from its own dump):
+    expected_norm: scale so E||x|| = sqrt(width), from the dump manifest's statistics."""
     if cfg.normalize_activations != "expected_norm":
         return 1.0
     stats = dump.manifest.stats or {}
@@ -135,18 +173,29 @@ def input_scale(cfg: LanguageModelSAERunnerConfig, dump: Dump) -> float:
     return math.sqrt(dump.d_in) / mean_norm
 
 
-def random_rows(loader: ActivationLoader, n: int, seed: int, salt: int) -> torch.Tensor:
-    """n distinct random training rows (all of them if there are fewer), raw."""
+def random_rows(loader: ActivationLoader, n: int, seed: int, salt: int) -> Batch:
+    """n distinct random training rows (all of them if there are fewer), raw: input and target."""
     rng = np.random.default_rng([seed, salt, 1])
     n = min(n, loader.n_rows)
     rows = np.sort(rng.choice(loader.n_rows, size=n, replace=False)) + loader.lo
-    return loader.gather(rows)
+    return Batch.of(loader.gather(rows))
 
 
-def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool) -> DataPlan:
-    """Open the dump, hold out its last contexts, and build the shared shuffled loader."""
+def open_target_dump(target_shards: str | Path | None, dump: Dump, verify: bool) -> Dump:
+    """The target dump: `dump` itself unless another one is named (the same path counts as the
+    same dump: an SAE)."""
+    if target_shards is None or absolute(target_shards) == absolute(dump.path):
+        return dump
+    return open_dump(target_shards, verify=verify)
+
+
+def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
+              target_shards: str | Path | None = None) -> DataPlan:
+    """Open the dump (and the target dump, when the target is another hook of the same harvest
+    pass), hold out their last contexts, and build the shared shuffled loader."""
     device = pick_device(cfg.device)
     dump = open_training_dump(cfg, verify)
+    target = open_target_dump(target_shards, dump, verify)
     try:
         train_rows, _ = split_rows(dump, cfg.eval_holdout_contexts)
     except ValueError as e:
@@ -154,12 +203,16 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool) -> DataPlan:
     n_train = train_rows[1] - train_rows[0]
     total_tokens = cfg.total_training_tokens or n_train
     shard = distributed.current().shard  # data-parallel: each rank reads only its rows of a batch
-    loader = ActivationLoader(dump, cfg.train_batch_size, cfg.seed, device, rows=train_rows,
-                              buffer_rows=cfg.shuffle_buffer_rows, block_rows=cfg.shuffle_block_rows,
-                              share=(shard.rank, shard.world) if shard is not None else None)
-    return DataPlan(dump, loader, input_scale(cfg, dump), total_tokens,
-                    steps_for_tokens(total_tokens, n_train, cfg.train_batch_size),
-                    dump_identity(dump, train_rows))
+    options = dict(rows=train_rows, buffer_rows=cfg.shuffle_buffer_rows, block_rows=cfg.shuffle_block_rows,
+                   share=(shard.rank, shard.world) if shard is not None else None)
+    if target is dump:
+        loader = ActivationLoader(dump, cfg.train_batch_size, cfg.seed, device, **options)
+    else:  # checks that the two dumps are of one pass, so that their rows pair up
+        loader = AlignedLoader([dump, target], cfg.train_batch_size, cfg.seed, device, **options)
+    scale = input_scale(cfg, dump)
+    return DataPlan(dump, target, loader, scale, scale if target is dump else input_scale(cfg, target),
+                    total_tokens, steps_for_tokens(total_tokens, n_train, cfg.train_batch_size),
+                    dump_identity(dump, train_rows, target))
 
 
 def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, name: str,
@@ -167,7 +220,8 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
     """Build (or restore) one SAE trainer and open its run folder."""
     device = pick_device(cfg.device)
     parallel = distributed.current()
-    trainer = SAETrainer(cfg, data.dump.d_in, data.scale, data.total_steps, device)
+    trainer = SAETrainer(cfg, data.dump.d_in, data.input_scale, data.total_steps, device,
+                         target_scale=data.target_scale, d_out=data.target_dump.d_in)
     trainer.shard = parallel.shard
     if trainer.shard is not None:
         distributed.check_data_parallel(trainer, data.loader.n_rows, cfg.train_batch_size,
@@ -424,9 +478,9 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
                desc="train")
     started, tokens_at_start = time.perf_counter(), lead.tokens_seen
     batches = data.loader.batches(start_batch=lead.step)
-    samples: dict[tuple[int, int, int], torch.Tensor] = {}
+    samples: dict[tuple[int, int, int], Batch] = {}
 
-    def sampler(n: int, step: int, seed: int) -> torch.Tensor:
+    def sampler(n: int, step: int, seed: int) -> Batch:
         """Resampling rows, read once per step for the whole group (same seed, same rows)."""
         if (n, step, seed) not in samples:
             samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
@@ -434,12 +488,10 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
 
     try:
         while lead.step < total:
-            x = next(batches)  # data-parallel: this rank's rows of the global batch
+            batch = data.batch(next(batches))  # data-parallel: this rank's rows of the global batch
             rows = data.loader.batch_rows(lead.step)
-            if data.scale != 1.0:
-                x = x * data.scale
             for slot in slots:
-                _step_slot(slot, x, rows, sampler, total, started, tokens_at_start, data.ident)
+                _step_slot(slot, batch, rows, sampler, total, started, tokens_at_start, data.ident)
             samples.clear()  # do not hold up to resample_sample_rows rows until the next window
             bar.update(1)
             if stop is not None and stop.requested and lead.step < total:
@@ -454,16 +506,16 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
         bar.close()
 
 
-def _step_slot(slot: Slot, x: torch.Tensor, rows: int, sampler: Callable[[int, int, int], torch.Tensor],
+def _step_slot(slot: Slot, batch: Batch, rows: int, sampler: Callable[[int, int, int], Batch],
                total: int, started: float, tokens_at_start: int, ident: dict[str, Any]) -> None:
-    """One step of one SAE (x: its rows of a global batch of `rows` rows), then its resampling,
-    logging and checkpoint when due."""
+    """One step of one SAE (batch: its rows of a global batch of `rows` rows, scaled), then its
+    resampling, logging and checkpoint when due."""
     t = slot.trainer
     c = t.counters
     cfg = t.cfg
-    t.update(x, rows)
+    t.update(batch, rows)
     if t.end_of_window():
-        t.resample_(x, lambda n, step: sampler(n, step, cfg.seed))
+        t.resample_(batch, lambda n, step: sampler(n, step, cfg.seed))
         if t.shard is not None:  # the same draws on every rank; rank 0's state rules out any drift
             distributed.broadcast_trainer_(t)
         slot.metrics.density_histogram(c.step, t.log10_density())

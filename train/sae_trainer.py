@@ -14,13 +14,14 @@ import torch
 
 from shared.saes import SAE, SAEConfig, StepContext, architecture_class
 from train.arch_settings import resolved
+from train.batch import Batch
 from train.config import LanguageModelSAERunnerConfig
 from train.geometric_median import geometric_median
 from train.resample import resample_anthropic_, resample_l2_
 from train.schedulers import make_lr_lambda, sparsity_warmup_factor
 from train.step import StepResult, explained_variance, make_optimizer, train_step_
 
-RowSampler = Callable[[int, int], torch.Tensor]  # (n_rows, seed) -> [n, d_in] raw activations
+RowSampler = Callable[[int, int], "Batch | torch.Tensor"]  # (n_rows, seed) -> n raw rows (input, target)
 
 
 @dataclass
@@ -37,18 +38,23 @@ class Counters:
 
 class SAETrainer:
     def __init__(self, cfg: LanguageModelSAERunnerConfig, d_in: int, input_scale: float,
-                 total_steps: int, device: torch.device):
+                 total_steps: int, device: torch.device, target_scale: float | None = None,
+                 d_out: int | None = None):
         self.cfg = cfg
         self.d_in = d_in
+        self.d_out = d_in if d_out is None else d_out
+        """Width of the target (d_in for an SAE, whose target is its input)."""
         self.input_scale = input_scale  # x_train = x_raw * input_scale (1.0 unless expected_norm)
+        self.target_scale = input_scale if target_scale is None else target_scale
+        """t_train = t_raw * target_scale: the target dump's own scale (the input's for an SAE)."""
         self.total_steps = total_steps
         self.device = device
         self.settings = resolved(cfg, total_steps)
         """Effective run-level settings of this SAE (resampling, warm-ups, lr decay)."""
         cls = architecture_class(cfg.architecture)
         torch.manual_seed(cfg.seed)  # the SAE init is a pure function of the seed
-        self.sae: SAE = cls(SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in)), cls.settings_from(cfg.to_dict()),
-                            device=device)
+        shape = SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in), d_out=self.d_out)
+        self.sae: SAE = cls(shape, cls.settings_from(cfg.to_dict()), device=device)
         self.optimizer = make_optimizer(self.sae, cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, make_lr_lambda(cfg.lr_scheduler_name, total_steps, cfg.lr_warm_up_steps,
@@ -83,16 +89,18 @@ class SAETrainer:
             self.sae.b_dec.copy_(geometric_median(points).to(self.sae.b_dec.dtype))
 
     # ---- the step --------------------------------------------------------------------------
-    def update(self, x: torch.Tensor, rows: int | None = None) -> StepResult:
-        """One optimizer step on x [batch, d_in] (already scaled); no host sync but every
+    def update(self, batch: Batch | torch.Tensor, rows: int | None = None) -> StepResult:
+        """One optimizer step on batch (input [batch, d_in], target [batch, d_out]; a tensor is an
+        SAE's batch, its own target), already scaled; no host sync but every
         `wandb_log_frequency` steps (AuxK's check, on a log step, which syncs anyway).
 
-        Data-parallel, x is this rank's rows of a global batch of `rows` rows."""
+        Data-parallel, batch is this rank's rows of a global batch of `rows` rows."""
         c = self.counters
-        rows = x.shape[0] if rows is None else rows
+        batch = Batch.of(batch)
+        rows = batch.input.shape[0] if rows is None else rows
         self._last_batch_rows = rows
         context = StepContext(sparsity_scale=self.sparsity_scale(c.step), dead_mask=self.auxk_mask())
-        res = train_step_(self.sae, self.optimizer, self.scheduler, x, context, autocast=self.cfg.autocast,
+        res = train_step_(self.sae, self.optimizer, self.scheduler, batch, context, autocast=self.cfg.autocast,
                           shard=self.shard, total=rows)
         if self._checked_step is None:  # first step of this process (fresh or resumed)
             self._checked_step = c.step
@@ -178,8 +186,9 @@ class SAETrainer:
     def end_of_window(self) -> bool:
         return self.counters.step % self.cfg.feature_sampling_window == 0
 
-    def resample_(self, batch: torch.Tensor, sample_rows: RowSampler) -> int:
-        """At a window's end: resample dead features (if configured), then reset the window."""
+    def resample_(self, batch: Batch | torch.Tensor, sample_rows: RowSampler) -> int:
+        """At a window's end: resample dead features (if configured), then reset the window.
+        batch: the step's (scaled) batch; sample_rows gives raw rows, scaled here per side."""
         method = self.settings["feature_sampling_method"]
         reinit_scale = self.settings["feature_reinit_scale"]
         n = 0
@@ -191,16 +200,27 @@ class SAETrainer:
                 int(np.random.default_rng([self.cfg.seed, step]).integers(2**62)))
             if bool(dead.any()):
                 if method == "anthropic":
-                    inputs = sample_rows(self.settings["resample_sample_rows"], step) * self.input_scale
-                    n = resample_anthropic_(self.sae, self.optimizer, dead, inputs, reinit_scale, gen)
+                    rows = Batch.of(sample_rows(self.settings["resample_sample_rows"], step))
+                    rows = rows.scaled(self.input_scale, self.target_scale)
+                    n = resample_anthropic_(self.sae, self.optimizer, dead, rows.input, reinit_scale, gen,
+                                            targets=None if rows.same else rows.target)
                 else:
+                    batch = Batch.of(batch)
                     if self.shard is not None:  # the seed's method reads the whole current batch
-                        batch = self.shard.gather_rows(batch, self._last_batch_rows)
-                    n = resample_l2_(self.sae, self.optimizer, dead, batch, reinit_scale, gen)
+                        batch = self._gathered(batch)
+                    n = resample_l2_(self.sae, self.optimizer, dead, batch.input, reinit_scale, gen,
+                                     targets=None if batch.same else batch.target)
                 self.tokens_since_fired.masked_fill_(dead, 0)
         self.counters.n_resampled_last = n
         self.counters.n_resampled_total += n
         return n
+
+    def _gathered(self, batch: Batch) -> Batch:
+        """Data-parallel: the whole global batch from every rank's rows of it, both sides."""
+        x = self.shard.gather_rows(batch.input, self._last_batch_rows)
+        if batch.same:
+            return Batch(x, x)
+        return Batch(x, self.shard.gather_rows(batch.target, self._last_batch_rows))
 
     def window_density(self) -> torch.Tensor:
         return self.window_fired.double() / max(1, self.counters.window_rows)

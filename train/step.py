@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from shared.saes.base import SAE, StepContext, TrainOutput
+from train.batch import Batch
 
 
 class StepResult(NamedTuple):
@@ -20,13 +21,13 @@ class StepResult(NamedTuple):
     losses: dict[str, torch.Tensor]  # the architecture's named loss terms (scalars), plus "loss"
     feature_acts_fired: torch.Tensor  # [d_sae] int64: rows of the batch on which each feature fired
     l0: torch.Tensor  # scalar: mean number of firing features per row
-    sum_sq_err: torch.Tensor  # scalar: sum over rows of ||x - x_hat||^2
-    sum_sq_total: torch.Tensor  # scalar: sum over rows of ||x - mean_batch(x)||^2
-    l2_ratio: torch.Tensor  # scalar: mean over rows of ||x_hat|| / ||x||
+    sum_sq_err: torch.Tensor  # scalar: sum over rows of ||t - x_hat||^2, t the target (x for an SAE)
+    sum_sq_total: torch.Tensor  # scalar: sum over rows of ||t - mean_batch(t)||^2
+    l2_ratio: torch.Tensor  # scalar: mean over rows of ||x_hat|| / ||t||
 
 
 def explained_variance(sum_sq_err: torch.Tensor, sum_sq_total: torch.Tensor) -> torch.Tensor:
-    """1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2, from summed step stats.
+    """1 - sum||t - x_hat||^2 / sum||t - mean(t)||^2, from summed step stats (t the target).
 
     Summing per-batch centred totals over many steps measures the variance around each batch's
     mean, which equals the pooled variance when batches are shuffled samples of one distribution.
@@ -45,12 +46,13 @@ def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
 
 
 def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None, x: torch.Tensor,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch: Batch | torch.Tensor,
                 context: StepContext = StepContext(), autocast: bool = False,
                 shard: Any = None, total: int | None = None) -> StepResult:
     """Forward, loss, backward, the architecture's constraints, update.
 
-    x: [batch, d_in] in the parameters' dtype (cast bfloat16 dumps first). With `autocast`,
+    batch: input [batch, d_in] and target [batch, d_out] (a tensor means an SAE's batch, its own
+    target), in the parameters' dtype (cast bfloat16 dumps first). With `autocast`,
     matmuls run in bfloat16 while the parameters, the losses and Adam stay float32. `context`
     carries the step's sparsity warm-up factor and dead-feature mask.
 
@@ -58,18 +60,18 @@ def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
     batch of `total` rows (the loader reads only those); its loss is weighted by its share of the
     rows and the gradients are summed over ranks before the constraints and the update, so that
     every rank makes the update of the whole batch (the losses are means over rows). The
-    measurements are summed over ranks too.
+    measurements are summed over ranks too, and all of them are against the target.
     """
-    part = x
+    part = Batch.of(batch)
     if shard is not None and total is None:
         raise ValueError("data-parallel steps need the global batch's row count (total)")
-    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    amp = torch.autocast(part.input.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with amp:
-        out = sae.training_forward(part, context)
+        out = sae.training_forward(part.input, context, part.target)
     if shard is None:
         out.loss.backward()
     else:
-        (out.loss * (part.shape[0] / total)).backward()
+        (out.loss * (part.input.shape[0] / total)).backward()
         shard.all_reduce_grads_(list(sae.parameters()))
     sae.before_optimizer_step_()
     optimizer.step()
@@ -77,11 +79,12 @@ def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
         scheduler.step()
     sae.after_optimizer_step_(out)
     optimizer.zero_grad(set_to_none=True)
-    return _measure(x, out) if shard is None else _measure_shared(part, total, out, shard)
+    return _measure(part.target, out) if shard is None else _measure_shared(part.target, total, out, shard)
 
 
 @torch.no_grad()
 def _measure(x: torch.Tensor, out: TrainOutput) -> StepResult:
+    """The step's metrics against x, the batch's target [batch, d_out]."""
     if out.fired is not None:
         fired_count = out.fired.to(torch.int64)
     else:
@@ -101,7 +104,8 @@ def _measure(x: torch.Tensor, out: TrainOutput) -> StepResult:
 
 @torch.no_grad()
 def _measure_shared(part: torch.Tensor, total: int, out: TrainOutput, shard: Any) -> StepResult:
-    """`_measure` of a global batch of `total` rows from each rank's rows `part`: one all_reduce
+    """`_measure` of a global batch of `total` rows from each rank's target rows `part`
+    [rows, d_out]: one all_reduce
     of the sums. The batch's total variance comes from the summed rows and squared norms:
     sum||x - mean||^2 = sum||x||^2 - ||sum x||^2 / total (in float64)."""
     if out.fired is not None:
@@ -115,9 +119,9 @@ def _measure_shared(part: torch.Tensor, total: int, out: TrainOutput, shard: Any
     x64 = part.detach().double()
     sums = torch.stack([*(v * n for v in named.values()), ratio.float()]).to(torch.float64)
     packed = shard.all_reduce_sum_(torch.cat([sums, x64.pow(2).sum().reshape(1), x64.sum(0), fired]))
-    k, d_in = len(named), part.shape[1]
-    sum_sq, sum_x = packed[k + 1], packed[k + 2 : k + 2 + d_in]
-    fired_count = packed[k + 2 + d_in :].round().to(torch.int64)
+    k, d_out = len(named), part.shape[1]
+    sum_sq, sum_x = packed[k + 1], packed[k + 2 : k + 2 + d_out]
+    fired_count = packed[k + 2 + d_out :].round().to(torch.int64)
     losses = {name: (packed[i] / total).float() for i, name in enumerate(named)}
     return StepResult(
         losses=losses,

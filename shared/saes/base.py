@@ -5,13 +5,20 @@ dataclass, registered by its `architecture` name in `shared.saes.registry`. Gene
 training step, checkpoints, evaluation) talks only to this interface:
 
     encode(x) -> f                      x: [batch, d_in] -> f: [batch, d_sae], inference form
-    decode(f) -> x_hat                  f: [batch, d_sae] -> x_hat: [batch, d_in]
-    training_forward(x, step) -> TrainOutput   named loss terms whose sum is the loss
+    decode(f) -> x_hat                  f: [batch, d_sae] -> x_hat: [batch, d_out]
+    training_forward(x, step, target) -> TrainOutput   named loss terms whose sum is the loss;
+                                        target: [batch, d_out], x itself when omitted
     before_optimizer_step_() / after_optimizer_step_(out)   constraints and running estimates
     inference_form() -> (architecture, tensors, cfg)        what `save` writes (SAELens' layout)
 
+The input is what the dictionary reads, the target what it writes: for an SAE both are the same
+activations (d_out = d_in), for a transcoder or crosscoder they come from different hooks of one
+harvest pass. Every reconstruction term is measured against the target (`reconstruction_error`).
+The architectures here reconstruct their own input and refuse d_out != d_in (`check_shape`).
+
 All architectures read `s = x - b_dec` (the pre-encoder bias of Towards Monosemanticity), so input
-scaling folds into W_enc, W_dec and b_dec the same way for every one of them (`fold_scaling_`).
+and target scaling fold into W_enc, W_dec, b_dec and the encoder bias the same way for every one
+of them (`fold_scaling_`).
 Parameters and buffers (thresholds, running estimates) are all a resume needs: the trainer saves
 `named_parameters()` and `named_buffers()` with their Adam state.
 """
@@ -43,12 +50,24 @@ class SAEConfig:
     """Width of the activations it reads (the hook point's d_model)."""
     d_sae: int
     """Number of features (dictionary size)."""
+    d_out: int | None = None
+    """Width of the target it writes; None means d_in (an SAE reconstructs its input)."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "d_sae"):
+        if self.d_out is None:
+            self.d_out = self.d_in
+        for name in ("d_in", "d_sae", "d_out"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"SAE {name} must be a positive integer, got {value!r}")
+
+    def saved_shape(self) -> dict[str, int]:
+        """The shape keys cfg.json holds: d_in and d_sae, plus d_out only where it differs from
+        d_in (SAELens' config of a plain SAE has no d_out; its transcoders have one)."""
+        shape = {"d_in": self.d_in, "d_sae": self.d_sae}
+        if self.d_out != self.d_in:
+            shape["d_out"] = self.d_out
+        return shape
 
 
 @dataclass
@@ -67,7 +86,7 @@ class BaseSettings:
 
 
 class SAEOutput(NamedTuple):
-    sae_out: torch.Tensor  # [batch, d_in]: the reconstruction x_hat
+    sae_out: torch.Tensor  # [batch, d_out]: the reconstruction x_hat of the target
     feature_acts: torch.Tensor  # [batch, d_sae]: f, non-negative
 
 
@@ -81,7 +100,7 @@ class StepContext(NamedTuple):
 
 
 class TrainOutput(NamedTuple):
-    sae_out: torch.Tensor  # [batch, d_in]
+    sae_out: torch.Tensor  # [batch, d_out]
     feature_acts: torch.Tensor  # [batch, d_sae], as training used them
     losses: dict[str, torch.Tensor]  # named scalar terms, each already weighted; always "mse" (`sum_sq_err`)
     loss: torch.Tensor  # their sum: what backward() runs on
@@ -91,12 +110,14 @@ class TrainOutput(NamedTuple):
 
 
 def sum_sq_err(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ||x - x_hat||^2 (summed over d_in), in float32 whatever autocast did."""
+    """Mean over rows of ||x - x_hat||^2 (summed over the width), in float32 whatever autocast did.
+    x, x_hat: [batch, width]."""
     return (x.float() - x_hat.float()).pow(2).sum(dim=-1).mean()
 
 
 class SAE(torch.nn.Module):
-    """Base of every architecture: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in]."""
+    """Base of every architecture: W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_dec [d_out]
+    (d_out = d_in for every architecture here)."""
 
     architecture: ClassVar[str]
     Settings: ClassVar[type[BaseSettings]] = BaseSettings
@@ -116,9 +137,12 @@ class SAE(torch.nn.Module):
         self.settings = settings if settings is not None else self.Settings()
         if not isinstance(self.settings, self.Settings):
             raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__}, got {type(self.settings).__name__}")
+        self.check_shape(cfg)
         self.settings.validate(cfg)
         self.input_scale_folded = 1.0
-        """Product of the scales passed to `fold_scaling_` (recorded in cfg.json on save)."""
+        """Product of the input scales passed to `fold_scaling_` (recorded in cfg.json on save)."""
+        self.target_scale_folded = 1.0
+        """Product of the target scales passed to `fold_scaling_` (recorded where it differs)."""
         directions = _kaiming_unit_rows(cfg.d_sae, cfg.d_in, device)  # [d_sae, d_in]
         init_norm = self.settings.decoder_init_norm
         # Encoder tied to the decoder's directions but small (see BaseSettings.decoder_init_norm).
@@ -130,20 +154,51 @@ class SAE(torch.nn.Module):
     def init_extra_(self, device: str | torch.device) -> None:
         """Create the architecture's other parameters and buffers (called by __init__)."""
 
+    def check_shape(self, cfg: SAEConfig) -> None:
+        """Refuse shapes the architecture cannot have: every one here reconstructs its input
+        through the one bias b_dec, subtracted before the encoder and added after the decoder, so
+        it writes the width it reads (a transcoder, reading one hook and writing another of
+        another width, overrides this)."""
+        if cfg.d_out != cfg.d_in:
+            raise UserError(f"a {self.architecture} SAE reconstructs its input: d_out ({cfg.d_out}) must equal "
+                            f"d_in ({cfg.d_in}); pick a target of the input's width")
+
     # ---- the interface ---------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """feature_acts: [batch, d_sae] -> reconstruction [batch, d_in]."""
+        """feature_acts: [batch, d_sae] -> reconstruction of the target [batch, d_out]."""
         return feature_acts @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         feature_acts = self.encode(x)
         return SAEOutput(sae_out=self.decode(feature_acts), feature_acts=feature_acts)
 
-    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+    def training_forward(self, x: torch.Tensor, step: StepContext = StepContext(),
+                         target: torch.Tensor | None = None) -> TrainOutput:
+        """The loss terms of one batch: x [batch, d_in] read, target [batch, d_out] reconstructed
+        (x itself when None, as for an SAE)."""
+        return self.training_losses(x, self.checked_target(x, target), step)
+
+    def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
+        """The architecture's loss terms, every reconstruction term against `target`."""
         raise NotImplementedError
+
+    def checked_target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """The target of a batch: x when None, else `target` once its shape is checked."""
+        if target is None:
+            return x
+        if target.shape[:-1] != x.shape[:-1] or target.shape[-1] != self.cfg.d_out:
+            raise UserError(f"target of shape {tuple(target.shape)} does not fit an input of shape "
+                            f"{tuple(x.shape)} and d_out={self.cfg.d_out}")
+        return target
+
+    @staticmethod
+    def reconstruction_error(target: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """The reconstruction loss, the same for every architecture and every term that
+        reconstructs: mean over rows of ||target - x_hat||^2 (`sum_sq_err`). [batch, d_out] each."""
+        return sum_sq_err(target, x_hat)
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations (x - b_dec) @ W_enc + b_enc: [..., d_in] -> [..., d_sae] (architectures with b_enc)."""
@@ -195,21 +250,39 @@ class SAE(torch.nn.Module):
         grad -= parallel * direction
 
     @torch.no_grad()
-    def fold_scaling_(self, scale: float) -> None:
-        """Make a model trained on `x * scale` work on raw `x`.
+    def fold_scaling_(self, input_scale: float, target_scale: float | None = None) -> None:
+        """Make a model trained on inputs `x * a` and targets `t * b` work on raw x and t
+        (b = a when target_scale is None: an SAE, whose input is its target).
 
-        With W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s (every architecture reads
-        x - b_dec through W_enc, so every pre-activation and threshold is unchanged):
-            (x - b_dec') W_enc' = (s x - b_dec) W_enc           (same features)
-            f W_dec' + b_dec' = (f W_dec + b_dec) / s           (reconstruction / s)
-        Unit-norm decoder rows then have norm 1/s: `input_scale_folded` records the scale.
+        Trained: h = (a x - b_dec) W_enc + b_enc, t_hat' = f W_dec + b_dec ~ b t. With
+            W_enc' = a W_enc,  b_dec' = b_dec / b,  W_dec' = W_dec / b,
+            b_enc' = b_enc + (a / b - 1) b_dec W_enc
+        every pre-activation is unchanged, hence every feature and threshold:
+            (x - b_dec') W_enc' + b_enc' = a x W_enc - (a / b) b_dec W_enc + b_enc'
+                                         = (a x - b_dec) W_enc + b_enc        (same features)
+            f W_dec' + b_dec' = (f W_dec + b_dec) / b = t_hat' / b            (raw target's scale)
+        The encoder-bias shift (`shift_encoder_bias_`) is zero when a = b, and skipped then, so an
+        SAE's fold is the plain one: W_enc' = a W_enc, b_dec' = b_dec / a, W_dec' = W_dec / a.
+        Unit-norm decoder rows then have norm 1/b: `input_scale_folded` and `target_scale_folded`
+        record the scales.
         """
-        if not scale > 0:
-            raise UserError(f"input scale to fold must be positive, got {scale}")
-        self.W_enc *= scale
-        self.b_dec /= scale
-        self.W_dec /= scale
-        self.input_scale_folded *= scale
+        target_scale = input_scale if target_scale is None else target_scale
+        for name, scale in (("input", input_scale), ("target", target_scale)):
+            if not scale > 0:
+                raise UserError(f"{name} scale to fold must be positive, got {scale}")
+        if input_scale != target_scale:
+            self.shift_encoder_bias_((input_scale / target_scale - 1.0) * (self.b_dec @ self.W_enc))
+        self.W_enc *= input_scale
+        self.b_dec /= target_scale
+        self.W_dec /= target_scale
+        self.input_scale_folded *= input_scale
+        self.target_scale_folded *= target_scale
+
+    @torch.no_grad()
+    def shift_encoder_bias_(self, delta: torch.Tensor) -> None:
+        """Add delta [d_sae] to every pre-activation: h = s @ W_enc + b_enc (an architecture with
+        other encoder biases overrides this)."""
+        self.b_enc += delta
 
     def save(self, folder: str | Path, cfg_dict: dict[str, Any] | None = None) -> Path:
         """Write `cfg.json` (the caller's config + shape + facts) and float32 safetensors weights,
@@ -227,19 +300,22 @@ class SAE(torch.nn.Module):
         return folder
 
     def _cfg_for_saving(self, cfg_dict: dict[str, Any], architecture: str, extra: dict[str, Any]) -> dict[str, Any]:
-        for key, value in asdict(self.cfg).items():
+        shape = self.cfg.saved_shape()
+        for key, value in shape.items():
             if key in cfg_dict and cfg_dict[key] != value:
                 raise UserError(f"cfg {key}={cfg_dict[key]} disagrees with the SAE's {key}={value}")
         metadata = {**cfg_dict.get("metadata", {}), "sae_lens_version": SAE_LENS_VERSION}
         for key in ("hook_name", "model_name", "context_size", "prepend_bos", "hook_head_index"):
             if key in cfg_dict:
                 metadata.setdefault(key, cfg_dict[key])
-        cfg = {**cfg_dict, **asdict(self.settings), **extra, **asdict(self.cfg),
+        cfg = {**cfg_dict, **asdict(self.settings), **extra, **shape,
                "architecture": architecture, "trained_architecture": self.architecture,
                "apply_b_dec_to_input": True, "dtype": "float32", "normalize_activations": "none",
                "reshape_activations": "none", "metadata": metadata}
         if self.input_scale_folded != 1.0:
             cfg["input_scale_folded"] = self.input_scale_folded
+        if self.target_scale_folded != self.input_scale_folded:
+            cfg["target_scale_folded"] = self.target_scale_folded
         return cfg
 
     @classmethod
@@ -280,4 +356,6 @@ def read_cfg(folder: Path) -> dict[str, Any]:
         raise UserError(f"{cfg_path} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), int) for k in ("d_in", "d_sae")):
         raise UserError(f"{cfg_path} must hold integer 'd_in' and 'd_sae'")
+    if not isinstance(cfg.get("d_out", cfg["d_in"]), int):
+        raise UserError(f"{cfg_path}: 'd_out' must be an integer when present")
     return cfg

@@ -9,10 +9,10 @@ Which features fire and how strongly are decided by two paths that share W_enc's
     f         = 1[pi > 0] * magnitude
     x_hat     = f @ W_dec + b_dec
 
-    loss = ||x - x_hat||^2                                             "mse"
+    loss = ||t - x_hat||^2                                             "mse"
          + l1_coefficient * sum_i relu(pi_i) * sg(||W_dec_i||)         "l1_loss"
-         + ||relu(pi) @ sg(W_dec) + sg(b_dec) - x||^2                  "aux_loss"
-    (each averaged over rows; sg = stop-gradient)
+         + ||relu(pi) @ sg(W_dec) + sg(b_dec) - t||^2                  "aux_loss"
+    (each averaged over rows; sg = stop-gradient; t the target, x itself for an SAE)
 
 The L1 penalty sits on the gate only, so it does not shrink the magnitudes (the shrinkage the
 paper set out to remove); the gate 1[pi > 0] passes no gradient, and the auxiliary loss teaches
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from shared.errors import UserError
-from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput, sum_sq_err
+from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput
 
 
 @dataclass
@@ -81,7 +81,7 @@ class GatedSAE(SAE):
         pi, magnitude = self.gate_and_magnitude(x)
         return (pi > 0).to(magnitude.dtype) * magnitude
 
-    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+    def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         pi, magnitude = self.gate_and_magnitude(x)
         feature_acts = (pi > 0).to(magnitude.dtype) * magnitude
         sae_out = self.decode(feature_acts)
@@ -89,10 +89,17 @@ class GatedSAE(SAE):
         decoder_norms = self.W_dec.detach().norm(dim=1)  # frozen, as in aux_loss (module docstring)
         l1 = (gate_acts.float() * decoder_norms).sum(dim=-1).mean()
         via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
-        losses = {"mse": sum_sq_err(x, sae_out),
+        losses = {"mse": self.reconstruction_error(target, sae_out),
                   "l1_loss": self.settings.l1_coefficient * step.sparsity_scale * l1,
-                  "aux_loss": sum_sq_err(x, via_gate)}
+                  "aux_loss": self.reconstruction_error(target, via_gate)}
         return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l1_loss"] + losses["aux_loss"])
+
+    @torch.no_grad()
+    def shift_encoder_bias_(self, delta: torch.Tensor) -> None:
+        """Both paths' pre-activations move by the same s-term: pi by delta [d_sae] through
+        b_gate, the magnitude's by delta * exp(r_mag) through b_mag (its encoder is W_enc * exp(r_mag))."""
+        self.b_gate += delta
+        self.b_mag += delta * torch.exp(self.r_mag)
 
     def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,

@@ -21,10 +21,12 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     tensors = _read_weights(folder / WEIGHTS_NAME, device)
     # Built on the meta device: no memory, and no draw from torch's RNG for an init that the
     # saved weights replace (loading must not change what a seeded run does next).
-    sae = cls(SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"]), cls.settings_from(cfg), device="meta")
+    shape = SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out"))
+    sae = cls(shape, cls.settings_from(cfg), device="meta")
     _check_tensors(folder, tensors, sae)
     sae.load_inference_({name: t.to(torch.float32) for name, t in tensors.items()})
     sae.input_scale_folded = float(cfg.get("input_scale_folded", 1.0))
+    sae.target_scale_folded = float(cfg.get("target_scale_folded", sae.input_scale_folded))
     return sae
 
 
@@ -49,4 +51,4 @@ def _check_tensors(folder: Path, tensors: dict[str, torch.Tensor], sae: SAE) -> 
         got = tuple(tensors[name].shape)
         if tuple(want.shape) != got:
             raise UserError(f"{folder / WEIGHTS_NAME}: {name} has shape {got}, but cfg.json "
-                            f"(d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) implies {tuple(want.shape)}")
+                            f"(d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, d_out={sae.cfg.d_out}) implies {tuple(want.shape)}")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from shared.errors import UserError
-from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput, sum_sq_err
+from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput
 
 
 @dataclass
@@ -187,14 +187,14 @@ class JumpReLUSAE(SAE):
         hidden_pre = self.hidden_pre(x)
         return torch.relu(hidden_pre) * (hidden_pre > self.threshold).to(hidden_pre.dtype)
 
-    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+    def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         hidden_pre = self.hidden_pre(x)
         threshold, eps = self.threshold, self.settings.jumprelu_bandwidth
         feature_acts = JumpReLUFunction.apply(hidden_pre, threshold, eps)
         sae_out = self.decode(feature_acts)
         l0 = StepFunction.apply(hidden_pre, threshold, eps).sum(dim=-1).mean()
         coefficient = self.settings.l0_coefficient * step.sparsity_scale
-        losses = {"mse": sum_sq_err(x, sae_out), "l0_loss": coefficient * l0}
+        losses = {"mse": self.reconstruction_error(target, sae_out), "l0_loss": coefficient * l0}
         return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l0_loss"])
 
     def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:

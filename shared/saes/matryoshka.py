@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.errors import UserError
-from shared.saes.base import SAEConfig, sum_sq_err
+from shared.saes.base import SAEConfig
 from shared.saes.batchtopk import BatchTopKSAE, BatchTopKSettings
 from shared.saes.topk import Selection, is_plain_int
 
@@ -60,17 +60,18 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         """Prefix widths, strictly increasing, the last d_sae."""
         return matryoshka_widths(self.settings, self.cfg)
 
-    def reconstruction_losses(self, x: torch.Tensor, sel: Selection, vals: torch.Tensor,
+    def reconstruction_losses(self, target: torch.Tensor, sel: Selection, vals: torch.Tensor,
                               dense: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One term per prefix; x_hat_j built as x_hat_{j-1} + the next group's contribution."""
+        """One term per prefix against target [batch, d_out]; x_hat_j built as x_hat_{j-1} + the
+        next group's contribution."""
         losses: dict[str, torch.Tensor] = {}
-        sae_out = self.b_dec.expand(x.shape[0], -1)
+        sae_out = self.b_dec.expand(target.shape[0], -1)
         lo = 0
         widths = self.widths
         for width in widths:
             sae_out = sae_out + self._decode_pairs(sel, vals, dense, lo, width)
             name = "mse" if width == widths[-1] else f"inner_mse_{width}"
-            losses[name] = sum_sq_err(x, sae_out)
+            losses[name] = self.reconstruction_error(target, sae_out)
             lo = width
         # Generic code reads "mse" first.
         return {"mse": losses.pop("mse"), **losses}, sae_out

@@ -2,7 +2,7 @@
 
     f     = ReLU((x - b_dec) @ W_enc + b_enc)      f: [batch, d_sae]
     x_hat = f @ W_dec + b_dec                      x_hat: [batch, d_in]
-    loss  = ||x - x_hat||^2 + l1_coefficient * sum_i |f_i|        (each averaged over the batch)
+    loss  = ||t - x_hat||^2 + l1_coefficient * sum_i |f_i|        (each averaged over the batch)
 
 with the rows of W_dec held at unit norm, so the L1 penalty cannot be dodged by shrinking f and
 growing W_dec. `anthropic_april_update` switches to Anthropic's April 2024 recipe ("Circuits
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from shared.errors import UserError
-from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput, sum_sq_err
+from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput
 
 
 @dataclass
@@ -66,11 +66,12 @@ class StandardSAE(SAE):
             return (feature_acts.float() @ self.W_dec.norm(dim=1)).sum() / rows
         return feature_acts.float().sum() / rows
 
-    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+    def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         feature_acts = self.encode(x)
         sae_out = self.decode(feature_acts)
         coefficient = self.settings.l1_coefficient * step.sparsity_scale
-        losses = {"mse": sum_sq_err(x, sae_out), "l1_loss": coefficient * self.l1_penalty(feature_acts)}
+        losses = {"mse": self.reconstruction_error(target, sae_out),
+                  "l1_loss": coefficient * self.l1_penalty(feature_acts)}
         return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l1_loss"])
 
     def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:

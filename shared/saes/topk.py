@@ -6,8 +6,9 @@ arXiv 2406.04093), with their AuxK loss for dead features.
     x_hat = f @ W_dec + b_dec                           x_hat: [batch, d_in]
     loss  = ||x - x_hat||^2 + aux_loss_coefficient * ||e_hat - e||^2      (each averaged over rows)
 
-AuxK: e = x - x_hat (detached) is the residual; e_hat = ReLU(TopK_aux_k(h restricted to the dead
-latents)) @ W_dec (no b_dec) is the dead latents' best aux_k-sparse reconstruction of it, so the
+AuxK: e = x - x_hat (detached; x in the losses is the target, the input itself for an SAE) is the
+residual; e_hat = ReLU(TopK_aux_k(h restricted to the dead latents)) @ W_dec (no b_dec) is the
+dead latents' best aux_k-sparse reconstruction of it, so the
 gradient of this term reaches only dead latents' encoder columns and decoder rows. Dead latents
 come from the trainer (`StepContext.dead_mask`); with none dead the term is 0. SAELens multiplies
 the term by min(n_dead / aux_k, 1); OpenAI's code and this one do not.
@@ -185,7 +186,7 @@ class TopKSAE(SAE):
             weights = weights * ((sel.cols >= lo) & (sel.cols < hi))
         return F.embedding_bag(sel.cols, self.W_dec, sel.offsets, mode="sum", per_sample_weights=weights)
 
-    def training_forward(self, x: torch.Tensor, step: StepContext) -> TrainOutput:
+    def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         sparse = self.sparse_decode
         batch = x.shape[0]
         s = x - self.b_dec
@@ -196,8 +197,8 @@ class TopKSAE(SAE):
         vals = torch.relu(self._gather(s, h, sel, sparse))  # [n]
         self._note_kept_(vals)
         dense = None if sparse else self._dense(sel, vals, batch)
-        losses, sae_out = self.reconstruction_losses(x, sel, vals, dense)
-        losses["auxk_loss"] = self.auxk_loss(x, sae_out, s, h, step.dead_mask, sparse)
+        losses, sae_out = self.reconstruction_losses(target, sel, vals, dense)
+        losses["auxk_loss"] = self.auxk_loss(target, sae_out, s, h, step.dead_mask, sparse)
         fired = None
         if dense is None:
             # The trainer only counts firing features in feature_acts: no graph needed, and h's
@@ -212,17 +213,17 @@ class TopKSAE(SAE):
     def _note_kept_(self, vals: torch.Tensor) -> None:
         """Hook for running estimates over the kept activations (BatchTopK's threshold)."""
 
-    def reconstruction_losses(self, x: torch.Tensor, sel: Selection, vals: torch.Tensor,
+    def reconstruction_losses(self, target: torch.Tensor, sel: Selection, vals: torch.Tensor,
                               dense: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The reconstruction terms, and x_hat [batch, d_in]."""
+        """The reconstruction terms against target [batch, d_out], and x_hat [batch, d_out]."""
         sae_out = self._decode_pairs(sel, vals, dense) + self.b_dec
-        return {"mse": sum_sq_err(x, sae_out)}, sae_out
+        return {"mse": self.reconstruction_error(target, sae_out)}, sae_out
 
-    def auxk_loss(self, x: torch.Tensor, sae_out: torch.Tensor, s: torch.Tensor, h: torch.Tensor,
+    def auxk_loss(self, target: torch.Tensor, sae_out: torch.Tensor, s: torch.Tensor, h: torch.Tensor,
                   dead_mask: torch.Tensor | None, sparse: bool) -> torch.Tensor:
         """aux_loss_coefficient * mean over rows of ||e_hat - e||^2 (module docstring); 0 when
         nothing is dead. No host sync: a row's picks beyond the dead latents count as zero."""
-        zero = torch.zeros((), device=x.device)
+        zero = torch.zeros((), device=target.device)
         if dead_mask is None:
             return zero
         dead = dead_mask.to(device=h.device, dtype=torch.bool)
@@ -230,8 +231,8 @@ class TopKSAE(SAE):
             idx = h.detach().masked_fill(~dead, -math.inf).topk(self.aux_k, dim=-1).indices
         sel = per_row_selection(idx)
         vals = torch.relu(self._gather(s, h, sel, sparse)) * dead[sel.cols]
-        e_hat = self._decode_pairs(sel, vals, None if sparse else self._dense(sel, vals, x.shape[0]))
-        residual = (x - sae_out).detach()
+        e_hat = self._decode_pairs(sel, vals, None if sparse else self._dense(sel, vals, target.shape[0]))
+        residual = (target - sae_out).detach()
         return self.settings.aux_loss_coefficient * sum_sq_err(residual, e_hat) * dead.any()
 
     def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Reconstruction and sparsity of an SAE over dump rows, from the stored activations alone.
 
 Explained variance is pooled over rows (total squared error over total variance), not averaged
-per token.
+per token. Every metric is against the target: the dump itself for an SAE, or the same rows of a
+target dump of the same harvest pass (a transcoder's output hook).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from shared.errors import UserError
 from shared.reader import Dump
 from shared.saes import SAE
 from train.evaluation.rows import float_rows
+from train.same_pass import check_same_pass
 
 DENSE_THRESHOLD = 0.1
 """A feature firing on more than this fraction of rows counts as dense (it acts like a bias,
@@ -23,39 +25,50 @@ RARE_THRESHOLDS = {"1e-5": 1e-5, "1e-6": 1e-6}
 
 @torch.inference_mode()
 def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
-                           device: str | torch.device, chunk_rows: int = 8192) -> dict[str, Any]:
+                           device: str | torch.device, chunk_rows: int = 8192,
+                           target: Dump | None = None) -> dict[str, Any]:
     """Reconstruction and sparsity of `sae` (already on `device`) over dump rows [start, stop).
 
-    The SAE reads raw activations, as saved checkpoints expect, in float32. Returns JSON-able
-    scalars plus `density` ([d_sae] float tensor, fraction of rows each feature fired on), which
-    callers pop before serializing.
+    The SAE reads raw activations of `dump`, as saved checkpoints expect, in float32, and is
+    measured against the same rows of `target` (a dump of the same harvest pass; None: `dump`
+    itself). Returns JSON-able scalars plus `density` ([d_sae] float tensor, fraction of rows
+    each feature fired on), which callers pop before serializing.
     """
     start, stop = rows
     if not 0 <= start < stop <= dump.n_rows:
         raise UserError(f"rows [{start}, {stop}) are empty or outside the dump's {dump.n_rows} rows")
     if dump.d_in != sae.cfg.d_in:
         raise UserError(f"the SAE reads d_in={sae.cfg.d_in} but the dump {dump.path} has d_in={dump.d_in}")
+    target = dump if target is None else target
+    if target is not dump:
+        check_same_pass([dump, target])
+    if target.d_in != sae.cfg.d_out:
+        raise UserError(f"the SAE writes d_out={sae.cfg.d_out} but the target dump {target.path} "
+                        f"has width {target.d_in}")
     device = torch.device(device)
-    sums = _ReconstructionSums(dump.d_in, sae.cfg.d_sae, device)
+    sums = _ReconstructionSums(target.d_in, sae.cfg.d_sae, device)
     for a in range(start, stop, chunk_rows):
-        x = float_rows(dump, a, min(a + chunk_rows, stop), device)  # [chunk, d_in]
-        sums.add_(x, sae(x))
+        b = min(a + chunk_rows, stop)
+        x = float_rows(dump, a, b, device)  # [chunk, d_in]
+        t = x if target is dump else float_rows(target, a, b, device)  # [chunk, d_out]
+        sums.add_(t, sae(x))
     return sums.metrics()
 
 
 class _ReconstructionSums:
     """float64 running sums, one pass over the rows.
 
-    The total variance uses sums of x - c with c the first chunk's mean (the "shifted data"
+    x below is the target (the input itself for an SAE). The total variance uses sums of x - c
+    with c the first chunk's mean (the "shifted data"
     formula): sum||x - mean||^2 = sum||x - c||^2 - n ||mean - c||^2 stays exact when the mean is
     large compared with the spread, where the unshifted sum||x||^2 - n||mean||^2 cancels badly.
     """
 
-    def __init__(self, d_in: int, d_sae: int, device: torch.device) -> None:
+    def __init__(self, d_out: int, d_sae: int, device: torch.device) -> None:
         f64 = dict(dtype=torch.float64, device=device)
         self.n = 0
-        self.shift: torch.Tensor | None = None  # [d_in]
-        self.sum_shifted = torch.zeros(d_in, **f64)  # sum of (x - c)
+        self.shift: torch.Tensor | None = None  # [d_out]
+        self.sum_shifted = torch.zeros(d_out, **f64)  # sum of (x - c)
         self.sum_sq_shifted = torch.zeros((), **f64)  # sum of ||x - c||^2
         self.sum_sq_err = torch.zeros((), **f64)  # sum of ||x - x_hat||^2
         self.active = torch.zeros((), **f64)  # non-zero features, summed over rows
@@ -66,7 +79,8 @@ class _ReconstructionSums:
         self.n_nonzero = 0
 
     def add_(self, x: torch.Tensor, out: Any) -> None:
-        """x: [rows, d_in]; out: the SAE's output on x (sae_out [rows, d_in], feature_acts [rows, d_sae])."""
+        """x: the target rows [rows, d_out] (an SAE's input); out: the SAE's output on the input rows
+        (sae_out [rows, d_out], feature_acts [rows, d_sae])."""
         x64 = x.double()
         if self.shift is None:
             self.shift = x64.mean(0)
