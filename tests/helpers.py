@@ -39,18 +39,16 @@ def pass_id(folder: Path) -> str | None:
     return json.loads((folder / "manifest.json").read_text()).get("pass_id")
 
 
-def set_pass_id(folders, pass_id: str = "test-pass", keep: bool = True) -> None:
-    """Give the manifests in `folders` (local dump folders, or s3:// dumps) the same `pass_id`, as
-    a harvest pass writing them all does; `keep` leaves a pass_id a manifest already has (so the
-    tests hold whether or not harvest writes one)."""
+def set_pass_id(folders, pass_id: str | None) -> None:
+    """Set the `pass_id` of the manifests in `folders` (local dump folders, or s3:// dumps); None
+    removes it, as in dumps written before harvest recorded its pass."""
     from shared.manifest import MANIFEST_NAME
     from shared.storage import location
 
     for folder in folders:
         path = location(folder) / MANIFEST_NAME
         raw = json.loads(path.get_bytes())
-        if raw.get("pass_id") is None or not keep:
-            raw["pass_id"] = pass_id
+        raw["pass_id"] = pass_id
         path.put_bytes(json.dumps(raw, indent=1).encode())
 
 
@@ -59,10 +57,11 @@ SAME_WIDTH = "blocks.0.hook_resid_post"  # d_model 32, like NARROW
 
 
 def harvest_pass(model: Path, ds: Path, out: Path | str, hooks=(NARROW, WIDE), tokens: int = 8000,
-                 pass_id: str | None = "pass-1", fmt: str | None = None) -> list:
-    """One harvest pass writing every hook in `hooks` into `out` (a folder or an s3:// prefix),
-    with `pass_id` set in every manifest that lacks one; the dumps' locations. BOS rows are
-    skipped: they are all alike, and `row_index` finds rows by their activations."""
+                 pass_ids: bool = True, fmt: str | None = None) -> list:
+    """One harvest pass writing every hook in `hooks` into `out` (a folder or an s3:// prefix);
+    the dumps' locations. `pass_ids=False` removes the pass_id harvest wrote, as in dumps written
+    before it existed. BOS rows are skipped: they are all alike, and `row_index` finds rows by
+    their activations."""
     args = ["--model", str(model), "--dataset", str(ds), "--out", str(out), "--context-size", "32",
             "--batch-size", "5", "--tokens", str(tokens), "--shard-rows", "2480", "--skip-bos"]
     args += ["--format", fmt] if fmt else []
@@ -71,8 +70,8 @@ def harvest_pass(model: Path, ds: Path, out: Path | str, hooks=(NARROW, WIDE), t
     run_harvest(*args)
     folders = [f"{out}/{hook}" for hook in hooks] if len(hooks) > 1 else [str(out)]
     folders = folders if str(out).startswith("s3://") else [Path(f) for f in folders]
-    if pass_id is not None:
-        set_pass_id(folders, pass_id)
+    if not pass_ids:
+        set_pass_id(folders, None)
     return folders
 
 

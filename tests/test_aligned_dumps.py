@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import write_token_dataset
-from helpers import NARROW, SAME_WIDTH, WIDE, assert_aligned, harvest_pass, set_pass_id
+from helpers import NARROW, SAME_WIDTH, WIDE, assert_aligned, harvest_pass
 from shared import shard_files
 from shared.errors import UserError
 from shared.reader import open_dump
@@ -102,23 +102,23 @@ def test_dumps_of_different_passes_are_refused_in_one_line(tiny_model, big_datas
                                                            monkeypatch):
     narrow = open_dump(pair[0])
     # The same settings harvested again: a different pass_id.
-    [again] = harvest_pass(tiny_model, big_dataset, tmp_path / "again", hooks=(WIDE,), pass_id="pass-2")
-    with pytest.raises(UserError, match="pass_id pass-1 != pass-2") as e:
+    [again] = harvest_pass(tiny_model, big_dataset, tmp_path / "again", hooks=(WIDE,))
+    with pytest.raises(UserError, match=r"pass_id [0-9a-f]{32} != [0-9a-f]{32}") as e:
         AlignedLoader([narrow, open_dump(again)], batch_size=10, seed=0)
     assert "\n" not in str(e.value) and "one harvest pass" in str(e.value)
     # Another dataset (pass_ids unknown, as in older dumps): the manifests say so.
     other_ds = write_token_dataset(tmp_path / "other_ds", n_docs=100, doc_len=100, vocab=vocab_size, seed=1)
-    [other] = harvest_pass(tiny_model, other_ds, tmp_path / "other", hooks=(WIDE,), pass_id=None)
+    [other] = harvest_pass(tiny_model, other_ds, tmp_path / "other", hooks=(WIDE,), pass_ids=False)
     with pytest.raises(UserError, match="dataset .* != ") as e:
         check_same_pass([narrow, open_dump(other)])
     assert "\n" not in str(e.value)
     # The same dataset path holding other tokens: only the columns show it.
     ds = tmp_path / "reused_ds"
     write_token_dataset(ds, n_docs=100, doc_len=100, vocab=vocab_size, seed=2)
-    [first] = harvest_pass(tiny_model, ds, tmp_path / "first", hooks=(NARROW,), pass_id=None)
+    [first] = harvest_pass(tiny_model, ds, tmp_path / "first", hooks=(NARROW,), pass_ids=False)
     shutil.rmtree(ds)
     write_token_dataset(ds, n_docs=100, doc_len=100, vocab=vocab_size, seed=3)
-    [second] = harvest_pass(tiny_model, ds, tmp_path / "second", hooks=(WIDE,), pass_id=None)
+    [second] = harvest_pass(tiny_model, ds, tmp_path / "second", hooks=(WIDE,), pass_ids=False)
     with pytest.raises(UserError, match="tokens differ at row") as e:
         AlignedLoader([open_dump(first), open_dump(second)], batch_size=10, seed=0)
     assert "\n" not in str(e.value)
