@@ -29,15 +29,20 @@ class Range:
 
     zero_ok: bool
     high: float | None = None
+    at_least: float | None = None
+    """A smallest allowed value above 0 (d_sae: 2)."""
 
     def check(self, name: str, value: Any, kind: str) -> None:
         """A one-line UserError unless `value` (already of type `kind`, "int" or "float") is in range."""
         low_ok = value >= 0 if self.zero_ok else value > 0
-        ok = math.isfinite(value) and low_ok and (self.high is None or value <= self.high)
+        ok = math.isfinite(value) and low_ok and (self.high is None or value <= self.high) \
+            and (self.at_least is None or value >= self.at_least)
         if not ok:
             raise UserError(f"{name} must {self.text(kind)}, got {value}")
 
     def text(self, kind: str) -> str:
+        if self.at_least is not None:
+            return f"be at least {self.at_least:g}"
         if self.high is not None:
             return f"be in {'[' if self.zero_ok else '('}0, {self.high:g}]"
         if kind == "int":
