@@ -48,6 +48,8 @@ def _flat(registry: tuple) -> dict[str, Field]:
                 specs += [_architecture_field(s) for s in architecture_settings().values()]
                 continue
             meta = {**f.metadata, "group": group, "help": first_sentence(docs.get(f.name, "")), "doc": docs.get(f.name, "")}
+            if f.name == "architecture":  # its choices are the registry's
+                meta["help"] = f"SAE architecture: {', '.join(name for name, _ in registry)}."
             specs.append((f.name, str(f.type), field(default=f.default, metadata=meta)))
     flat = make_dataclass("FlatConfig", specs)
     return dict(flat.__dataclass_fields__)
