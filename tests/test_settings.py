@@ -18,7 +18,7 @@ from shared.settings import POSITIVE, field_docs, setting
 from train.arch_settings import check_settings_used, used_settings
 from train.cli import main as train_main
 from train.config import PARTS, LanguageModelSAERunnerConfig, flat_fields
-from train.config.table import settings_table
+from train.config.table import settings_table, table_span, with_table
 from train.distributed import check_data_parallel
 from train.sweep import check_sweep, grid
 
@@ -130,12 +130,17 @@ def test_each_architecture_setting_is_declared_only_by_its_architecture():
 def test_the_docs_hold_the_generated_settings_table():
     doc = ROOT / "docs" / "train.md" if (ROOT / "docs" / "train.md").is_file() else ROOT / "README.md"
     lines = doc.read_text().splitlines()
-    header = settings_table().splitlines()[0]
-    assert header in lines, f"{doc.name} has no settings table: paste `python scripts/settings_table.py`"
-    start = lines.index(header)
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    assert "\n".join(lines[start:end]) + "\n" == settings_table(), \
-        f"{doc.name}'s settings table is stale: replace it with `python scripts/settings_table.py`"
+    span = table_span(lines)
+    assert span is not None, f"{doc.name} has no settings table: paste `python scripts/settings_table.py`"
+    assert "\n".join(lines[span[0]:span[1]]) + "\n" == settings_table(), \
+        f"{doc.name}'s settings table is stale: run `python scripts/settings_table.py --write {doc.relative_to(ROOT)}`"
+
+
+def test_the_table_writer_replaces_only_the_table():
+    doc = "# T\n\nintro\n\n| key | default | meaning |\n|---|---|---|\n| `lr` | 1 | OBSOLETE-ROW |\n\nafter\n"
+    new = with_table(doc)
+    assert new.startswith("# T\n\nintro\n\n") and new.endswith("\n\nafter\n")
+    assert settings_table() in new and "OBSOLETE-ROW" not in new
 
 
 def test_every_part_setting_has_a_docstring_and_every_train_key_a_help_line():

@@ -1,7 +1,10 @@
 """`train`: the command line over `train.run.train`.
 
-Every config key is a flag (--kebab-case); `--config FILE` (YAML or JSON, the same snake_case
-keys) sets values that flags then override.
+Every `train` config key is a flag (--kebab-case), built from the config's parts and from each
+registered architecture's `Settings`; `--config FILE` (YAML or JSON, the same snake_case keys) sets
+values that flags then override. The settings the Python API harvests a missing dump with
+(model_name, hook_point, context_size...) are refused with the `harvest` flag to use instead, and
+the seed's ignored names (dtype, n_batches_in_buffer, is_dataset_tokenized) are no flags.
 """
 from __future__ import annotations
 

@@ -33,3 +33,22 @@ def settings_table() -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a bar would end the cell (E||x||)
+
+
+def table_span(lines: list[str]) -> tuple[int, int] | None:
+    """[start, end) of the settings table among a doc's lines (from its header row), None if absent."""
+    if HEADER[0] not in lines:
+        return None
+    start = lines.index(HEADER[0])
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return start, end
+
+
+def with_table(doc: str) -> str:
+    """The doc's text with its settings table replaced by the generated one."""
+    lines = doc.splitlines()
+    span = table_span(lines)
+    if span is None:
+        raise ValueError(f"no settings table (a row {HEADER[0]!r}) to replace")
+    new = lines[: span[0]] + settings_table().splitlines() + lines[span[1]:]
+    return "\n".join(new) + ("\n" if doc.endswith("\n") else "")
