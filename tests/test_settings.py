@@ -67,6 +67,8 @@ def test_batch_wide_selection_is_the_class_attribute_data_parallel_reads(toy):
         check_data_parallel(trainer, 100, 10, 2)
     trainer.sae = StandardSAE(SAEConfig(4, 8))
     check_data_parallel(trainer, 100, 10, 2)
+    batch_wide = sorted(arch for arch, cls in ARCHITECTURES.items() if cls.batch_wide_selection)
+    assert {"batchtopk", "matryoshka_batchtopk"} <= set(batch_wide) and "topk" not in batch_wide
 
 
 def test_architecture_ranges_are_the_flags_ranges():
