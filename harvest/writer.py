@@ -12,7 +12,6 @@ import math
 import queue
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch

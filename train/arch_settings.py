@@ -13,23 +13,14 @@ from shared.errors import UserError
 from shared.saes.base import SAE, SAEConfig
 from shared.saes.registry import ARCHITECTURES, architecture_class
 from train.config import MIN_D_SAE, LanguageModelSAERunnerConfig
-
-RESAMPLING_SETTINGS = ("feature_sampling_method", "dead_feature_threshold", "feature_reinit_scale",
-                       "resample_sample_rows")
-WARM_UP_SETTING = {"l1_coefficient": "l1_warm_up_steps", "l0_coefficient": "l0_warm_up_steps"}
-"""The warm-up that goes with each sparsity coefficient."""
-DEAD_FEATURE_DEFAULTS = {"feature_sampling_method": "anthropic", "dead_feature_threshold": 1e-8,
-                       "feature_reinit_scale": 0.2, "resample_sample_rows": 819_200, "dead_feature_window": 500}
+from train.config.dead_features import policy_settings, resolved_defaults
 
 
 def used_settings(cls: type[SAE]) -> set[str]:
-    names = {f.name for f in fields(cls.Settings)}
-    names |= {warm for coef, warm in WARM_UP_SETTING.items() if coef in names}
-    if cls.dead_feature_policy == "resample":
-        names |= set(RESAMPLING_SETTINGS)
-    if cls.dead_feature_policy in ("resample", "auxk"):
-        names.add("dead_feature_window")
-    return names
+    """The config settings an SAE of this architecture uses: its own, its sparsity warm-up, and
+    the dead-feature settings of its policy."""
+    names = {f.name for f in fields(cls.Settings)} | policy_settings(cls.dead_feature_policy)
+    return names | ({cls.sparsity_warm_up} if cls.sparsity_warm_up else set())
 
 
 def specific_settings() -> set[str]:
@@ -77,7 +68,7 @@ def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, A
     L0 warm-up over the first 5% for JumpReLU)."""
     april = bool(cfg.anthropic_april_update)
     out: dict[str, Any] = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
-                           for k, v in DEAD_FEATURE_DEFAULTS.items()}
+                           for k, v in resolved_defaults().items()}
     cls = architecture_class(cfg.architecture)
     if cls.dead_feature_policy != "resample":
         out["feature_sampling_method"] = "none"
@@ -86,8 +77,7 @@ def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, A
     # settle before the L0 pressure (measured on planted features: fewer dropped features).
     out["l0_warm_up_steps"] = _or(cfg.l0_warm_up_steps, round(0.05 * total_steps))
     out["lr_decay_steps"] = _or(cfg.lr_decay_steps, round(0.2 * total_steps) if april else 0)
-    coefficient = next((c for c in WARM_UP_SETTING if c in {f.name for f in fields(cls.Settings)}), None)
-    out["sparsity_warm_up_steps"] = out[WARM_UP_SETTING[coefficient]] if coefficient else 0
+    out["sparsity_warm_up_steps"] = out[cls.sparsity_warm_up] if cls.sparsity_warm_up else 0
     return out
 
 

@@ -1,12 +1,15 @@
 """`train`: the command line over `train.run.train`.
 
-Every config key is a flag (--kebab-case); `--config FILE` (YAML or JSON, the same snake_case
-keys) sets values that flags then override.
+Every `train` config key is a flag (--kebab-case), built from the config's parts and from each
+registered architecture's `Settings`; `--config FILE` (YAML or JSON, the same snake_case keys) sets
+values that flags then override. The settings the Python API harvests a missing dump with
+(model_name, hook_point, context_size...) are refused with the `harvest` flag to use instead, and
+the seed's ignored names (dtype, n_batches_in_buffer, is_dataset_tokenized) are no flags.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, fields
+from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +19,64 @@ from shared.cli_errors import one_line_errors
 from shared.cli_options import ENDPOINT_HELP, endpoint_option
 from shared.errors import UserError
 from shared.run_paths import dump_path_for
-from train.config import LanguageModelSAERunnerConfig
+from shared.settings import kind_of
+from train.config import LanguageModelSAERunnerConfig, flat_fields
+from train.config.architectures import show
 
-_SKIP = {"shards"}  # given as its own option below
+_OWN_OPTION = {"shards"}  # given as its own option below
 
 
 def _click_type(annotation: str) -> Any:
-    if "list" in annotation:
-        return str
-    if "bool" in annotation:
-        return bool
-    if "int" in annotation:
-        return int
-    if "float" in annotation:
-        return float
-    return str
+    kind = kind_of(annotation)
+    return {"bool": bool, "int": int, "float": float}.get(kind, str)  # lists: "256,1024" text
 
 
-def _default_text(f) -> str:
-    return "" if f.default is MISSING or f.default is None else f" [default: {f.default}]"
+def _help(f: Field) -> str:
+    default = f.metadata.get("default_text") or ("" if f.default is None else show(f.default))
+    return f"({f.metadata['group']}) {f.metadata['help']}" + (f" [default: {default}]" if default else "")
 
 
-def config_options(func):
-    """One click option per config field, default None so only flags actually given override."""
-    for f in reversed(fields(LanguageModelSAERunnerConfig)):
-        if f.name in _SKIP:
+def config_options() -> list[click.Option]:
+    """One option per `train` key (the parts' settings and every registered architecture's),
+    default None so only flags actually given override; the harvest settings are hidden flags that
+    say where they belong (`refuse_harvest_settings`). The seed's ignored names are no flags."""
+    out = []
+    for f in flat_fields().values():
+        if f.name in _OWN_OPTION or f.metadata.get("ignored"):
             continue
         flag = f.name.replace("_", "-")
+        hidden = "harvest_flag" in f.metadata
         kind = _click_type(str(f.type))
-        help_text = f"({f.metadata['group']}) " + f.metadata.get("help", "") + _default_text(f)
         if kind is bool:
-            decl = [f"--{flag}/--no-{flag}"]
-            func = click.option(*decl, f.name, default=None, help=help_text)(func)
+            out.append(click.Option([f"--{flag}/--no-{flag}", f.name], default=None, help=_help(f), hidden=hidden))
         else:
-            func = click.option(f"--{flag}", f.name, type=kind, default=None, help=help_text)(func)
-    return func
+            out.append(click.Option([f"--{flag}", f.name], type=kind, default=None, help=_help(f), hidden=hidden))
+    return out
+
+
+def refuse_harvest_settings(given: dict[str, Any], shards_given: bool, where: str) -> None:
+    """A harvest setting given to `train` (as a flag, or in a config file beside a dump) would be
+    ignored: `train` reads the dump, whose manifest records how it was harvested."""
+    if where != "flags" and not shards_given:
+        return
+    for name in given:
+        f = flat_fields().get(name)
+        if f is None or "harvest_flag" not in f.metadata or given[name] is None:
+            continue
+        flag = f.metadata["harvest_flag"]
+        hint = f"pass {flag} to `harvest`" if flag else "`harvest` takes it from --hook"
+        source = "" if where == "flags" else f" ({where})"
+        raise UserError(f"{name} is a harvest setting{source}: {hint}; `train` reads the dump it wrote "
+                        "(--shards)")
+
+
+class _TrainCommand(click.Command):
+    """The command, with an option per config key built when it runs: an architecture registered
+    after import (a plug-in, a test) has its flags too."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        *own, help_option = super().get_params(ctx)
+        return [*own, *config_options(), help_option]
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -69,7 +95,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     return raw
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=_TrainCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--shards", default=None, help="Dump folder written by `harvest` (e.g. data/gelu2l_l0).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML or JSON file of config keys; flags override it.")
@@ -93,7 +119,6 @@ def read_config_file(path: str) -> dict[str, Any]:
 @click.option("--overwrite", is_flag=True,
               help="Replace a run (or sweep) with other settings already in --checkpoint-path; without it "
                    "that is refused. Never needed to continue a folder's own checkpoint.")
-@config_options
 def main(shards, config_file, resume_from, sweeps, verify, quiet, parallel, overwrite, **flags) -> None:
     """Train a sparse autoencoder from an activation dump, never touching the language model.
 
@@ -133,7 +158,10 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
             return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify,
                                                     shards=shards)]
     raw = checkpoint_config(Path(resume_from), find_dump=shards is None) if resume_from else {}
-    raw.update(read_config_file(config_file) if config_file else {})
+    from_file = read_config_file(config_file) if config_file else {}
+    refuse_harvest_settings(flags, True, "flags")
+    refuse_harvest_settings(from_file, shards is not None or from_file.get("shards") is not None, config_file)
+    raw.update(from_file)
     sweep = raw.pop("sweep", None) or {}
     if not isinstance(sweep, dict):
         raise UserError(f"{config_file}: 'sweep' must map config keys to lists of values")

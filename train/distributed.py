@@ -148,9 +148,7 @@ def parallel_training(asked: str | None, sweep: bool, device: str | None) -> Ite
 
 
 def check_data_parallel(trainer: Any, n_rows: int, batch_size: int, world: int) -> None:
-    from shared.saes.batchtopk import BatchTopKSAE
-
-    if isinstance(trainer.sae, BatchTopKSAE):
+    if type(trainer.sae).batch_wide_selection:
         raise UserError(f"{trainer.cfg.architecture} picks its features over the whole batch, which "
                         "data-parallel training cannot split; train it in one process, or spread a sweep "
                         "with --parallel sweep")

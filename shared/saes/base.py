@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from shared.atomic import commit, temp_path, write_json
 from shared.errors import UserError
+from shared.settings import POSITIVE, check_fields, setting
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -74,15 +75,16 @@ class SAEConfig:
 class BaseSettings:
     """Settings every architecture has. Subclasses add their own, named as in SAELens."""
 
-    decoder_init_norm: float = 0.1
+    decoder_init_norm: float = setting(0.1, POSITIVE)
     """Initial norm of each feature's encoder column (W_enc = decoder_init_norm x the feature's
     direction), and of its decoder row where the decoder is not held at unit norm. A small encoder
     keeps the first pre-activations small, so features start near their threshold instead of
     firing on most inputs (SAELens' default 0.1; Anthropic's April 2024 update)."""
 
     def validate(self, cfg: SAEConfig) -> None:
-        if not self.decoder_init_norm > 0:
-            raise UserError(f"decoder_init_norm must be positive, got {self.decoder_init_norm}")
+        """Every setting of its type and in its declared range; subclasses add what depends on the
+        shape (k <= d_sae)."""
+        check_fields(self)
 
 
 class SAEOutput(NamedTuple):
@@ -125,6 +127,14 @@ class SAE(torch.nn.Module):
     """Decoder rows are renormalised to 1 after every step (and their parallel gradient removed)."""
     dead_feature_policy: ClassVar[str] = "none"
     """How training revives dead features: 'resample' (Anthropic 2023), 'auxk' (Gao et al. 2024) or 'none'."""
+    batch_wide_selection: ClassVar[bool] = False
+    """Features are chosen over the whole batch (BatchTopK), so a batch cannot be split over processes."""
+    sparsity_setting: ClassVar[str | None] = None
+    """The setting that sets the sparsity (a coefficient, or k): swept for frontiers, named in run names."""
+    sparsity_label: ClassVar[str] = ""
+    """How run names write `sparsity_setting` ('L1' -> '...-L1-1.2-...')."""
+    sparsity_warm_up: ClassVar[str | None] = None
+    """The training setting (steps) over which the sparsity coefficient ramps up from 0, if it does."""
 
     W_enc: torch.nn.Parameter
     W_dec: torch.nn.Parameter

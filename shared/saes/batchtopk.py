@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from shared.errors import UserError
-from shared.saes.base import SAEConfig, TrainOutput
+from shared.saes.base import TrainOutput
 from shared.saes.topk import Selection, TopKSAE, TopKSettings, selection_from_pairs
+from shared.settings import RATE, setting
 
 CANDIDATES_PER_K = 4
 """CPU: the batch's top k * batch are picked among each row's top CANDIDATES_PER_K * k (a row
@@ -39,14 +39,8 @@ batch * d_sae values at batch 4096, d_sae 16384, k 32 on 2 cores."""
 
 @dataclass
 class BatchTopKSettings(TopKSettings):
-    topk_threshold_lr: float = 0.01
+    topk_threshold_lr: float = setting(0.01, RATE)
     """Rate of the running estimate of the inference threshold (SAELens' default)."""
-
-    def validate(self, cfg: SAEConfig) -> None:
-        super().validate(cfg)
-        lr = self.topk_threshold_lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1:
-            raise UserError(f"topk_threshold_lr must be a number in (0, 1], got {lr!r}")
 
 
 def batch_topk_selection(acts: torch.Tensor, n_keep: int) -> Selection:
@@ -69,6 +63,7 @@ def batch_topk_selection(acts: torch.Tensor, n_keep: int) -> Selection:
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     Settings = BatchTopKSettings
+    batch_wide_selection = True
     settings: BatchTopKSettings
     threshold: torch.Tensor
 

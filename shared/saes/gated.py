@@ -36,28 +36,24 @@ from typing import Any
 
 import torch
 
-from shared.errors import UserError
-from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput
+from shared.saes.base import SAE, BaseSettings, StepContext, TrainOutput
+from shared.settings import NON_NEGATIVE, setting
 
 
 @dataclass
 class GatedSettings(BaseSettings):
-    l1_coefficient: float = 3.0
+    l1_coefficient: float = setting(3.0, NON_NEGATIVE)
     """Weight of the gate's L1 term (sum_i relu(pi_i) * ||W_dec_i||, averaged over rows), for
     inputs normalised to E||x|| = sqrt(d_in); the same name as the standard SAE's. On planted
     features (3 active per row, so a feature explains ~d_in/3 of ||x||^2) 3.0 recovered them at
     the right L0 for lr 1e-3..1e-2; 1.2 left L0 about twice too high, with split features."""
-
-    def validate(self, cfg: SAEConfig) -> None:
-        super().validate(cfg)
-        if not self.l1_coefficient >= 0:
-            raise UserError(f"l1_coefficient must not be negative, got {self.l1_coefficient}")
 
 
 class GatedSAE(SAE):
     architecture = "gated"
     Settings = GatedSettings
     unit_norm_decoder = False
+    sparsity_setting, sparsity_label, sparsity_warm_up = "l1_coefficient", "L1", "l1_warm_up_steps"
     settings: GatedSettings
     b_gate: torch.nn.Parameter
     r_mag: torch.nn.Parameter

@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 
-from shared.errors import UserError
-from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput
+from shared.saes.base import SAE, BaseSettings, StepContext, TrainOutput
+from shared.settings import NON_NEGATIVE, POSITIVE, setting
 
 
 @dataclass
 class JumpReLUSettings(BaseSettings):
-    l0_coefficient: float = 1.0
+    l0_coefficient: float = setting(1.0, NON_NEGATIVE)
     """Weight of the L0 term (mean over rows of the number of firing features) against the MSE,
     which is summed over d_in; set for inputs normalised to E||x|| = sqrt(d_in). A feature is
     worth firing on a row when it removes more than l0_coefficient of squared error there; a
@@ -48,13 +48,13 @@ class JumpReLUSettings(BaseSettings):
     for a lower L0. (SAELens' default; the paper's lambda, on inputs of unit mean squared norm, is
     this divided by d_in.) On planted features (3 per row, each ~d_in / 3 of ||x||^2): 1.0 found
     the planted L0; 0.3 kept L0 ~5 with split features; 3.0 dropped the weakest at d_in = 16."""
-    jumprelu_bandwidth: float = 0.05
+    jumprelu_bandwidth: float = setting(0.05, POSITIVE)
     """Width eps of the straight-through estimators' rectangle kernel, in pre-activation units
     (SAELens' default; the paper's 0.001 is for inputs of unit mean squared norm, ~0.001 *
     sqrt(d_in) here). Only pre-activations within eps/2 of a threshold move it: wider means less
     noise and more bias. On planted features 0.05 to 0.5 all worked (0.2-0.5 slightly better
     with small batches); the initial threshold mattered far more."""
-    jumprelu_init_threshold: float = 0.1
+    jumprelu_init_threshold: float = setting(0.1, POSITIVE)
     """Initial threshold theta of every feature (pre-activation units): about the spread of the
     first pre-activations (decoder_init_norm x ||x - b_dec|| / sqrt(d_in) ~ 0.1 on normalised
     inputs), so each feature starts firing on a fair share of inputs (~16%) and sparsity is
@@ -67,7 +67,7 @@ class JumpReLUSettings(BaseSettings):
     the cosine 0.87-0.99 (and >= 0.988 over 6 seeds at lr 1e-2 for 400 steps, with the L0
     coefficient warmed up over the first 100)."""
 
-    jumprelu_threshold_lr: float = 0.1
+    jumprelu_threshold_lr: float = setting(0.1, POSITIVE)
     """Adam learning rate of log(threshold), whatever the other parameters' lr (the lr schedule
     still scales it). Adam moves log_threshold by ~its lr per step at most, i.e. theta by a
     factor e^lr: at the usual SAE lr (1e-3) a threshold needs ~2,000 steps to grow e^2-fold,
@@ -77,17 +77,6 @@ class JumpReLUSettings(BaseSettings):
     coefficient; 1e-2, L0 ~130; 0.1, L0 following the coefficient (2 -> 33, 12 -> 3.4), with
     explained variance at L0 33 (0.65) equal to TopK's at k 32. On planted features 0.1 also
     works (lr 1e-2); 1.0 does not."""
-
-    def validate(self, cfg: SAEConfig) -> None:
-        super().validate(cfg)
-        if not self.l0_coefficient >= 0:
-            raise UserError(f"l0_coefficient must not be negative, got {self.l0_coefficient}")
-        if not self.jumprelu_bandwidth > 0:
-            raise UserError(f"jumprelu_bandwidth must be positive, got {self.jumprelu_bandwidth}")
-        if not (self.jumprelu_init_threshold > 0 and math.isfinite(self.jumprelu_init_threshold)):
-            raise UserError(f"jumprelu_init_threshold must be positive, got {self.jumprelu_init_threshold}")
-        if not (self.jumprelu_threshold_lr > 0 and math.isfinite(self.jumprelu_threshold_lr)):
-            raise UserError(f"jumprelu_threshold_lr must be positive, got {self.jumprelu_threshold_lr}")
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -161,6 +150,7 @@ def log_of_threshold(threshold: torch.Tensor) -> torch.Tensor:
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     Settings = JumpReLUSettings
+    sparsity_setting, sparsity_label, sparsity_warm_up = "l0_coefficient", "L0", "l0_warm_up_steps"
     settings: JumpReLUSettings
     b_enc: torch.nn.Parameter
     log_threshold: torch.nn.Parameter

@@ -19,28 +19,24 @@ from typing import Any
 
 import torch
 
-from shared.errors import UserError
 from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput
+from shared.settings import NON_NEGATIVE, setting
 
 
 @dataclass
 class StandardSettings(BaseSettings):
-    l1_coefficient: float = 1.2
+    l1_coefficient: float = setting(1.2, NON_NEGATIVE)
     """Weight of the L1 term, which is averaged over the batch (the seed summed it: seed value x
     train_batch_size is the value here)."""
     anthropic_april_update: bool = False
     """L1 weighted by decoder row norms and no unit-norm constraint (Anthropic, April 2024)."""
-
-    def validate(self, cfg: SAEConfig) -> None:
-        super().validate(cfg)
-        if not self.l1_coefficient >= 0:
-            raise UserError(f"l1_coefficient must not be negative, got {self.l1_coefficient}")
 
 
 class StandardSAE(SAE):
     architecture = "standard"
     Settings = StandardSettings
     dead_feature_policy = "resample"
+    sparsity_setting, sparsity_label, sparsity_warm_up = "l1_coefficient", "L1", "l1_warm_up_steps"
     settings: StandardSettings
     b_enc: torch.nn.Parameter
 

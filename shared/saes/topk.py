@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from shared.errors import UserError
 from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput, sum_sq_err
+from shared.settings import NON_NEGATIVE, POSITIVE, setting
 
 SPARSE_RATIO = 8
 """`sparse_decode=None` (auto) trains sparsely when k * SPARSE_RATIO <= d_sae."""
@@ -45,12 +46,12 @@ def is_plain_int(value: Any) -> bool:
 
 @dataclass
 class TopKSettings(BaseSettings):
-    k: int = 32
+    k: int = setting(32, POSITIVE)
     """Latents kept per row (SAELens `k`)."""
-    aux_k: int | None = None
+    aux_k: int | None = setting(None, POSITIVE)
     """Latents in the AuxK reconstruction of the residual; None -> d_in // 2 (SAELens' default;
     OpenAI used 512). Clamped to d_sae."""
-    aux_loss_coefficient: float = 1 / 32
+    aux_loss_coefficient: float = setting(1 / 32, NON_NEGATIVE)
     """Weight of the AuxK term (OpenAI's 1/32)."""
     sparse_decode: bool | None = None
     """Train through the chosen latents only (True), through a dense f (False), or decide by
@@ -58,15 +59,8 @@ class TopKSettings(BaseSettings):
 
     def validate(self, cfg: SAEConfig) -> None:
         super().validate(cfg)
-        if not is_plain_int(self.k) or not 1 <= self.k <= cfg.d_sae:
+        if self.k > cfg.d_sae:
             raise UserError(f"k must be an integer in [1, d_sae={cfg.d_sae}], got {self.k!r}")
-        if self.aux_k is not None and (not is_plain_int(self.aux_k) or self.aux_k < 1):
-            raise UserError(f"aux_k must be a positive integer or null, got {self.aux_k!r}")
-        if isinstance(self.aux_loss_coefficient, bool) or not isinstance(self.aux_loss_coefficient, (int, float)) \
-                or not self.aux_loss_coefficient >= 0:
-            raise UserError(f"aux_loss_coefficient must be a non-negative number, got {self.aux_loss_coefficient!r}")
-        if self.sparse_decode is not None and not isinstance(self.sparse_decode, bool):
-            raise UserError(f"sparse_decode must be true, false or null, got {self.sparse_decode!r}")
 
 
 class Selection(NamedTuple):
@@ -133,6 +127,7 @@ class TopKSAE(SAE):
     architecture = "topk"
     Settings = TopKSettings
     dead_feature_policy = "auxk"
+    sparsity_setting, sparsity_label = "k", "k"
     settings: TopKSettings
     b_enc: torch.nn.Parameter
 
