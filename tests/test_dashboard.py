@@ -162,6 +162,7 @@ def _listed_features(driver) -> list[int]:
         driver.find_element(By.ID, "next").click()
 
 
+@pytest.mark.slow  # chromium
 def test_the_dashboard_works_in_a_headless_browser(run, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -204,6 +205,7 @@ def test_the_dashboard_works_in_a_headless_browser(run, browser, tmp_path):
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
 
+@pytest.mark.slow  # chromium
 def test_the_dashboard_works_from_a_static_file_server(run, browser):
     from selenium.webdriver.common.by import By
 

@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 
 from helpers import dump_files, run_harvest
 
+# Slow tier: every test starts torchrun (two interpreters importing torch, a gloo group).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).parents[1]
 
 

@@ -57,6 +57,7 @@ def test_crash_then_resume_is_byte_identical(tiny_model, token_dataset, tmp_path
     open_dump(out, verify=True)
 
 
+@pytest.mark.slow  # a real process, SIGKILLed; the crash test above is the fast tier's resume check
 def test_sigkill_then_resume_is_byte_identical(tiny_model, vocab_size, tmp_path):
     ds = write_token_dataset(tmp_path / "big", n_docs=400, doc_len=200, vocab=vocab_size)
     args = _args(tiny_model, ds, tmp_path / "out", tokens=30_000, shard_rows=500)

@@ -22,7 +22,8 @@ from shared.errors import DumpError
 from shared.reader import open_dump
 from train.cli import main as train_main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Slow tier: a moto server process per module, and one test under torchrun.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _free_port() -> int:

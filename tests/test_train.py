@@ -168,6 +168,7 @@ def test_cli_resume_from_uses_the_checkpoint_config(tmp_path):
         (tmp_path / "b" / "final" / "sae_weights.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # a real process and a real SIGINT; the in-process version below is the fast one
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     import os
     import signal
@@ -194,6 +195,47 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert proc.returncode == 2 and "--resume-from" in err, err
     saved = Path(err.strip().split("--resume-from ")[-1].strip())
     assert (saved / "trainer_state.json").is_file() and "Traceback" not in err
+    resumed = CliRunner().invoke(train_main, ["--resume-from", str(saved), "--quiet", "--no-verify"])
+    assert resumed.exit_code == 0, resumed.output
+    straight = CliRunner().invoke(train_main, args + ["--checkpoint-path", str(tmp_path / "b")])
+    assert straight.exit_code == 0, straight.output
+    assert (tmp_path / "a" / "final" / "sae_weights.safetensors").read_bytes() == \
+        (tmp_path / "b" / "final" / "sae_weights.safetensors").read_bytes()
+
+
+def test_ctrl_c_in_this_process_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, one_thread):
+    """The Ctrl-C contract at tiny sizes, in this process: a SIGINT after step 13 stops the run at that
+    step's end with a checkpoint and a one-line hint, and resuming gives the uninterrupted weights."""
+    import os
+    import signal
+
+    import train.run as run_module
+
+    sparse_dump(tmp_path / "dump", n_rows=2048)
+    args = ["--shards", str(tmp_path / "dump"), "--expansion-factor", "2", "--train-batch-size", "64",
+            "--total-training-tokens", str(64 * 30), "--device", "cpu", "--eval-holdout-contexts", "0",
+            "--quiet", "--no-verify"]
+    real_step = run_module._step_slot
+
+    def step_then_ctrl_c(slot, *a, **kw):
+        real_step(slot, *a, **kw)
+        if slot.trainer.counters.step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    unhandled = []  # a SIGINT that train does not catch lands here instead of stopping pytest
+    previous = signal.signal(signal.SIGINT, lambda *_: unhandled.append(True))
+    try:
+        monkeypatch.setattr(run_module, "_step_slot", step_then_ctrl_c)
+        stopped = CliRunner().invoke(train_main, args + ["--checkpoint-path", str(tmp_path / "a")])
+        monkeypatch.setattr(run_module, "_step_slot", real_step)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not unhandled, "train did not handle the SIGINT"
+    assert stopped.exit_code == 2 and "Traceback" not in stopped.stderr, stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]  # after the run's one-line description
+    saved = tmp_path / "a" / str(13 * 64)  # the step the signal came in, not a later one
+    assert last.startswith("train: error: interrupted") and last.endswith(f"--resume-from {saved}"), last
+    assert not (tmp_path / "a" / "final").exists()
     resumed = CliRunner().invoke(train_main, ["--resume-from", str(saved), "--quiet", "--no-verify"])
     assert resumed.exit_code == 0, resumed.output
     straight = CliRunner().invoke(train_main, args + ["--checkpoint-path", str(tmp_path / "b")])

@@ -25,6 +25,9 @@ from fault._support import (
 from helpers import dump_files
 from shared.dump_writer import write_dump
 
+# Slow tier: the fault suite (tests/README.md); the fast tier keeps a sample of its checks.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _fork_server():
