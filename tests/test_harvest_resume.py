@@ -65,8 +65,7 @@ def test_sigkill_then_resume_is_byte_identical(tiny_model, vocab_size, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "harvest", "--quiet", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = tmp_path / "out" / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # no deadline: the harvest ends by itself, however slow the machine
         try:
             if len(json.loads(manifest.read_text())["shards"]) >= 3:
                 break

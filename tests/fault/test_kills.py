@@ -65,7 +65,7 @@ def run_and_kill(start: Callable[[], Running], event: Callable[[], Event], out: 
         run = start()
         if kill_when(run, lambda: happened(out), extra):
             return f"{what} +{extra * 1000:.0f} ms"
-        assert run.wait(60) == 0, f"{run.what} failed before its kill point:\n{run.output()}"
+        assert run.wait() == 0, f"{run.what} failed before its kill point:\n{run.output()}"
         pytest.fail(f"{run.what} finished before '{what}' could be killed; make the run longer")
     raise AssertionError("unreachable")
 
