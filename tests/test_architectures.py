@@ -17,6 +17,8 @@ from train.config import LanguageModelSAERunnerConfig
 from train.run import train
 from train.sweep import grid, train_sweep
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Small settings each architecture can train with on a 32-wide toy dump. Its keys, not the registry,
 # name the architectures the tests run: one missing from the registry fails them instead of
 # silently dropping out of the parametrisations.

@@ -24,6 +24,8 @@ from train.evaluation.dashboard import CHUNK
 from train.evaluation.feature_stats import feature_stats
 from train.evaluation.logit_table import logit_effects, unembedding
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 HOOK = "blocks.0.hook_mlp_out"
 D_SAE = 300  # more than one page of the index (100 rows) and more than one data file (256 features)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -17,6 +17,8 @@ from helpers import dump_files, run_harvest
 from shared.errors import DumpError
 from shared.reader import open_dump
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _args(model: Path, ds: Path, out: Path, tokens: int = 1000, shard_rows: int = 300) -> list[str]:
     return ["--model", str(model), "--dataset", str(ds), "--out", str(out), "--context-size", "32",

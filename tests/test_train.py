@@ -18,6 +18,8 @@ from train.cli import main as train_main
 from train.config import LanguageModelSAERunnerConfig
 from train.run import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def sparse_dump(folder: Path, n_rows=16384, d_in=32, n_features=48, per_row=3, seed=0):
     """Rows = sums of a few of `n_features` random unit directions with positive weights."""
@@ -202,7 +204,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
         (tmp_path / "b" / "final" / "sae_weights.safetensors").read_bytes()
 
 
-def test_ctrl_c_in_this_process_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, one_thread):
+def test_ctrl_c_in_this_process_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     """The Ctrl-C contract at tiny sizes, in this process: a SIGINT after step 13 stops the run at that
     step's end with a checkpoint and a one-line hint, and resuming gives the uninterrupted weights."""
     import os
