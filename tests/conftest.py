@@ -84,3 +84,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module, its module-scoped fixtures (harvests, trained runs) included:
+    requested with `pytestmark`, it is set up before them. For modules whose data is built once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

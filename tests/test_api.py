@@ -3,17 +3,33 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import make_tiny_model, write_token_dataset
 from shared.reader import open_dump
 
 
+@pytest.mark.slow  # an SAE of 512 x 32768 on batches of 4096 rows: about a minute on 2 cores
 def test_seed_readme_example_runs(tmp_path, monkeypatch):
     # The seed's example trains on 50M tokens for 15 minutes on an A100; a CPU test keeps its
     # settings but harvests and trains 8,192 tokens (2 steps of 4096), offline wandb included.
-    model_dir = make_tiny_model(tmp_path / "model_512", n_layer=1, d_model=512, n_ctx=128)
-    dataset = write_token_dataset(tmp_path / "ds", n_docs=80, doc_len=128, vocab=30)
+    run_seed_example(tmp_path, monkeypatch, d_model=512, expansion_factor=64, train_batch_size=4096,
+                     context_size=128)
+
+
+def test_seed_readme_example_runs_small(tmp_path, monkeypatch, one_thread):
+    """The same example and checks at tiny sizes (the fast tier's check of the seed's API)."""
+    run_seed_example(tmp_path, monkeypatch, d_model=32, expansion_factor=2, train_batch_size=64,
+                     context_size=32)
+
+
+def run_seed_example(tmp_path, monkeypatch, d_model: int, expansion_factor: int, train_batch_size: int,
+                     context_size: int) -> None:
+    """The seed README's example with the model, dataset and device changed, and these four sizes;
+    harvests 2 steps' tokens plus one held-out context, trains 2 steps, loads the session back."""
+    model_dir = make_tiny_model(tmp_path / f"model_{d_model}", n_layer=1, d_model=d_model, n_ctx=context_size)
+    dataset = write_token_dataset(tmp_path / "ds", n_docs=80, doc_len=context_size, vocab=30)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
 
@@ -24,19 +40,19 @@ def test_seed_readme_example_runs(tmp_path, monkeypatch):
         model_name=str(model_dir),  # changed: "gelu-2l"
         hook_point="blocks.0.hook_mlp_out",
         hook_point_layer=0,
-        d_in=512,
+        d_in=d_model,
         dataset_path=str(dataset),  # changed: "NeelNanda/c4-tokenized-2b"
         is_dataset_tokenized=True,
         # SAE Parameters
-        expansion_factor=64,
+        expansion_factor=expansion_factor,
         # Training Parameters
         lr=1e-4,
         l1_coefficient=3e-4,
-        train_batch_size=4096,
-        context_size=128,
+        train_batch_size=train_batch_size,
+        context_size=context_size,
         # Activation Store Parameters
         n_batches_in_buffer=24,
-        total_training_tokens=8192,  # changed: 5_000_00 * 100
+        total_training_tokens=2 * train_batch_size,  # changed: 5_000_00 * 100
         store_batch_size=32,
         # Resampling protocol
         feature_sampling_method="l2",
@@ -55,13 +71,14 @@ def test_seed_readme_example_runs(tmp_path, monkeypatch):
         dtype=torch.float32,
     )
     sparse_autoencoder = language_model_sae_runner(cfg)
-    assert sparse_autoencoder.cfg.d_in == 512 and sparse_autoencoder.cfg.d_sae == 32768
-    dump = open_dump(tmp_path / "data" / "model512_l0")  # harvested because it was missing
-    assert dump.n_rows == 8192 + 128 and dump.manifest.hook  # + 1 held-out context == "blocks.0.hook_mlp_out"
+    assert sparse_autoencoder.cfg.d_in == d_model and sparse_autoencoder.cfg.d_sae == d_model * expansion_factor
+    dump = open_dump(tmp_path / "data" / f"model{d_model}_l0")  # harvested because it was missing
+    assert dump.n_rows == 2 * train_batch_size + context_size  # + 1 held-out context
+    assert dump.manifest.hook == "blocks.0.hook_mlp_out"
     assert (tmp_path / "checkpoints" / "final" / "sae_weights.safetensors").is_file()
     assert list((tmp_path / "checkpoints").glob("wandb/offline-run-*"))
     rows = [json.loads(line) for line in (tmp_path / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 2 and rows[-1]["tokens"] == 8192
+    assert rows[-1]["step"] == 2 and rows[-1]["tokens"] == 2 * train_batch_size
 
     from train import LMSparseAutoencoderSessionloader
 
@@ -69,9 +86,10 @@ def test_seed_readme_example_runs(tmp_path, monkeypatch):
         tmp_path / "checkpoints" / "final", device="cpu")
     assert torch.equal(sae.W_dec, sparse_autoencoder.W_dec)
     batch = next(loader.batches())
-    assert batch.shape == (4096, 512)
+    assert batch.shape == (train_batch_size, d_model)
     # The loaded model is the one the dump came from: its hook output matches the dump.
-    tokens = torch.from_numpy(dump.column("tokens", 0, 128)).long()[None]
+    tokens = torch.from_numpy(dump.column("tokens", 0, context_size)).long()[None]
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_mlp_out"])
-    torch.testing.assert_close(cache["blocks.0.hook_mlp_out"][0], dump.activations(0, 128), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache["blocks.0.hook_mlp_out"][0], dump.activations(0, context_size),
+                               rtol=1e-5, atol=1e-5)

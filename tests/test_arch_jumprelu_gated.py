@@ -23,9 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setitem(shared.saes.registry.ARCHITECTURES, "jumprelu", JumpReLUSAE)
-    monkeypatch.setitem(shared.saes.registry.ARCHITECTURES, "gated", GatedSAE)
+def registered():
+    """Loading goes through the real registry: a missing or miswired entry fails the test (it is
+    not patched in)."""
+    assert shared.saes.registry.ARCHITECTURES.get("jumprelu") is JumpReLUSAE
+    assert shared.saes.registry.ARCHITECTURES.get("gated") is GatedSAE
 
 
 def make_jumprelu(d_in: int = 8, d_sae: int = 16, seed: int = 0, **settings) -> JumpReLUSAE:

@@ -24,6 +24,8 @@ from train.evaluation.dashboard import CHUNK
 from train.evaluation.feature_stats import feature_stats
 from train.evaluation.logit_table import logit_effects, unembedding
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 HOOK = "blocks.0.hook_mlp_out"
 D_SAE = 300  # more than one page of the index (100 rows) and more than one data file (256 features)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -162,6 +164,7 @@ def _listed_features(driver) -> list[int]:
         driver.find_element(By.ID, "next").click()
 
 
+@pytest.mark.slow  # chromium
 def test_the_dashboard_works_in_a_headless_browser(run, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -204,6 +207,7 @@ def test_the_dashboard_works_in_a_headless_browser(run, browser, tmp_path):
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
 
+@pytest.mark.slow  # chromium
 def test_the_dashboard_works_from_a_static_file_server(run, browser):
     from selenium.webdriver.common.by import By
 

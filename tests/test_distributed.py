@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 
 from helpers import dump_files, pass_id, run_harvest
 
+# Slow tier: every test starts torchrun (two interpreters importing torch, a gloo group).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).parents[1]
 
 
@@ -40,7 +43,8 @@ def torchrun(target: list[str], n: int = 2, expect_ok: bool = True) -> subproces
     """`torchrun --nproc-per-node n <target>`; target is ['-m', 'harvest', ...] or [script, ...]."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *target]
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    # A hang guard (a rank stuck in a collective), far above any loaded machine's run time.
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

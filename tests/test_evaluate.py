@@ -19,6 +19,8 @@ from train.evaluation.reconstruction import reconstruction_metrics
 from train.evaluation.run_eval import EvalConfig, evaluate_checkpoint
 from train.evaluation.tokens import context_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 HOOK = "blocks.0.hook_mlp_out"
 CONTEXT, N_CONTEXTS, DOC_LEN = 32, 32, 100  # harvest: ceil(1000 / 32) = 32 contexts of 32 tokens
 

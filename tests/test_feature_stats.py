@@ -17,6 +17,8 @@ from train.evaluation.feature_stats import FeatureStatsConfig, feature_stats
 from train.evaluation.geometry import decoder_neighbours, duplicate_fraction
 from train.evaluation.logit_table import logit_effects, unembedding
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 D_IN, D_SAE, CONTEXT, N_CONTEXTS = 8, 24, 10, 30
 
 

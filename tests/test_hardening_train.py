@@ -49,7 +49,8 @@ def one_error_line(result) -> str:
 
 
 def sleeping_process() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """A live pid until the test kills it (not a timed sleep, which a slow machine can outlast)."""
+    return subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
 
 
 def dead_pid() -> int:

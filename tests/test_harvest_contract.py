@@ -12,6 +12,8 @@ from safetensors.numpy import load_file
 from helpers import dump_files, run_harvest
 from shared.reader import open_dump
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _common(model: Path, ds: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--dataset", str(ds), "--out", str(out), "--context-size", "32",

@@ -12,6 +12,8 @@ from helpers import run_harvest
 from shared.errors import DumpError
 from shared.reader import open_dump
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _args(model: Path, ds: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--dataset", str(ds), "--out", str(out), "--context-size", "32",

@@ -17,6 +17,8 @@ from helpers import dump_files, pass_id, run_harvest
 from shared.errors import DumpError
 from shared.reader import open_dump
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _args(model: Path, ds: Path, out: Path, tokens: int = 1000, shard_rows: int = 300) -> list[str]:
     return ["--model", str(model), "--dataset", str(ds), "--out", str(out), "--context-size", "32",
@@ -58,6 +60,7 @@ def test_crash_then_resume_is_byte_identical(tiny_model, token_dataset, tmp_path
     open_dump(out, verify=True)
 
 
+@pytest.mark.slow  # a real process, SIGKILLed; the crash test above is the fast tier's resume check
 def test_sigkill_then_resume_is_byte_identical(tiny_model, vocab_size, tmp_path):
     ds = write_token_dataset(tmp_path / "big", n_docs=400, doc_len=200, vocab=vocab_size)
     args = _args(tiny_model, ds, tmp_path / "out", tokens=30_000, shard_rows=500)
@@ -65,8 +68,7 @@ def test_sigkill_then_resume_is_byte_identical(tiny_model, vocab_size, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "harvest", "--quiet", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = tmp_path / "out" / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # no deadline: the harvest ends by itself, however slow the machine
         try:
             if len(json.loads(manifest.read_text())["shards"]) >= 3:
                 break

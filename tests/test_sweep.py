@@ -15,6 +15,8 @@ from train.run import train
 from train.summary import pareto_front
 from train.sweep import groups_that_fit, parse_sweep_flags, train_sweep
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GRID = {"l1_coefficient": [0.05, 0.3], "expansion_factor": [2, 3]}
 
 

@@ -15,6 +15,9 @@ from conftest import WORDS
 from fault._support import error_line, invoke, ok
 from shared.dump_writer import write_dump
 
+# Slow tier: the fault suite (tests/README.md); the fast tier keeps a sample of its checks.
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class Env:

@@ -18,6 +18,9 @@ from fault._support import error_line, invoke, ok
 from shared.dump_writer import write_dump
 from shared.shard_files import checksum
 
+# Slow tier: the fault suite (tests/README.md); the fast tier keeps a sample of its checks.
+pytestmark = pytest.mark.slow
+
 N_ROWS, D_IN, CONTEXT, SHARD_ROWS = 2048, 16, 16, 512
 TRAIN = ["--expansion-factor", "2", "--train-batch-size", "64", "--total-training-tokens", "512",
          "--device", "cpu", "--eval-holdout-contexts", "8", "--quiet"]

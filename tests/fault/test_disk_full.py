@@ -16,6 +16,9 @@ from fault._support import error_line, invoke, ok
 from helpers import dump_files, pass_id
 from shared.manifest import shard_name
 
+# Slow tier: the fault suite (tests/README.md); the fast tier keeps a sample of its checks.
+pytestmark = pytest.mark.slow
+
 
 def args(model: Path, ds: Path, out: Path) -> list:
     return ["--model", model, "--dataset", ds, "--out", out, "--context-size", "16", "--batch-size", "4",

@@ -14,6 +14,9 @@ import torch
 from fault._support import error_line, invoke, ok
 from shared.dump_writer import write_dump
 
+# Slow tier: the fault suite (tests/README.md); the fast tier keeps a sample of its checks.
+pytestmark = pytest.mark.slow
+
 SAES = ["l1_coefficient_0.05", "l1_coefficient_0.2"]
 
 
