@@ -249,6 +249,7 @@ def test_range_shares_are_exact_and_agree_with_the_histogram(run):
     assert checked > 100
 
 
+@pytest.mark.slow
 def test_an_unknown_feature_says_so_and_the_histogram_has_a_y_axis(run, browser):
     from selenium.webdriver.common.by import By
 
