@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 _HOME = {"HarvestConfig": "harvest.config", "harvest": "harvest.run"}
 
-__all__ = sorted(_HOME)
+__all__ = ["HarvestConfig", "harvest"]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ _HOME = {"SAE": "base", "SAEOutput": "base", "StepContext": "base", "TrainOutput
          "BaseSettings": "settings_base", "SAEConfig": "settings_base", "load_sae": "io",
          "ARCHITECTURES": "registry", "architecture_class": "registry"}
 
-__all__ = sorted(_HOME)
+__all__ = ["ARCHITECTURES", "SAE", "BaseSettings", "SAEConfig", "SAEOutput", "StepContext", "TrainOutput", "architecture_class", "load_sae"]
 
 
 def __getattr__(name: str) -> Any:
