@@ -48,7 +48,8 @@ def import_time_imports(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names if module_file(f"{base}.{a.name}")}
     parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}

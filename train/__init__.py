@@ -18,7 +18,8 @@ _HOME = {"ActivationsStore": "train.api", "LanguageModelSAERunnerConfig": "train
          "LMSparseAutoencoderSessionloader": "train.api", "SparseAutoencoder": "shared.sae",
          "language_model_sae_runner": "train.api", "train": "train.run"}
 
-__all__ = ["ActivationsStore", "LMSparseAutoencoderSessionloader", "LanguageModelSAERunnerConfig", "SparseAutoencoder", "language_model_sae_runner", "train"]
+__all__ = ["ActivationsStore", "LMSparseAutoencoderSessionloader", "LanguageModelSAERunnerConfig",
+           "SparseAutoencoder", "language_model_sae_runner", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,8 @@ _HOME = {"SAE": "base", "SAEOutput": "base", "StepContext": "base", "TrainOutput
          "BaseSettings": "settings_base", "SAEConfig": "settings_base", "load_sae": "io",
          "ARCHITECTURES": "registry", "architecture_class": "registry"}
 
-__all__ = ["ARCHITECTURES", "SAE", "BaseSettings", "SAEConfig", "SAEOutput", "StepContext", "TrainOutput", "architecture_class", "load_sae"]
+__all__ = ["ARCHITECTURES", "SAE", "BaseSettings", "SAEConfig", "SAEOutput",
+           "StepContext", "TrainOutput", "architecture_class", "load_sae"]
 
 
 def __getattr__(name: str) -> Any:
