@@ -129,7 +129,9 @@ def test_the_session_example_runs_and_its_store_yields_training_batches(tmp_path
 
     store, sae = namespace["activations_store"], namespace["sae"]
     assert isinstance(store, ActivationsStore) and len(printed) == 3
-    training = plan_data(cfg, verify=False).loader.batches()
+    plan = plan_data(cfg, verify=False)
+    assert store.dump.path.resolve() == (tmp_path / "dump").resolve() and store.n_rows == plan.loader.n_rows
+    training = plan.loader.batches()
     first = namespace["batch"]  # the loop's last batch: the fourth of the run
     expected = list(islice(training, 5))
     assert first.shape == (64, 32) and torch.equal(first, expected[3])

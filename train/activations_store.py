@@ -8,7 +8,8 @@ The activations are as the dump stores them, before any `normalize_activations` 
 SAE reads raw activations: the scaling is folded into its weights). The stream runs epoch after
 epoch and never ends by itself (`itertools.islice(store, n)` takes n batches).
 
-The shuffling and reading are `train.loader.ActivationLoader`'s, wrapped as it is (`store.loader`).
+The shuffling and reading are `train.loader.ActivationLoader`'s, wrapped as it is (`store.loader`;
+its other attributes read through the store, as when sessions returned the loader itself).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class ActivationsStore:
         return cls(loader)
 
     @property
+    def dump(self) -> Dump:
+        return self.loader.dump
+
+    @property
     def d_in(self) -> int:
         return self.loader.dump.d_in
 
@@ -66,3 +71,10 @@ class ActivationsStore:
     def batches(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """A fresh stream from global batch `start_batch` (what the loader returned before)."""
         return self.loader.batches(start_batch)
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped loader's other attributes (`n_rows`, `gather`...): sessions returned the
+        loader itself before, and code written then keeps working."""
+        if name == "loader":  # not set yet (a copy being built): no loader to ask
+            raise AttributeError(name)
+        return getattr(self.loader, name)
