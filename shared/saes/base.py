@@ -44,6 +44,9 @@ only when `metadata.sae_lens_version` is present; without it the folder is treat
 
 
 class SAEOutput(NamedTuple):
+    """What `sae(x)` returns for x [batch, d_in]: the reconstruction and the feature activations
+    (`sae.encode(x)`, in the inference form; training's losses come from `training_forward`)."""
+
     sae_out: torch.Tensor  # [batch, d_out]: the reconstruction x_hat of the target
     feature_acts: torch.Tensor  # [batch, d_sae]: f, non-negative
 

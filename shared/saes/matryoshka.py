@@ -14,7 +14,6 @@ the others'; AuxK reads the full reconstruction's residual.
 """
 from __future__ import annotations
 
-
 import torch
 
 from shared.saes.batchtopk import BatchTopKSAE
