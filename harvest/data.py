@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from shared.errors import UserError
+from shared.hub import hub_reachable, unreachable
 from shared.models import cache_root
 from shared.packaged import resolve_dataset_alias
 
@@ -82,6 +83,8 @@ def _open_stream(name: str, split: str) -> tuple[Any, str]:
     if path.exists():
         builder, files = _local_files(path)
         return _load_local(builder, files, path), f"{builder} files"
+    if not hub_reachable():  # streaming needs the hub: say so now, not after its retries
+        raise UserError(unreachable(f"dataset '{name}'", "shakespeare"))
     try:
         # Streaming: only the documents actually consumed are ever downloaded.
         return datasets.load_dataset(name, split=split, streaming=True), "hub"

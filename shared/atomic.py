@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from shared.file_mode import apply_default_mode, default_file_mode
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (POSIX needs the directory itself synced)."""
@@ -19,16 +21,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
+def fsync_file(path: Path, mode: int | None = None) -> None:
+    """fsync `path`; with `mode`, also give it those permission bits (see `commit`)."""
     with open(path, "rb+") as f:
+        if mode is not None:
+            apply_default_mode(f.fileno(), mode)
         os.fsync(f.fileno())
 
 
-def fsync_tree(path: Path) -> None:
-    """fsync every file below `path` (zarr shards are folders)."""
+def fsync_tree(path: Path, mode: int | None = None) -> None:
+    """fsync every file below `path` (zarr shards are folders), giving each `mode` when given."""
     for root, _dirs, files in os.walk(path):
         for name in files:
-            fsync_file(Path(root) / name)
+            fsync_file(Path(root) / name, mode)
         fsync_dir(Path(root))
 
 
@@ -38,13 +43,15 @@ def temp_path(final: Path) -> Path:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Rename a fully written temp file or folder into place, durably."""
+    """Rename a fully written temp file or folder into place, durably. Every file gets the mode
+    `open()` would have given it (0o666 less the umask): safetensors writes its files 0600."""
+    mode = default_file_mode()
     if tmp.is_dir():
-        fsync_tree(tmp)
+        fsync_tree(tmp, mode)
         if final.exists():
             shutil.rmtree(final)
     else:
-        fsync_file(tmp)
+        fsync_file(tmp, mode)
     os.replace(tmp, final)
     fsync_dir(final.parent)
 

@@ -8,12 +8,14 @@ import difflib
 import json
 import os
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shared.errors import UserError
+from shared.hub import hub_offline, hub_reachable, unreachable
 from shared.manifest import fingerprint
 
 
@@ -71,15 +73,23 @@ def load_model(name: str, device: str, dtype: str = "float32") -> Any:
     """Boot a TransformerBridge in eval mode; a one-line UserError if it cannot be loaded."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model folder {name} not found: give a Hugging Face model folder, a hub name, "
+                        "or the packaged smollm2-135m")
     kind, target = resolve_model_name(name)
     _quiet_transformers()
     torch_dtype = TORCH_DTYPES[dtype]
+    # A name on the hub with no hub to reach: only the local hub cache, without the retries.
+    offline = not Path(target).is_dir() and not hub_reachable()
     try:
-        if kind == "legacy":
-            model = TransformerBridge.boot_tl_legacy(target, device=device, dtype=torch_dtype)
-        else:
-            model = TransformerBridge.boot_transformers(target, device=device, dtype=torch_dtype)
+        with hub_offline() if offline else nullcontext():
+            if kind == "legacy":
+                model = TransformerBridge.boot_tl_legacy(target, device=device, dtype=torch_dtype)
+            else:
+                model = TransformerBridge.boot_transformers(target, device=device, dtype=torch_dtype)
     except Exception as e:  # hub, network and format errors come in many types
+        if offline:
+            raise UserError(unreachable(f"model '{name}'", "smollm2-135m")) from None
         offline = " (no network here? pass a local Hugging Face folder)" if not Path(name).is_dir() else ""
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model '{name}'{offline}: {msg}") from None

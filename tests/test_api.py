@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,49 @@ def run_seed_example(tmp_path, monkeypatch, d_model: int, expansion_factor: int,
         _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_mlp_out"])
     torch.testing.assert_close(cache["blocks.0.hook_mlp_out"][0], dump.activations(0, context_size),
                                rtol=1e-5, atol=1e-5)
+
+
+def doc_example(heading: str) -> str:
+    """The first python block under `heading` in docs/python-api.md."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text()
+    section = doc[doc.index(heading):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_session_example_runs_and_its_store_yields_training_batches(tmp_path, monkeypatch, one_thread,
+                                                                         tiny_model, token_dataset):
+    """The docs' session example on a tiny dump and run; its store's batches are those training read
+    (the same plan_data loader), its SAE's output the documented named tuple."""
+    from itertools import islice
+
+    from helpers import run_harvest
+    from shared.saes import SAEOutput
+    from train import ActivationsStore, LanguageModelSAERunnerConfig
+    from train.run import plan_data, train
+
+    run_harvest("--model", str(tiny_model), "--dataset", str(token_dataset), "--out", str(tmp_path / "dump"),
+                "--context-size", "32", "--batch-size", "5", "--tokens", "3200")
+    monkeypatch.chdir(tmp_path)
+    # Held-out contexts and a buffer smaller than the rows: an order that ignored either would differ.
+    cfg = LanguageModelSAERunnerConfig(shards=str(tmp_path / "dump"), checkpoint_path="checkpoints",
+                                       expansion_factor=2, train_batch_size=64, total_training_tokens=640,
+                                       shuffle_buffer_rows=512, shuffle_block_rows=4, eval_holdout_contexts=5,
+                                       device="cpu", seed=3)
+    train(cfg, progress=False)
+    printed: list = []
+    namespace = {"print": lambda *a: printed.append(a)}
+    exec(compile(doc_example("## A trained SAE"), "docs/python-api.md", "exec"), namespace)
+
+    store, sae = namespace["activations_store"], namespace["sae"]
+    assert isinstance(store, ActivationsStore) and len(printed) == 3
+    plan = plan_data(cfg, verify=False)
+    assert store.dump.path.resolve() == (tmp_path / "dump").resolve() and store.n_rows == plan.loader.n_rows
+    training = plan.loader.batches()
+    first = namespace["batch"]  # the loop's last batch: the fourth of the run
+    expected = list(islice(training, 5))
+    assert first.shape == (64, 32) and torch.equal(first, expected[3])
+    assert torch.equal(store.next_batch(), expected[4])  # next_batch and iteration share one stream
+    assert torch.equal(next(iter(store)), next(training))
+    out = sae(expected[0])
+    assert isinstance(out, SAEOutput) and out._fields == ("sae_out", "feature_acts")
+    assert out.sae_out.shape == (64, 32) and out.feature_acts.shape == (64, sae.cfg.d_sae)

@@ -199,3 +199,23 @@ def test_harvest_settings_are_refused_by_train_with_where_they_belong(tmp_path):
     # The Python API still takes them all (it harvests a missing dump with the harvest settings).
     cfg = LanguageModelSAERunnerConfig(context_size=5, n_batches_in_buffer=8, is_dataset_tokenized=False)
     assert (cfg.context_size, cfg.data.n_batches_in_buffer, cfg.is_dataset_tokenized) == (5, 8, False)
+
+
+# --- the registry, read without torch ------------------------------------------------------------
+
+def test_the_registry_gives_the_settings_its_classes_use(toy):
+    from shared.saes.registry import settings_classes
+
+    found = settings_classes()
+    assert list(found) == list(ARCHITECTURES) and found["toy"] is ToySettings  # a class registered as is
+    for arch, settings in found.items():
+        assert ARCHITECTURES[arch].Settings is settings, arch
+
+
+def test_a_registry_line_whose_halves_disagree_is_refused():
+    from shared.saes.registry import Lazy, Registry
+
+    registry = Registry({"odd": Lazy("shared.saes.topk:TopKSAE", "shared.saes.standard_settings:StandardSettings")})
+    assert registry.settings_class("odd") is StandardSettings
+    with pytest.raises(TypeError, match="odd: shared.saes.topk:TopKSAE uses TopKSettings"):
+        registry["odd"]

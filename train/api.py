@@ -1,4 +1,5 @@
-"""The seed's Python API: `language_model_sae_runner(cfg)` and `LMSparseAutoencoderSessionloader`."""
+"""The seed's Python API: `language_model_sae_runner(cfg)`, `LMSparseAutoencoderSessionloader` and
+the `ActivationsStore` its sessions return."""
 from __future__ import annotations
 
 import subprocess
@@ -13,9 +14,9 @@ from shared.reader import open_dump
 from shared.run_paths import dump_path_for
 from shared.sae import SparseAutoencoder, read_cfg
 from shared.saes import SAE, SAEConfig, architecture_class
+from train.activations_store import ActivationsStore
 from train.config import LanguageModelSAERunnerConfig
 from train.holdout import holdout_contexts
-from train.loader import ActivationLoader
 from train.run import pick_device, train
 
 
@@ -73,20 +74,22 @@ class LMSparseAutoencoderSessionloader:
     def __init__(self, cfg: LanguageModelSAERunnerConfig):
         self.cfg = cfg
 
-    def load_session(self) -> tuple[Any, SAE, ActivationLoader]:
-        """(model, fresh SAE of the config's architecture, activations loader); the dump must exist."""
+    def load_session(self) -> tuple[Any, SAE, ActivationsStore]:
+        """(model, fresh SAE of the config's architecture, the run's `ActivationsStore`), the dump
+        harvested first if it is missing."""
         device = pick_device(self.cfg.device)
         dump = open_dump(ensure_dump(self.cfg))
         model = load_model(self.cfg.model_name, str(device))
         cls = architecture_class(self.cfg.architecture)
         sae = cls(SAEConfig(dump.d_in, self.cfg.sae_width(dump.d_in)), cls.settings_from(self.cfg.to_dict()),
                   device=device)
-        return model, sae, ActivationLoader(dump, self.cfg.train_batch_size, self.cfg.seed, device)
+        return model, sae, ActivationsStore.for_run(dump, self.cfg.to_dict(), device)
 
     @classmethod
     def load_session_from_pretrained(cls, path: str | Path, device: str | None = None
-                                     ) -> tuple[Any, SAE, ActivationLoader]:
-        """(model, sae, activations loader) for a checkpoint folder written by `train`."""
+                                     ) -> tuple[Any, SAE, ActivationsStore]:
+        """(model, sae, the `ActivationsStore` of the run) for a checkpoint folder written by `train`:
+        the store yields the batches that run trained on, in its order."""
         cfg = read_cfg(Path(path))
         dev = pick_device(device or None)
         sae = SparseAutoencoder.load_from_pretrained(path, device=dev)
@@ -94,4 +97,4 @@ class LMSparseAutoencoderSessionloader:
             raise UserError(f"{path}/cfg.json names no dump or model: not a checkpoint of `train`")
         model = load_model(cfg["model_name"], str(dev))
         dump = open_dump(dump_path_for(Path(path), cfg))
-        return model, sae, ActivationLoader(dump, cfg.get("train_batch_size", 4096), cfg.get("seed", 42), dev)
+        return model, sae, ActivationsStore.for_run(dump, cfg, dev)

@@ -25,7 +25,7 @@ Parameters and buffers (thresholds, running estimates) are all a resume needs: t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from shared.atomic import commit, temp_path, write_json
 from shared.errors import UserError
-from shared.settings import POSITIVE, check_fields, setting
+from shared.saes.settings_base import BaseSettings, SAEConfig
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -43,51 +43,10 @@ SAE_LENS_VERSION = "6.54.12"
 only when `metadata.sae_lens_version` is present; without it the folder is treated as pre-6.0."""
 
 
-@dataclass
-class SAEConfig:
-    """Shape of an SAE; how it is trained is the architecture's `Settings` and the caller's config."""
-
-    d_in: int
-    """Width of the activations it reads (the hook point's d_model)."""
-    d_sae: int
-    """Number of features (dictionary size)."""
-    d_out: int | None = None
-    """Width of the target it writes; None means d_in (an SAE reconstructs its input)."""
-
-    def __post_init__(self) -> None:
-        if self.d_out is None:
-            self.d_out = self.d_in
-        for name in ("d_in", "d_sae", "d_out"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"SAE {name} must be a positive integer, got {value!r}")
-
-    def saved_shape(self) -> dict[str, int]:
-        """The shape keys cfg.json holds: d_in and d_sae, plus d_out only where it differs from
-        d_in (SAELens' config of a plain SAE has no d_out; its transcoders have one)."""
-        shape = {"d_in": self.d_in, "d_sae": self.d_sae}
-        if self.d_out != self.d_in:
-            shape["d_out"] = self.d_out
-        return shape
-
-
-@dataclass
-class BaseSettings:
-    """Settings every architecture has. Subclasses add their own, named as in SAELens."""
-
-    decoder_init_norm: float = setting(0.1, POSITIVE)
-    """Initial norm of each feature's encoder column (W_enc = decoder_init_norm x the feature's
-    direction), and of its decoder row where the decoder is not held at unit norm. A small encoder
-    keeps the first pre-activations small, so features start near their threshold instead of
-    firing on most inputs (SAELens' default 0.1; Anthropic's April 2024 update)."""
-
-    def validate(self, cfg: SAEConfig) -> None:
-        """Every setting of its type and in its declared range; subclasses add what depends on the
-        shape (k <= d_sae)."""
-        check_fields(self)
-
-
 class SAEOutput(NamedTuple):
+    """What `sae(x)` returns for x [batch, d_in]: the reconstruction and the feature activations
+    (`sae.encode(x)`, in the inference form; training's losses come from `training_forward`)."""
+
     sae_out: torch.Tensor  # [batch, d_out]: the reconstruction x_hat of the target
     feature_acts: torch.Tensor  # [batch, d_sae]: f, non-negative
 

@@ -22,25 +22,18 @@ unchanged). It is the buffer `threshold` (saved with checkpoints, so a resume co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from shared.saes.base import TrainOutput
-from shared.saes.topk import Selection, TopKSAE, TopKSettings, selection_from_pairs
-from shared.settings import RATE, setting
+from shared.saes.batchtopk_settings import BatchTopKSettings
+from shared.saes.topk import Selection, TopKSAE, selection_from_pairs
 
 CANDIDATES_PER_K = 4
 """CPU: the batch's top k * batch are picked among each row's top CANDIDATES_PER_K * k (a row
 keeping all of its candidates falls back to the whole batch): 3.7x faster than one top-k over
 batch * d_sae values at batch 4096, d_sae 16384, k 32 on 2 cores."""
-
-
-@dataclass
-class BatchTopKSettings(TopKSettings):
-    topk_threshold_lr: float = setting(0.01, RATE)
-    """Rate of the running estimate of the inference threshold (SAELens' default)."""
 
 
 def batch_topk_selection(acts: torch.Tensor, n_keep: int) -> Selection:

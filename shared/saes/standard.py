@@ -14,22 +14,12 @@ Dead features are resampled (`feature_sampling_method`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from shared.saes.base import SAE, BaseSettings, SAEConfig, StepContext, TrainOutput
-from shared.settings import NON_NEGATIVE, setting
-
-
-@dataclass
-class StandardSettings(BaseSettings):
-    l1_coefficient: float = setting(1.2, NON_NEGATIVE)
-    """Weight of the L1 term, which is averaged over the batch (the seed summed it: seed value x
-    train_batch_size is the value here)."""
-    anthropic_april_update: bool = False
-    """L1 weighted by decoder row norms and no unit-norm constraint (Anthropic, April 2024)."""
+from shared.saes.base import SAE, SAEConfig, StepContext, TrainOutput
+from shared.saes.standard_settings import StandardSettings
 
 
 class StandardSAE(SAE):

@@ -11,8 +11,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
 
-from shared.saes.base import SAE
-from shared.saes.registry import ARCHITECTURES
+from shared.saes.registry import ARCHITECTURES, settings_classes
 from shared.settings import Range, allows_none, declared_default, field_docs, first_sentence
 
 
@@ -60,16 +59,17 @@ def show(value: Any) -> str:
 
 def architecture_settings() -> dict[str, ArchitectureSetting]:
     """Every architecture setting by name, in registry order (the first architecture declaring it first)."""
-    return dict(_settings(tuple(ARCHITECTURES.items())))
+    return dict(_settings(tuple(settings_classes().items())))
 
 
 @lru_cache(maxsize=8)
-def _settings(registry: tuple[tuple[str, type[SAE]], ...]) -> tuple[tuple[str, ArchitectureSetting], ...]:
+def _settings(registry: tuple[tuple[str, type], ...]) -> tuple[tuple[str, ArchitectureSetting], ...]:
+    """From (architecture, its Settings dataclass) pairs: the registry, read without importing torch."""
     first: dict[str, tuple[Any, str]] = {}
     defaults: dict[str, list[tuple[str, Any]]] = {}
-    for arch, cls in registry:
-        docs = field_docs(cls.Settings)
-        for f in fields(cls.Settings):
+    for arch, settings in registry:
+        docs = field_docs(settings)
+        for f in fields(settings):
             first.setdefault(f.name, (f, docs.get(f.name, "")))
             defaults.setdefault(f.name, []).append((arch, declared_default(f)))
     return tuple((name, ArchitectureSetting(name, str(f.type), f.metadata.get("range"), doc, tuple(defaults[name])))

@@ -11,7 +11,7 @@ from dataclasses import Field, field, fields, make_dataclass
 from functools import lru_cache
 from typing import Any
 
-from shared.saes.registry import ARCHITECTURES
+from shared.saes.registry import settings_classes
 from shared.settings import field_docs, first_sentence
 from train.config.architectures import architecture_settings
 from train.config.data import DataPart
@@ -35,7 +35,7 @@ ARCHITECTURE = "architecture_settings"  # the `sae` part's field holding the arc
 
 def flat_fields() -> dict[str, Field]:
     """{name: Field} of every setting (see the module docstring)."""
-    return _flat(tuple(ARCHITECTURES.items()))
+    return _flat(tuple(settings_classes().items()))
 
 
 @lru_cache(maxsize=8)

@@ -1,0 +1,56 @@
+"""What every architecture's settings build on, without torch: the SAE's shape (`SAEConfig`) and
+the settings all architectures share (`BaseSettings`).
+
+An architecture's `Settings` live in its own torch-free `<architecture>_settings.py` beside it, so
+that `train --help` and the config can list them without importing torch (`shared.saes.registry`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.errors import UserError
+from shared.settings import POSITIVE, check_fields, setting
+
+
+@dataclass
+class SAEConfig:
+    """Shape of an SAE; how it is trained is the architecture's `Settings` and the caller's config."""
+
+    d_in: int
+    """Width of the activations it reads (the hook point's d_model)."""
+    d_sae: int
+    """Number of features (dictionary size)."""
+    d_out: int | None = None
+    """Width of the target it writes; None means d_in (an SAE reconstructs its input)."""
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_in
+        for name in ("d_in", "d_sae", "d_out"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"SAE {name} must be a positive integer, got {value!r}")
+
+    def saved_shape(self) -> dict[str, int]:
+        """The shape keys cfg.json holds: d_in and d_sae, plus d_out only where it differs from
+        d_in (SAELens' config of a plain SAE has no d_out; its transcoders have one)."""
+        shape = {"d_in": self.d_in, "d_sae": self.d_sae}
+        if self.d_out != self.d_in:
+            shape["d_out"] = self.d_out
+        return shape
+
+
+@dataclass
+class BaseSettings:
+    """Settings every architecture has. Subclasses add their own, named as in SAELens."""
+
+    decoder_init_norm: float = setting(0.1, POSITIVE)
+    """Initial norm of each feature's encoder column (W_enc = decoder_init_norm x the feature's
+    direction), and of its decoder row where the decoder is not held at unit norm. A small encoder
+    keeps the first pre-activations small, so features start near their threshold instead of
+    firing on most inputs (SAELens' default 0.1; Anthropic's April 2024 update)."""
+
+    def validate(self, cfg: SAEConfig) -> None:
+        """Every setting of its type and in its declared range; subclasses add what depends on the
+        shape (k <= d_sae)."""
+        check_fields(self)
