@@ -37,6 +37,7 @@ from train.run_folder import hold_run_folder
 from train.run_layout import SweepEntry
 from train.sae_trainer import SAETrainer
 from train.summary import log_summary_to_wandb, write_summary
+from train.units import training_mse_text
 
 B_DEC_SAMPLE_ROWS = 16384  # rows the geometric median is computed on
 
@@ -135,10 +136,10 @@ def _target_key(ident: dict[str, Any]) -> tuple[Any, ...] | None:
     return target.get("dump_fingerprint"), target.get("hook_point"), target.get("d_out_dump")
 
 
-def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool) -> Dump:
+def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool, progress: bool = False) -> Dump:
     if not cfg.shards:
         raise UserError("no dump given: pass --shards DUMP_FOLDER (write one with `harvest`)")
-    dump = open_dump(cfg.shards, verify=verify)
+    dump = open_dump(cfg.shards, verify=verify, progress=progress)
     if cfg.d_in is not None and cfg.d_in != dump.d_in:
         raise UserError(f"d_in {cfg.d_in} does not match the dump's d_in {dump.d_in} ({dump.path}); "
                         "drop d_in or pick the matching dump")
@@ -181,21 +182,22 @@ def random_rows(loader: ActivationLoader, n: int, seed: int, salt: int) -> Batch
     return Batch.of(loader.gather(rows))
 
 
-def open_target_dump(target_shards: str | Path | None, dump: Dump, verify: bool) -> Dump:
+def open_target_dump(target_shards: str | Path | None, dump: Dump, verify: bool, progress: bool = False) -> Dump:
     """The target dump: `dump` itself unless another one is named (the same path counts as the
     same dump: an SAE)."""
     if target_shards is None or absolute(target_shards) == absolute(dump.path):
         return dump
-    return open_dump(target_shards, verify=verify)
+    return open_dump(target_shards, verify=verify, progress=progress)
 
 
 def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
-              target_shards: str | Path | None = None) -> DataPlan:
+              target_shards: str | Path | None = None, progress: bool = False) -> DataPlan:
     """Open the dump (and the target dump, when the target is another hook of the same harvest
-    pass), hold out their last contexts, and build the shared shuffled loader."""
+    pass), hold out their last contexts, and build the shared shuffled loader; `progress` shows
+    the checksum verification as a bar."""
     device = pick_device(cfg.device)
-    dump = open_training_dump(cfg, verify)
-    target = open_target_dump(target_shards, dump, verify)
+    dump = open_training_dump(cfg, verify, progress)
+    target = open_target_dump(target_shards, dump, verify, progress)
     try:
         train_rows, _ = split_rows(dump, cfg.eval_holdout_contexts)
     except ValueError as e:
@@ -310,7 +312,7 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     if not distributed.current().lead:  # data-parallel: rank 0 logs, shows progress and writes the run folder
         log, progress = (lambda s: None), False
     cfg = with_absolute_dump(cfg)
-    data = plan_data(cfg, verify)
+    data = plan_data(cfg, verify, progress=progress)
     name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
     check_shapes([(name, cfg)], data.dump.d_in)
     run_dir = run_folder(cfg, name)
@@ -338,13 +340,12 @@ def train_job(job: Job, data: DataPlan, log: Callable[[str], None], progress: bo
             _announce_run(slots[0], data, log)
         finals = run_slots(slots, data, progress, resume_hint=job.folder if job.sweep else None)
         results += [TrainResult(s.trainer.sae, s.run_dir, final, s.trainer) for s, final in zip(slots, finals)]
-    if not job.sweep:
-        log(f"final SAE: {results[0].final}")
     if job.base.evaluate_at_end and results and distributed.current().writes_runs:
-        model = _load_model_once(data, job.base)
+        model = _load_model_once(data, job.base, progress)
         baselines: dict = {}  # the ablation runs are the same for every SAE: pay for them once
         for r in results:
-            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines)
+            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines,
+                                          progress=progress)
     if job.sweep:
         _finish_sweep(job, log)
     return results
@@ -384,22 +385,27 @@ def _finish_sweep(job: Job, log: Callable[[str], None]) -> None:
                                  job.folder, rows)
 
 
-def _load_model_once(data: DataPlan, base: LanguageModelSAERunnerConfig) -> Any:
+def _load_model_once(data: DataPlan, base: LanguageModelSAERunnerConfig, progress: bool = False) -> Any:
     from shared.models import load_model
+    from shared.progress import say
 
-    return load_model(data.dump.manifest.model, str(pick_device(base.device)))
+    device = str(pick_device(base.device))
+    say(f"loading model {data.dump.manifest.model} on {device} ...", progress)
+    return load_model(data.dump.manifest.model, device)
 
 
 def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable[[str], None],
-                   model: Any = None, baselines: dict | None = None) -> dict[str, Any]:
-    """`evaluate` on a final checkpoint; the result goes to eval.json beside it."""
+                   model: Any = None, baselines: dict | None = None, progress: bool = False) -> dict[str, Any]:
+    """`evaluate` on a final checkpoint (its passes shown as bars with `progress`); the result
+    goes to eval.json beside it."""
     from train.evaluate import EvalConfig, evaluate_checkpoint
+    from train.units import metrics_line
 
     result = evaluate_checkpoint(final, EvalConfig(holdout_contexts=cfg.eval_holdout_contexts,
-                                                   device=cfg.device), model=model, baselines=baselines)
+                                                   device=cfg.device, progress=progress),
+                                 model=model, baselines=baselines)
     run_layout.write_eval(final.parent, result)
-    shown = {k: result[k] for k in ("explained_variance", "l0", "ce_loss_recovered") if k in result}
-    log(f"evaluation of {final}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    log(f"evaluation of {final}: " + metrics_line(result, ("explained_variance", "l0", "ce_loss_recovered")))
     return result
 
 
@@ -498,9 +504,9 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
                 raise KeyboardInterrupt
             if lead.step % slots[0].trainer.cfg.wandb_log_frequency == 0 or lead.step == total:
                 last = slots[0].last_logged
-                bar.set_postfix(tokens=f"{lead.tokens_seen:,}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}",
-                                mse=f"{last.get('mse', math.nan):.4g}", L0=f"{last.get('l0', math.nan):.1f}",
-                                refresh=False)
+                bar.set_postfix_str(f"tokens={lead.tokens_seen:,}, tok/s={last.get('tokens_per_s', 0):,.0f}, "
+                                    f"{training_mse_text(last, slots[0].trainer.cfg.normalize_activations)}, "
+                                    f"L0={last.get('l0', math.nan):.1f}", refresh=False)
     finally:
         batches.close()
         bar.close()

@@ -49,6 +49,8 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
         stats=stats, neighbours=neighbours, logits=logits, token_text=text, title=f"{name}: {sae.cfg.d_sae} features",
         subtitle=f"{m.model}, {m.hook}; statistics over all {dump.n_rows:,} rows of {_shown(dump.path)}",
         metrics=metrics)
+    if progress:
+        log(f"writing the pages of {sae.cfg.d_sae} features to {out} ...")
     index = write_dashboard(out, inputs)
     if model is None:
         log("(without the model, the dashboard leaves out promoted and suppressed tokens)")
