@@ -1,0 +1,163 @@
+"""Every long phase of harvest, train and evaluate says so on stderr (silenced by --quiet), every
+printed mse names its space, `final SAE` appears once, and scripts/timestamped.py stamps lines."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_token_dataset
+from harvest.cli import main as harvest_main
+from train.cli import main as train_main
+from train.evaluation.cli import main as evaluate_main
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_timestamped():
+    spec = importlib.util.spec_from_file_location("timestamped", ROOT / "scripts" / "timestamped.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["timestamped"] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+timestamped = _load_timestamped()
+
+
+# ---- scripts/timestamped.py ------------------------------------------------------------------
+def test_split_lines_treats_carriage_returns_as_lines():
+    got: list[str] = []
+    timestamped.split_lines(io.BytesIO(b"one\ntrain 10%\rtrain 50%\rtrain 100%\r\nlast"), got.append)
+    assert got == ["one", "train 10%", "train 50%", "train 100%", "last"]
+
+
+def test_longest_gap_is_measured_between_outputs_and_to_the_end():
+    t = timestamped.Timeline(start=0.0)
+    t.lines = [(0.5, "a"), (1.0, "b"), (4.0, "c"), (4.5, "d")]
+    assert t.longest_gap(end=5.0) == (3.0, 2)  # b -> c, the gap before line index 2
+    assert t.longest_gap(end=9.0) == (4.5, 4)  # after d, until the command ended
+    t.lines = []
+    assert t.longest_gap(end=2.0) == (2.0, 0)  # a silent command: one gap, start to end
+
+
+def test_run_stamps_both_streams_and_reports_the_gap_and_status():
+    out, err = io.StringIO(), io.StringIO()
+    code = "import sys; print('hello'); sys.stderr.write('bar 1\\rbar 2\\r'); sys.exit(3)"
+    status = timestamped.run([sys.executable, "-c", code], out=out, err=err)
+    assert status == 3
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["hello"]
+    err_lines = err.getvalue().splitlines()
+    assert [line.split("] ", 1)[1] for line in err_lines[:-1]] == ["bar 1", "bar 2"]
+    assert all(line.startswith("[") and float(line[1:line.index("]")]) >= 0 for line in err_lines[:-1])
+    assert err_lines[-1].startswith("longest gap: ") and "3 lines" in err_lines[-1]
+    assert err_lines[-1].endswith("exit status 3")
+
+
+# ---- the three commands ----------------------------------------------------------------------
+def _in_order(text: str, needles: list[str]) -> None:
+    """Each needle appears in `text`, after the previous one."""
+    at = 0
+    for needle in needles:
+        found = text.find(needle, at)
+        assert found >= 0, f"{needle!r} missing (after position {at}) in:\n{text}"
+        at = found + len(needle)
+
+
+# A harvest with the model, a training and four evaluations: about 10 s, so the slow tier.
+slow_pipeline = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model, vocab_size):
+    """A tiny harvest, train (normalised) and evaluate, with progress shown; each result kept."""
+    root = tmp_path_factory.mktemp("progress")
+    ds = write_token_dataset(root / "ds", n_docs=40, doc_len=100, vocab=vocab_size)
+    dump, run = root / "dump", root / "run"
+    runner = CliRunner()
+    harvested = runner.invoke(harvest_main, ["--model", str(tiny_model), "--dataset", str(ds), "--out", str(dump),
+                                             "--hook", "blocks.0.hook_mlp_out", "--context-size", "32",
+                                             "--batch-size", "5", "--tokens", "4000", "--device", "cpu"])
+    assert harvested.exit_code == 0, harvested.output
+    trained = runner.invoke(train_main, ["--shards", str(dump), "--checkpoint-path", str(run), "--device", "cpu",
+                                         "--expansion-factor", "2", "--train-batch-size", "128",
+                                         "--normalize-activations", "expected_norm", "--wandb-log-frequency", "5",
+                                         "--eval-holdout-contexts", "8", "--feature-sampling-window", "10",
+                                         "--dead-feature-window", "5", "--resample-sample-rows", "512"])
+    assert trained.exit_code == 0, trained.output
+    evaluated = runner.invoke(evaluate_main, [str(run), "--max-eval-contexts", "4", "--batch-contexts", "2"])
+    assert evaluated.exit_code == 0, evaluated.output
+    top = runner.invoke(evaluate_main, [str(run), "--top-examples", "2", "--features", "0,1"])
+    assert top.exit_code == 0, top.output
+    return dict(dump=dump, run=run, harvested=harvested, trained=trained, evaluated=evaluated, top=top)
+
+
+@slow_pipeline
+def test_harvest_announces_the_model_and_counts_bytes_as_rows_arrive(pipeline):
+    err = pipeline["harvested"].stderr
+    _in_order(err, ["loading model", "harvest", "of activations (", "on disk)"])
+    # 4,000 tokens of width 32 float32 (+16 bytes of indices a row) in one shard: the bar's last
+    # text counts every byte, though the single shard is written only after the last batch.
+    last = [line for line in err.replace("\r", "\n").splitlines() if "of activations" in line][-1]
+    assert "0 bytes of activations" not in last and "KB of activations" in last
+
+
+@slow_pipeline
+def test_train_shows_the_checksums_the_loop_and_the_mse_space_once(pipeline):
+    got = pipeline["trained"]
+    _in_order(got.stderr, ["verify dump", "train", "mse ", " normalised (", " raw)"])
+    final = str(pipeline["run"] / "final")
+    assert got.output.count(final) == 1  # the path on stdout, for scripts; not also in a log line
+    assert got.stdout.strip().splitlines()[-1] == final
+
+
+@slow_pipeline
+def test_metrics_log_has_mse_in_both_spaces(pipeline):
+    dump_stats = json.loads((pipeline["dump"] / "manifest.json").read_text())["stats"]
+    d_in = json.loads((pipeline["dump"] / "manifest.json").read_text())["d_in"]
+    scale = math.sqrt(d_in) / (dump_stats.get("mean_norm") or math.sqrt(dump_stats["mean_sq_norm"]))
+    rows = [json.loads(line) for line in (pipeline["run"] / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "mse" in r]
+    assert rows and scale != pytest.approx(1.0)
+    for r in rows:
+        assert r["mse_raw"] == pytest.approx(r["mse"] / scale ** 2, rel=1e-6)
+
+
+@slow_pipeline
+def test_evaluate_shows_each_pass_and_names_its_units(pipeline):
+    got = pipeline["evaluated"]
+    _in_order(got.stderr, ["verify dump", "loading model", "held-out rows", "CE with the SAE spliced in"])
+    ev = json.loads((pipeline["run"] / "eval.json").read_text())
+    assert ev["units"] == "raw activations"
+    assert f"mse {ev['mse']:.4g} raw," in got.stdout
+
+
+@slow_pipeline
+def test_top_examples_shows_its_pass(pipeline):
+    got = pipeline["top"]
+    _in_order(got.stderr, ["verify dump", "top examples"])
+    assert "feature 0:" in got.stdout
+
+
+@slow_pipeline
+def test_quiet_silences_every_progress_line(pipeline, tmp_path):
+    run = pipeline["run"]
+    runner = CliRunner()
+    ev = runner.invoke(evaluate_main, [str(run), "--quiet", "--max-eval-contexts", "2", "--batch-contexts", "2"])
+    top = runner.invoke(evaluate_main, [str(run), "--quiet", "--top-examples", "1", "--features", "0"])
+    trained = runner.invoke(train_main, ["--shards", str(pipeline["dump"]), "--checkpoint-path", str(tmp_path / "r"),
+                                         "--device", "cpu", "--quiet", "--expansion-factor", "2",
+                                         "--train-batch-size", "128", "--total-training-tokens", "256",
+                                         "--eval-holdout-contexts", "8"])
+    for got in (ev, top, trained):
+        assert got.exit_code == 0, got.output
+        for needle in ("verify", "loading model", "held-out rows", "CE with", "top examples", "it/s", "%|"):
+            assert needle not in got.stderr, (needle, got.stderr)
