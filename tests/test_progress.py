@@ -161,3 +161,71 @@ def test_quiet_silences_every_progress_line(pipeline, tmp_path):
         assert got.exit_code == 0, got.output
         for needle in ("verify", "loading model", "held-out rows", "CE with", "top examples", "it/s", "%|"):
             assert needle not in got.stderr, (needle, got.stderr)
+
+
+# ---- the bars one by one, without a model (fast) ----------------------------------------------
+def _tiny_dump(folder: Path, n_rows: int = 600, shard_rows: int = 200) -> Path:
+    import torch
+
+    from shared.dump_writer import write_dump
+
+    acts = torch.randn(n_rows, 8, generator=torch.Generator().manual_seed(0))
+    write_dump(folder, acts, context_size=20, shard_rows=shard_rows)
+    return folder
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_verify_bar_counts_rows_of_every_shard(tmp_path, capsys, progress):
+    from shared.reader import open_dump
+
+    open_dump(_tiny_dump(tmp_path / "d"), verify=True, progress=progress)
+    err = capsys.readouterr().err
+    assert ("verify d: 100%" in err and "600/600" in err) is progress
+    assert (err == "") is not progress
+
+
+def test_checksum_reports_fractions_up_to_the_whole_shard(tmp_path):
+    from shared.shard_files import checksum
+
+    folder = _tiny_dump(tmp_path / "d", shard_rows=600)
+    seen: list[float] = []
+    plain = checksum(folder / "shard_000000.safetensors", "safetensors")
+    assert checksum(folder / "shard_000000.safetensors", "safetensors", seen.append) == plain
+    assert seen and seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_reconstruction_and_top_examples_bars(tmp_path, capsys, progress):
+    from shared.reader import open_dump
+    from shared.sae import SAEConfig, SparseAutoencoder
+    from train.evaluation.examples import top_examples
+    from train.evaluation.reconstruction import reconstruction_metrics
+
+    dump = open_dump(_tiny_dump(tmp_path / "d"))
+    sae = SparseAutoencoder(SAEConfig(8, 16))
+    reconstruction_metrics(sae, dump, (100, 600), "cpu", chunk_rows=128, progress=progress)
+    top_examples(sae, dump, [0], 2, chunk_rows=128, progress=progress)
+    err = capsys.readouterr().err
+    assert ("held-out rows: 100%" in err and "500/500" in err) is progress
+    assert ("top examples: 100%" in err and "600/600" in err) is progress
+    assert (err == "") is not progress
+
+
+def test_harvest_bar_text_counts_buffered_bytes():
+    from types import SimpleNamespace
+
+    from harvest.forward import dump_progress
+
+    writers = [SimpleNamespace(bytes_taken=3_000_000, bytes_written=0),
+               SimpleNamespace(bytes_taken=500_000, bytes_written=500_000)]
+    assert dump_progress(writers) == "3.50 MB of activations (500.00 KB on disk)"
+
+
+def test_units_words():
+    from train.units import metrics_line, raw_mse, training_mse_text
+
+    assert raw_mse(8.0, 2.0) == 2.0
+    assert training_mse_text({"mse": 8.0, "mse_raw": 2.0}, "expected_norm") == "mse 8 normalised (2 raw)"
+    assert training_mse_text({"mse": 2.0, "mse_raw": 2.0}, "none") == "mse 2 raw"
+    assert metrics_line({"mse": 2.0, "l0": 3.0, "ce_loss_recovered": None}, ("mse", "l0", "ce_loss_recovered")) \
+        == "mse 2 raw, l0 3"
