@@ -229,3 +229,32 @@ def test_units_words():
     assert training_mse_text({"mse": 2.0, "mse_raw": 2.0}, "none") == "mse 2 raw"
     assert metrics_line({"mse": 2.0, "l0": 3.0, "ce_loss_recovered": None}, ("mse", "l0", "ce_loss_recovered")) \
         == "mse 2 raw, l0 3"
+
+
+def test_train_says_when_it_computes_b_dec_and_resamples(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from train.config import LanguageModelSAERunnerConfig
+    from train.run import train
+    from train.sae_trainer import SAETrainer
+
+    dump = _tiny_dump(tmp_path / "d", n_rows=1000, shard_rows=1000)
+    # Every feature counts as dead: each window's end resamples, from rows sampled from the dump.
+    monkeypatch.setattr(SAETrainer, "dead_mask", lambda self: torch.ones(self.sae.cfg.d_sae, dtype=torch.bool))
+    cfg = LanguageModelSAERunnerConfig(shards=str(dump), checkpoint_path=str(tmp_path / "run"), device="cpu",
+                                       expansion_factor=2, train_batch_size=100, feature_sampling_window=4,
+                                       dead_feature_window=2, resample_sample_rows=300,
+                                       eval_holdout_contexts=0, wandb_log_frequency=2)
+    train(cfg, log=lambda s: None, progress=True)
+    err = capsys.readouterr().err
+    _in_order(err, ["verify d", "b_dec of ", "geometric median of 1,000 training rows ...",
+                    "resampling dead features from 300 rows ...", "train: 100%"])
+    assert "mse " in err and " raw" in err and "normalised" not in err  # normalize_activations none
+    train(replace_run(cfg, tmp_path / "quiet"), log=lambda s: None, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def replace_run(cfg, folder: Path):
+    from dataclasses import replace
+
+    return replace(cfg, checkpoint_path=str(folder))

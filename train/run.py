@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from shared.device import pick_device
 from shared.errors import UserError
+from shared.progress import say
 from shared.reader import Dump, open_dump
 from shared.storage import absolute
 from shared.run_paths import plain_name
@@ -218,8 +219,9 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
 
 
 def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, name: str,
-              resume_from: Path | None, wandb_group: str | None = None) -> Slot:
-    """Build (or restore) one SAE trainer and open its run folder."""
+              resume_from: Path | None, wandb_group: str | None = None, progress: bool = False) -> Slot:
+    """Build (or restore) one SAE trainer and open its run folder (`progress`: say so on stderr
+    when b_dec's geometric median is computed, which reads and iterates over a sample)."""
     device = pick_device(cfg.device)
     parallel = distributed.current()
     trainer = SAETrainer(cfg, data.dump.d_in, data.input_scale, data.total_steps, device,
@@ -233,6 +235,9 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
         load_trainer_state_(trainer, resume_from)
     else:
         mean = torch.tensor((data.dump.manifest.stats or {}).get("mean", [0.0] * data.dump.d_in))
+        if cfg.b_dec_init_method == "geometric_median":
+            say(f"b_dec of {name}: geometric median of {min(B_DEC_SAMPLE_ROWS, data.loader.n_rows):,} "
+                "training rows ...", progress and parallel.lead)
         trainer.init_b_dec_(mean, lambda: data.init_sample(cfg.seed))
     if trainer.shard is not None:
         distributed.broadcast_trainer_(trainer)
@@ -334,7 +339,8 @@ def train_job(job: Job, data: DataPlan, log: Callable[[str], None], progress: bo
     results: list[TrainResult] = []
     for group in job.groups if job.groups is not None else [list(range(len(job.saes)))]:
         slots = [make_slot(cfg, data, job.run_dir(name), name,
-                           job.resume_from[name] if job.resume_from else None, wandb_group=job.wandb_group)
+                           job.resume_from[name] if job.resume_from else None, wandb_group=job.wandb_group,
+                           progress=progress)
                  for name, cfg in (job.saes[i] for i in group)]
         if not job.sweep:
             _announce_run(slots[0], data, log)
@@ -485,10 +491,14 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
     started, tokens_at_start = time.perf_counter(), lead.tokens_seen
     batches = data.loader.batches(start_batch=lead.step)
     samples: dict[tuple[int, int, int], Batch] = {}
+    text = ""  # the bar's text since the last log step
 
     def sampler(n: int, step: int, seed: int) -> Batch:
-        """Resampling rows, read once per step for the whole group (same seed, same rows)."""
+        """Resampling rows, read once per step for the whole group (same seed, same rows); the
+        bar says so while they are read and scored (seconds, with many rows)."""
         if (n, step, seed) not in samples:
+            bar.set_postfix_str(f"{text}, resampling dead features from {n:,} rows ..." if text else
+                                f"resampling dead features from {n:,} rows ...", refresh=True)
             samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
         return samples[(n, step, seed)]
 
@@ -498,15 +508,18 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
             rows = data.loader.batch_rows(lead.step)
             for slot in slots:
                 _step_slot(slot, batch, rows, sampler, total, started, tokens_at_start, data.ident)
+            if samples:  # resampled: the bar's text goes back to the figures
+                bar.set_postfix_str(text, refresh=False)
             samples.clear()  # do not hold up to resample_sample_rows rows until the next window
             bar.update(1)
             if stop is not None and stop.requested and lead.step < total:
                 raise KeyboardInterrupt
             if lead.step % slots[0].trainer.cfg.wandb_log_frequency == 0 or lead.step == total:
                 last = slots[0].last_logged
-                bar.set_postfix_str(f"tokens={lead.tokens_seen:,}, tok/s={last.get('tokens_per_s', 0):,.0f}, "
-                                    f"{training_mse_text(last, slots[0].trainer.cfg.normalize_activations)}, "
-                                    f"L0={last.get('l0', math.nan):.1f}", refresh=False)
+                text = (f"tokens={lead.tokens_seen:,}, tok/s={last.get('tokens_per_s', 0):,.0f}, "
+                        f"{training_mse_text(last, slots[0].trainer.cfg.normalize_activations)}, "
+                        f"L0={last.get('l0', math.nan):.1f}")
+                bar.set_postfix_str(text, refresh=False)
     finally:
         batches.close()
         bar.close()

@@ -46,31 +46,30 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
     }
     sums = {name: 0.0 for name in ("clean", "sae", "zero", "mean", "kl")}
     count = 0
-    shown = bar(tokens.shape[0], "CE with the SAE spliced in", "ctx", progress)
-    for b in range(0, tokens.shape[0], batch_size):
-        batch = tokens[b : b + batch_size].to(device)  # [batch, T]
-        clean = _log_probs(model(batch))  # [batch, T-1, vocab]
-        sums["clean"] += float(_nll_sum(clean, batch))
-        key = (hook, b, tuple(batch.shape), int(batch.sum()))
-        cached = baselines.get(key) if baselines is not None else None
-        if cached is not None:
-            sums["zero"] += cached["zero"]
-            sums["mean"] += cached["mean"]
-        for name, patch in patches.items():
-            if cached is not None and name in ("zero", "mean"):
-                continue
-            before = sums[name]
-            logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice(patch, skip_bos))])
-            patched = _log_probs(logits)
-            sums[name] += float(_nll_sum(patched, batch))
-            if name == "sae":
-                # KL(p_clean || p_sae) summed over the vocabulary, for each predicted position.
-                sums["kl"] += float((clean.exp() * (clean - patched)).sum(-1).double().sum())
-            elif baselines is not None:
-                baselines.setdefault(key, {})[name] = sums[name] - before
-        count += batch.shape[0] * (batch.shape[1] - 1)
-        shown.update(batch.shape[0])
-    shown.close()
+    with bar(tokens.shape[0], "CE with the SAE spliced in", "ctx", progress) as shown:
+        for b in range(0, tokens.shape[0], batch_size):
+            batch = tokens[b : b + batch_size].to(device)  # [batch, T]
+            clean = _log_probs(model(batch))  # [batch, T-1, vocab]
+            sums["clean"] += float(_nll_sum(clean, batch))
+            key = (hook, b, tuple(batch.shape), int(batch.sum()))
+            cached = baselines.get(key) if baselines is not None else None
+            if cached is not None:
+                sums["zero"] += cached["zero"]
+                sums["mean"] += cached["mean"]
+            for name, patch in patches.items():
+                if cached is not None and name in ("zero", "mean"):
+                    continue
+                before = sums[name]
+                logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice(patch, skip_bos))])
+                patched = _log_probs(logits)
+                sums[name] += float(_nll_sum(patched, batch))
+                if name == "sae":
+                    # KL(p_clean || p_sae) summed over the vocabulary, for each predicted position.
+                    sums["kl"] += float((clean.exp() * (clean - patched)).sum(-1).double().sum())
+                elif baselines is not None:
+                    baselines.setdefault(key, {})[name] = sums[name] - before
+            count += batch.shape[0] * (batch.shape[1] - 1)
+            shown.update(batch.shape[0])
     return _ce_summary({name: total / count for name, total in sums.items()})
 
 
