@@ -5,7 +5,7 @@ started; at the end, report the longest stretch with no output.
 
 A carriage return ends a line as a newline does, so every redraw of a tqdm bar counts as output.
 The command's exit status is this script's. The report goes to stderr, last:
-`longest gap: 4.21 s (before line 17: ...)`.
+`longest gap: 4.21 s (before: <the line that ended it>)`.
 """
 from __future__ import annotations
 
@@ -25,33 +25,40 @@ class Timeline:
     lines: list[tuple[float, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, text: str) -> float:
-        """Record one line now; returns its time since start."""
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    def add(self, at: float, text: str) -> None:
+        """Record one line whose first byte arrived `at` seconds after the start."""
         with self._lock:
-            at = time.monotonic() - self.start
             self.lines.append((at, text))
-            return at
 
     def longest_gap(self, end: float) -> tuple[float, int]:
         """(seconds, index of the line after the gap; len(lines) for the gap before the end) of
         the longest stretch without output, counting from the start to `end`."""
-        times = [0.0] + [at for at, _ in self.lines] + [end]
+        times = [0.0] + sorted(at for at, _ in self.lines) + [end]
         gaps = [(b - a, i) for i, (a, b) in enumerate(zip(times, times[1:]))]
         return max(gaps)
 
 
-def split_lines(stream: IO[bytes], emit: Callable[[str], None]) -> None:
-    """Call `emit` with each line of `stream`, a line ending at '\\n' or '\\r' (empty pieces between
-    '\\r\\n' are dropped), until the stream ends."""
-    pending = b""
+def split_lines(stream: IO[bytes], emit: Callable[[float, str], None], clock: Callable[[], float]) -> None:
+    """Call `emit(at, line)` for each line of `stream` until it ends, `at` being `clock()` when the
+    line's first byte arrived: a line ends at '\n' or '\r' (empty pieces dropped), and a tqdm bar
+    writes '\r' before each redraw, not after, so a redraw is on screen long before it ends."""
+    pending, began = b"", 0.0
     while chunk := stream.read1(65536):
-        pending += chunk
-        *whole, pending = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        for line in whole:
+        arrived = clock()
+        if not pending:
+            began = arrived
+        pending += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *whole, pending = pending.split(b"\n")
+        for i, line in enumerate(whole):
             if line:
-                emit(line.decode(errors="replace"))
+                emit(began if i == 0 else arrived, line.decode(errors="replace"))
+        if whole:  # what is pending now began in this chunk
+            began = arrived
     if pending:
-        emit(pending.decode(errors="replace"))
+        emit(began, pending.decode(errors="replace"))
 
 
 def run(command: list[str], out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
@@ -60,12 +67,12 @@ def run(command: list[str], out: IO[str] = sys.stdout, err: IO[str] = sys.stderr
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def pump(stream: IO[bytes], to: IO[str]) -> None:
-        def emit(line: str) -> None:
-            at = timeline.add(line)
+        def emit(at: float, line: str) -> None:
+            timeline.add(at, line)
             to.write(f"[{at:8.2f}] {line}\n")
             to.flush()
 
-        split_lines(stream, emit)
+        split_lines(stream, emit, timeline.now)
 
     threads = [threading.Thread(target=pump, args=(proc.stdout, out)),
                threading.Thread(target=pump, args=(proc.stderr, err))]
@@ -74,11 +81,11 @@ def run(command: list[str], out: IO[str] = sys.stdout, err: IO[str] = sys.stderr
     status = proc.wait()
     for t in threads:
         t.join()
-    end = time.monotonic() - timeline.start
+    end = timeline.now()
     gap, index = timeline.longest_gap(end)
-    where = f"before line {index + 1}: {timeline.lines[index][1][:80]}" if index < len(timeline.lines) \
-        else "before the command ended"
-    err.write(f"longest gap: {gap:.2f} s ({where}); {len(timeline.lines)} lines in {end:.2f} s, exit status {status}\n")
+    ordered = sorted(timeline.lines, key=lambda line: line[0])
+    where = f"before: {ordered[index][1][:80]}" if index < len(ordered) else "before the command ended"
+    err.write(f"longest gap: {gap:.2f} s ({where}); {len(ordered)} lines in {end:.2f} s, exit status {status}\n")
     err.flush()
     return status
 

@@ -34,10 +34,34 @@ timestamped = _load_timestamped()
 
 
 # ---- scripts/timestamped.py ------------------------------------------------------------------
+class Chunks:
+    """A stream handing out given chunks, one per read, and a clock that ticks once per read."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.reads = list(chunks), 0
+
+    def read1(self, size: int) -> bytes:
+        self.reads += 1
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def clock(self) -> float:
+        return float(self.reads)
+
+
 def test_split_lines_treats_carriage_returns_as_lines():
-    got: list[str] = []
-    timestamped.split_lines(io.BytesIO(b"one\ntrain 10%\rtrain 50%\rtrain 100%\r\nlast"), got.append)
-    assert got == ["one", "train 10%", "train 50%", "train 100%", "last"]
+    got: list[tuple[float, str]] = []
+    stream = Chunks([b"one\ntrain 10%\rtrain 50%\rtrain 100%\r\nlast"])
+    timestamped.split_lines(stream, lambda at, line: got.append((at, line)), stream.clock)
+    assert [line for _, line in got] == ["one", "train 10%", "train 50%", "train 100%", "last"]
+
+
+def test_a_line_is_stamped_when_its_first_byte_arrives():
+    # tqdm writes "\r" before each redraw: "bar 0%" is on screen from read 2, though only the
+    # "\r" of read 4 ends it; "half" of read 3 continues it.
+    got: list[tuple[float, str]] = []
+    stream = Chunks([b"start\n", b"bar 0%", b" half", b"\rbar 100%\n"])
+    timestamped.split_lines(stream, lambda at, line: got.append((at, line)), stream.clock)
+    assert got == [(1.0, "start"), (2.0, "bar 0% half"), (4.0, "bar 100%")]
 
 
 def test_longest_gap_is_measured_between_outputs_and_to_the_end():
@@ -58,7 +82,7 @@ def test_run_stamps_both_streams_and_reports_the_gap_and_status():
     err_lines = err.getvalue().splitlines()
     assert [line.split("] ", 1)[1] for line in err_lines[:-1]] == ["bar 1", "bar 2"]
     assert all(line.startswith("[") and float(line[1:line.index("]")]) >= 0 for line in err_lines[:-1])
-    assert err_lines[-1].startswith("longest gap: ") and "3 lines" in err_lines[-1]
+    assert err_lines[-1].startswith("longest gap: ") and "3 lines" in err_lines[-1]  # hello, bar 1, bar 2
     assert err_lines[-1].endswith("exit status 3")
 
 
@@ -93,7 +117,8 @@ def pipeline(tmp_path_factory, tiny_model, vocab_size):
                                          "--eval-holdout-contexts", "8", "--feature-sampling-window", "10",
                                          "--dead-feature-window", "5", "--resample-sample-rows", "512"])
     assert trained.exit_code == 0, trained.output
-    evaluated = runner.invoke(evaluate_main, [str(run), "--max-eval-contexts", "4", "--batch-contexts", "2"])
+    evaluated = runner.invoke(evaluate_main, [str(run), "--max-eval-contexts", "4", "--batch-contexts", "2",
+                                              "--dashboard"])
     assert evaluated.exit_code == 0, evaluated.output
     top = runner.invoke(evaluate_main, [str(run), "--top-examples", "2", "--features", "0,1"])
     assert top.exit_code == 0, top.output
@@ -134,7 +159,9 @@ def test_metrics_log_has_mse_in_both_spaces(pipeline):
 @slow_pipeline
 def test_evaluate_shows_each_pass_and_names_its_units(pipeline):
     got = pipeline["evaluated"]
-    _in_order(got.stderr, ["verify dump", "loading model", "held-out rows", "CE with the SAE spliced in"])
+    _in_order(got.stderr, ["verify dump", "loading model", "held-out rows", "CE with the SAE spliced in: 100%",
+                           "8/8", "features of run", "nearest features and logit table of 64 features ...",
+                           "writing the pages of 64 features"])
     ev = json.loads((pipeline["run"] / "eval.json").read_text())
     assert ev["units"] == "raw activations"
     assert f"mse {ev['mse']:.4g} raw," in got.stdout
@@ -151,7 +178,8 @@ def test_top_examples_shows_its_pass(pipeline):
 def test_quiet_silences_every_progress_line(pipeline, tmp_path):
     run = pipeline["run"]
     runner = CliRunner()
-    ev = runner.invoke(evaluate_main, [str(run), "--quiet", "--max-eval-contexts", "2", "--batch-contexts", "2"])
+    ev = runner.invoke(evaluate_main, [str(run), "--quiet", "--max-eval-contexts", "2", "--batch-contexts", "2",
+                                       "--dashboard"])
     top = runner.invoke(evaluate_main, [str(run), "--quiet", "--top-examples", "1", "--features", "0"])
     trained = runner.invoke(train_main, ["--shards", str(pipeline["dump"]), "--checkpoint-path", str(tmp_path / "r"),
                                          "--device", "cpu", "--quiet", "--expansion-factor", "2",
@@ -159,7 +187,8 @@ def test_quiet_silences_every_progress_line(pipeline, tmp_path):
                                          "--eval-holdout-contexts", "8"])
     for got in (ev, top, trained):
         assert got.exit_code == 0, got.output
-        for needle in ("verify", "loading model", "held-out rows", "CE with", "top examples", "it/s", "%|"):
+        for needle in ("verify", "loading model", "held-out rows", "CE with", "top examples", "features of",
+                       "nearest features", "writing the pages", "geometric median", "%|"):
             assert needle not in got.stderr, (needle, got.stderr)
 
 

@@ -30,7 +30,7 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
     in every patched run: the SAE never saw BOS rows, and BOS is outside what it is judged on.
     `baselines`, a dict the caller keeps across SAEs evaluated on the same tokens, saves the two
     ablation runs for every SAE after the first (a sweep pays for them once). `progress`: a bar
-    over the contexts on stderr.
+    on stderr over the model runs (four per batch; a run over a batch can take seconds on a CPU).
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise UserError(f"need tokens of shape [contexts, >= 2 positions], got {tuple(tokens.shape)}")
@@ -46,11 +46,13 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
     }
     sums = {name: 0.0 for name in ("clean", "sae", "zero", "mean", "kl")}
     count = 0
-    with bar(tokens.shape[0], "CE with the SAE spliced in", "ctx", progress) as shown:
+    n_batches = -(-tokens.shape[0] // batch_size)
+    with bar(n_batches * (1 + len(patches)), "CE with the SAE spliced in", "run", progress) as shown:
         for b in range(0, tokens.shape[0], batch_size):
             batch = tokens[b : b + batch_size].to(device)  # [batch, T]
             clean = _log_probs(model(batch))  # [batch, T-1, vocab]
             sums["clean"] += float(_nll_sum(clean, batch))
+            shown.update(1)
             key = (hook, b, tuple(batch.shape), int(batch.sum()))
             cached = baselines.get(key) if baselines is not None else None
             if cached is not None:
@@ -58,6 +60,7 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
                 sums["mean"] += cached["mean"]
             for name, patch in patches.items():
                 if cached is not None and name in ("zero", "mean"):
+                    shown.update(1)  # paid for by an earlier SAE
                     continue
                 before = sums[name]
                 logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice(patch, skip_bos))])
@@ -68,8 +71,8 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
                     sums["kl"] += float((clean.exp() * (clean - patched)).sum(-1).double().sum())
                 elif baselines is not None:
                     baselines.setdefault(key, {})[name] = sums[name] - before
+                shown.update(1)
             count += batch.shape[0] * (batch.shape[1] - 1)
-            shown.update(batch.shape[0])
     return _ce_summary({name: total / count for name, total in sums.items()})
 
 
