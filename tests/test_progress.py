@@ -193,13 +193,13 @@ def test_quiet_silences_every_progress_line(pipeline, tmp_path):
 
 
 # ---- the bars one by one, without a model (fast) ----------------------------------------------
-def _tiny_dump(folder: Path, n_rows: int = 600, shard_rows: int = 200) -> Path:
+def _tiny_dump(folder: Path, n_rows: int = 600, shard_rows: int = 200, fmt: str = "safetensors") -> Path:
     import torch
 
     from shared.dump_writer import write_dump
 
     acts = torch.randn(n_rows, 8, generator=torch.Generator().manual_seed(0))
-    write_dump(folder, acts, context_size=20, shard_rows=shard_rows)
+    write_dump(folder, acts, context_size=20, shard_rows=shard_rows, fmt=fmt)
     return folder
 
 
@@ -213,13 +213,15 @@ def test_verify_bar_counts_rows_of_every_shard(tmp_path, capsys, progress):
     assert (err == "") is not progress
 
 
-def test_checksum_reports_fractions_up_to_the_whole_shard(tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "zarr"])
+def test_checksum_reports_fractions_up_to_the_whole_shard(tmp_path, fmt):
+    from shared.manifest import read_manifest
     from shared.shard_files import checksum
 
-    folder = _tiny_dump(tmp_path / "d", shard_rows=600)
+    folder = _tiny_dump(tmp_path / "d", shard_rows=600, fmt=fmt)
+    entry = read_manifest(folder).shards[0]
     seen: list[float] = []
-    plain = checksum(folder / "shard_000000.safetensors", "safetensors")
-    assert checksum(folder / "shard_000000.safetensors", "safetensors", seen.append) == plain
+    assert checksum(folder / entry.file, fmt, seen.append) == checksum(folder / entry.file, fmt) == entry.checksum
     assert seen and seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
 
 
