@@ -197,6 +197,7 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
     pass), hold out their last contexts, and build the shared shuffled loader; `progress` shows
     the checksum verification as a bar."""
     device = pick_device(cfg.device)
+    progress = progress and distributed.current().lead  # one bar, not one per process
     dump = open_training_dump(cfg, verify, progress)
     target = open_target_dump(target_shards, dump, verify, progress)
     try:
@@ -237,7 +238,7 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
         mean = torch.tensor((data.dump.manifest.stats or {}).get("mean", [0.0] * data.dump.d_in))
         if cfg.b_dec_init_method == "geometric_median":
             say(f"b_dec of {name}: geometric median of {min(B_DEC_SAMPLE_ROWS, data.loader.n_rows):,} "
-                "training rows ...", progress and parallel.lead)
+                "training rows ...", progress)
         trainer.init_b_dec_(mean, lambda: data.init_sample(cfg.seed))
     if trainer.shard is not None:
         distributed.broadcast_trainer_(trainer)
@@ -334,6 +335,7 @@ def train_job(job: Job, data: DataPlan, log: Callable[[str], None], progress: bo
     """Train the job's SAEs into its folder, which this process holds (`hold_run_folder`): a
     sweep's index first, then each group of SAEs in lockstep on `data`, then the evaluation of
     every final SAE and, for a sweep, its summary. Returns this process's results in grid order."""
+    progress = progress and distributed.current().lead  # under torchrun, process 0 shows progress
     if job.sweep:
         _start_sweep(job, data, log)
     results: list[TrainResult] = []
