@@ -258,8 +258,8 @@ def test_units_words():
     assert raw_mse(8.0, 2.0) == 2.0
     assert training_mse_text({"mse": 8.0, "mse_raw": 2.0}, "expected_norm") == "mse 8 normalised (2 raw)"
     assert training_mse_text({"mse": 2.0, "mse_raw": 2.0}, "none") == "mse 2 raw"
-    assert metrics_line({"mse": 2.0, "l0": 3.0, "ce_loss_recovered": None}, ("mse", "l0", "ce_loss_recovered")) \
-        == "mse 2 raw, l0 3"
+    assert metrics_line({"mse": 2.0, "l0": 3.0, "ce_loss_recovered": None, "kl_clean_sae": 0.5},
+                        ("mse", "l0", "ce_loss_recovered", "kl_clean_sae")) == "mse 2 raw, l0 3, kl_clean_sae 0.5 nats"
 
 
 def test_train_says_when_it_computes_b_dec_and_resamples(tmp_path, capsys, monkeypatch):

@@ -33,12 +33,16 @@ def training_mse_text(logged: dict[str, Any], normalize: str | None) -> str:
     return f"mse {mse:.4g} normalised ({raw:.4g} raw)"
 
 
+PRINTED_UNITS = {"mse": "raw", "kl_clean_sae": "nats"}
+"""The unit word printed after a figure of `evaluate`; the others are fractions or counts."""
+
+
 def metrics_line(result: dict[str, Any], keys: Iterable[str]) -> str:
-    """`evaluate`'s printed figures, the squared error marked raw (eval.json's units)."""
+    """`evaluate`'s printed figures: `mse 150.5 raw, explained_variance 0.91, ...` (eval.json's units)."""
     shown = []
     for k in keys:
         value = result.get(k)
         if value is None:
             continue
-        shown.append(f"{k} {value:.4g}" + (" raw" if k == "mse" else ""))
+        shown.append(f"{k} {value:.4g}" + (f" {PRINTED_UNITS[k]}" if k in PRINTED_UNITS else ""))
     return ", ".join(shown)
