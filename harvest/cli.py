@@ -54,7 +54,7 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
               help="Documents in that shuffle buffer.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever dump --out holds.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def main(hooks, model, dataset, split, text_column, context_size, batch_size, tokens, prepend_bos,
          skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
          shuffle_documents, shuffle_buffer_docs, resume, overwrite, quiet) -> None:

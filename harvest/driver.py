@@ -108,6 +108,8 @@ def drive(job: HarvestPass, ranks: Ranks, progress: bool, log: Callable[[str], N
     start = time.perf_counter()
     try:
         tokens = _forward(job, plan, writers, ranks, progress)
+        if progress and ranks.lead and any(w.bytes_taken > w.bytes_written for w in writers.values()):
+            log("writing the last shards to disk ...")  # the bar is done; the writer thread is not
         for w in writers.values():
             w.finish()
     except BaseException:

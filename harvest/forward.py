@@ -7,6 +7,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from harvest.target import human_bytes
+
 
 def row_columns(tokens: np.ndarray, first_context: int, skip_bos: bool) -> tuple[np.ndarray, ...]:
     """tokens / context / position for each row of a batch [batch, context_size]."""
@@ -18,12 +20,23 @@ def row_columns(tokens: np.ndarray, first_context: int, skip_bos: bool) -> tuple
             np.tile(np.arange(start, start + t, dtype=np.int32), b))
 
 
+def dump_progress(writers: Iterable[Any]) -> str:
+    """The harvest bar's text: bytes of activations taken so far (buffered or written), and how
+    many of them are on disk. Both count as the rows arrive, where on-disk bytes alone would read
+    0 for the whole of a dump that is one shard, written only at the end."""
+    taken = written = 0
+    for w in writers:
+        taken, written = taken + w.bytes_taken, written + w.bytes_written
+    return f"{human_bytes(taken)} of activations ({human_bytes(written)} on disk)"
+
+
 def forward_into(model: Any, batches: Iterable[tuple[int, np.ndarray]], writers: dict[str, Any],
                  widths: dict[str, int], *, stop: int | None, device: str, skip_bos: bool,
                  rows_per_context: int, storage: torch.dtype, bar: Any) -> int:
     """Run `model` over each (first context, tokens [batch, context_size]) of `batches`, to layer
     `stop` only, and give each hook's rows (BOS dropped with `skip_bos`, cast to the storage dtype)
-    to `writers[hook].add`. Returns the tokens run through the model."""
+    to `writers[hook].add`. Returns the tokens run through the model. The bar counts tokens; its
+    text says how much of the dump exists so far (`dump_progress`)."""
     hooks = list(writers)
     done = 0
     with torch.inference_mode():
@@ -37,6 +50,5 @@ def forward_into(model: Any, batches: Iterable[tuple[int, np.ndarray]], writers:
                 writers[h].add(first_ctx * rows_per_context, acts.reshape(-1, widths[h]).to(storage), *cols)
             bar.update(toks.size)
             done += toks.size
-            written = sum(w.bytes_written for w in writers.values())
-            bar.set_postfix_str(f"{written / 1e9:.2f} GB written", refresh=False)
+            bar.set_postfix_str(dump_progress(writers.values()), refresh=False)
     return done

@@ -131,6 +131,8 @@ def default_shard_rows(cfg: HarvestConfig, d_in: int) -> int:
 
 def _harvest(cfg: HarvestConfig, ranks: Ranks, device: str, log: Callable[[str], None],
              progress: bool) -> HarvestResult:
+    if progress and ranks.lead:
+        log(f"loading model {cfg.model} on {device} ...")
     model = load_model(cfg.model, device, cfg.model_dtype)
     source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
                             cfg.shuffle_documents, cfg.shuffle_buffer_docs)

@@ -71,6 +71,10 @@ class ShardWriter:
         self._current: ShardBuffer | None = None
         self.error: BaseException | None = None
         self.bytes_written = 0
+        """Bytes of the shards written and recorded (activations + 16 bytes of indices per row)."""
+        self.bytes_taken = 0
+        """Bytes of the rows taken into this writer's buffers so far, counted as `bytes_written`
+        counts them: written + still buffered (a shard is written only once whole)."""
         self._thread = threading.Thread(target=self._loop, name=f"writer-{manifest.hook}", daemon=True)
         self._thread.start()
 
@@ -107,6 +111,7 @@ class ShardWriter:
             take = min(n - at, self.shard_end(index) - row)
             if index in self.writes:
                 self._copy(index, row, slice(at, at + take), acts, tokens, context, position)
+                self.bytes_taken += take * (acts.shape[1] * acts.element_size() + 16)
             at += take
 
     def _copy(self, index: int, row: int, rows: slice, acts: torch.Tensor, tokens: np.ndarray,

@@ -84,17 +84,27 @@ class Dump:
         parts = self._slices(name, start, stop)
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    def verify(self) -> None:
+    def verify(self, progress: bool = False) -> None:
         """Recompute every shard checksum; DumpError naming the first file that differs (in object
-        storage, a chunk object whose crc32c fails is named first)."""
-        for entry in self.manifest.shards:
-            path = self.path / entry.file
-            got = checksum(path, self.manifest.format)
-            if got != entry.checksum:
-                raise DumpError(
-                    f"{path} fails its checksum (manifest {entry.checksum[:19]}..., file "
-                    f"{got[:19]}...): the shard is corrupted; re-harvest the dump"
-                )
+        storage, a chunk object whose crc32c fails is named first). With `progress`, a bar on
+        stderr counts the rows whose bytes are hashed, inside a shard too (a dump may be one
+        large shard)."""
+        from shared.progress import bar
+
+        with bar(self.n_rows, f"verify {self.path.name}", "row", progress, unit_scale=True) as shown:
+            for entry in self.manifest.shards:
+                path = self.path / entry.file
+                first = entry.first_row
+
+                def advance(fraction: float, first: int = first, rows: int = entry.rows) -> None:
+                    shown.update(first + int(rows * fraction) - shown.n)
+
+                got = checksum(path, self.manifest.format, advance)
+                if got != entry.checksum:
+                    raise DumpError(
+                        f"{path} fails its checksum (manifest {entry.checksum[:19]}..., file "
+                        f"{got[:19]}...): the shard is corrupted; re-harvest the dump"
+                    )
 
 
 def _check_shapes(path: Path, arrays: ShardArrays, rows: int, d_in: int) -> None:
@@ -151,14 +161,15 @@ def _open_shard_checked(folder: Location, manifest: Manifest, entry: ShardEntry)
     return arrays
 
 
-def open_dump(path: str | Path | Location, verify: bool = False, require_complete: bool = True) -> Dump:
+def open_dump(path: str | Path | Location, verify: bool = False, require_complete: bool = True,
+              progress: bool = False) -> Dump:
     """Open the dump in folder `path` (or object-storage prefix `s3://bucket/prefix`).
 
     Checks every field of the manifest (shared.manifest_check), that every shard it lists exists
     inside the folder with the stated shape and dtypes and holds the contexts its rows should
     (truncation and swapped shards show here), and with `verify=True` every checksum, which also
-    catches changed bytes (a NaN written over an activation). Refuses an incomplete dump unless
-    asked not to.
+    catches changed bytes (a NaN written over an activation), shown as a bar on stderr with
+    `progress`. Refuses an incomplete dump unless asked not to.
     """
     path = location(path)
     # Without folders (object storage) a missing bucket, bad keys or no endpoint show in one line
@@ -180,5 +191,5 @@ def open_dump(path: str | Path | Location, verify: bool = False, require_complet
     starts = [entry.first_row for entry in manifest.shards]
     dump = Dump(path=path, manifest=manifest, _shards=shards, _starts=starts)
     if verify:
-        dump.verify()
+        dump.verify(progress)
     return dump

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -271,25 +273,47 @@ def open_shard(path: Path | Location, fmt: str) -> ShardArrays:
     return open_safetensors(path) if fmt == "safetensors" else open_zarr(path)
 
 
-def checksum(path: Path | Location, fmt: str) -> str:
-    """sha256 of a safetensors file's bytes, or of a zarr shard's decoded arrays in fixed order."""
+def checksum(path: Path | Location, fmt: str, done: Callable[[float], None] | None = None) -> str:
+    """sha256 of a safetensors file's bytes, or of a zarr shard's decoded arrays in fixed order.
+
+    `done`, if given, is called with the fraction of the shard hashed so far (0..1, by bytes) as
+    the hashing goes, for a progress bar over a large shard.
+    """
     path = location(path)
+    report = done or (lambda fraction: None)
     h = hashlib.sha256()
     if fmt == "safetensors":
         with open(path, "rb") as f:
+            size, read = max(1, os.fstat(f.fileno()).st_size), 0
             while block := f.read(1 << 24):
                 h.update(block)
+                read += len(block)
+                report(read / size)
     elif path.capabilities.fetched:
         # Streamed chunk by chunk, many requests in flight; a damaged object is named.
         arrays = open_zarr(path)
+        total, seen = _zarr_bytes(arrays), 0
         for name in ARRAY_NAMES:
             for chunk in iter_chunks(path, name, getattr(arrays, name)):
-                h.update(np.ascontiguousarray(chunk).tobytes())
+                block = np.ascontiguousarray(chunk)
+                h.update(block.tobytes())
+                seen += block.nbytes
+                report(seen / total)
     else:
         arrays = open_zarr(path)
+        total, seen = _zarr_bytes(arrays), 0
         for name in ("activations", "tokens", "context", "position"):
             try:
-                h.update(np.ascontiguousarray(getattr(arrays, name)[...]).tobytes())
+                block = np.ascontiguousarray(getattr(arrays, name)[...])
             except Exception as e:
                 raise DumpError(f"{path}/{name} cannot be read ({type(e).__name__}: {e})") from None
+            h.update(block.tobytes())
+            seen += block.nbytes
+            report(seen / total)
     return "sha256:" + h.hexdigest()
+
+
+def _zarr_bytes(arrays: ShardArrays) -> int:
+    """Decoded bytes of a zarr shard's four arrays (what `checksum` hashes), at least 1."""
+    return max(1, sum(math.prod(getattr(arrays, n).shape) * np.dtype(getattr(arrays, n).dtype).itemsize
+                      for n in ARRAY_NAMES))

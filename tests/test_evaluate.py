@@ -384,3 +384,21 @@ def test_evaluate_cli_bad_feature_list(tmp_path):
                          (["--top-examples", "-1"], "must be positive")):
         got = CliRunner().invoke(evaluate_main, [str(tmp_path), *args])
         assert got.exit_code == 2 and needle in got.output and "Traceback" not in got.output, got.output
+
+
+def test_ce_metrics_bar_counts_contexts_and_changes_nothing(bridge, ce_tokens, capsys):
+    d_in = bridge.cfg.d_model
+    quiet = ce_metrics(bridge, identity_sae(d_in), HOOK, ce_tokens, torch.zeros(d_in), False, 3, "cpu")
+    assert capsys.readouterr().err == ""
+    shown = ce_metrics(bridge, identity_sae(d_in), HOOK, ce_tokens, torch.zeros(d_in), False, 3, "cpu",
+                       progress=True)
+    err = capsys.readouterr().err
+    runs = 4 * -(-ce_tokens.shape[0] // 3)  # clean, SAE, zero and mean ablation per batch of 3
+    assert "CE with the SAE spliced in: 100%" in err and f"{runs}/{runs}" in err
+    assert shown == quiet
+    # A second SAE on the same contexts skips the ablation runs; the bar still ends at the total.
+    cache: dict = {}
+    for _ in range(2):
+        ce_metrics(bridge, identity_sae(d_in), HOOK, ce_tokens, torch.zeros(d_in), False, 3, "cpu",
+                   baselines=cache, progress=True)
+        assert f"{runs}/{runs}" in capsys.readouterr().err

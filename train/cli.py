@@ -109,7 +109,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 @click.option("--parallel", type=click.Choice(["data", "sweep"]), default=None,
               help="Under torchrun (torchrun --nproc-per-node N -m train ...): 'data' splits every global "
                    "batch of train_batch_size rows over the N processes and averages their gradients "

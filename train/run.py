@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from shared.device import pick_device
 from shared.errors import UserError
+from shared.progress import say
 from shared.reader import Dump, open_dump
 from shared.storage import absolute
 from shared.run_paths import plain_name
@@ -37,6 +38,7 @@ from train.run_folder import hold_run_folder
 from train.run_layout import SweepEntry
 from train.sae_trainer import SAETrainer
 from train.summary import log_summary_to_wandb, write_summary
+from train.units import training_mse_text
 
 B_DEC_SAMPLE_ROWS = 16384  # rows the geometric median is computed on
 
@@ -135,10 +137,10 @@ def _target_key(ident: dict[str, Any]) -> tuple[Any, ...] | None:
     return target.get("dump_fingerprint"), target.get("hook_point"), target.get("d_out_dump")
 
 
-def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool) -> Dump:
+def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool, progress: bool = False) -> Dump:
     if not cfg.shards:
         raise UserError("no dump given: pass --shards DUMP_FOLDER (write one with `harvest`)")
-    dump = open_dump(cfg.shards, verify=verify)
+    dump = open_dump(cfg.shards, verify=verify, progress=progress)
     if cfg.d_in is not None and cfg.d_in != dump.d_in:
         raise UserError(f"d_in {cfg.d_in} does not match the dump's d_in {dump.d_in} ({dump.path}); "
                         "drop d_in or pick the matching dump")
@@ -181,21 +183,23 @@ def random_rows(loader: ActivationLoader, n: int, seed: int, salt: int) -> Batch
     return Batch.of(loader.gather(rows))
 
 
-def open_target_dump(target_shards: str | Path | None, dump: Dump, verify: bool) -> Dump:
+def open_target_dump(target_shards: str | Path | None, dump: Dump, verify: bool, progress: bool = False) -> Dump:
     """The target dump: `dump` itself unless another one is named (the same path counts as the
     same dump: an SAE)."""
     if target_shards is None or absolute(target_shards) == absolute(dump.path):
         return dump
-    return open_dump(target_shards, verify=verify)
+    return open_dump(target_shards, verify=verify, progress=progress)
 
 
 def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
-              target_shards: str | Path | None = None) -> DataPlan:
+              target_shards: str | Path | None = None, progress: bool = False) -> DataPlan:
     """Open the dump (and the target dump, when the target is another hook of the same harvest
-    pass), hold out their last contexts, and build the shared shuffled loader."""
+    pass), hold out their last contexts, and build the shared shuffled loader; `progress` shows
+    the checksum verification as a bar."""
     device = pick_device(cfg.device)
-    dump = open_training_dump(cfg, verify)
-    target = open_target_dump(target_shards, dump, verify)
+    progress = progress and distributed.current().lead  # one bar, not one per process
+    dump = open_training_dump(cfg, verify, progress)
+    target = open_target_dump(target_shards, dump, verify, progress)
     try:
         train_rows, _ = split_rows(dump, cfg.eval_holdout_contexts)
     except ValueError as e:
@@ -216,8 +220,9 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
 
 
 def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, name: str,
-              resume_from: Path | None, wandb_group: str | None = None) -> Slot:
-    """Build (or restore) one SAE trainer and open its run folder."""
+              resume_from: Path | None, wandb_group: str | None = None, progress: bool = False) -> Slot:
+    """Build (or restore) one SAE trainer and open its run folder (`progress`: say so on stderr
+    when b_dec's geometric median is computed, which reads and iterates over a sample)."""
     device = pick_device(cfg.device)
     parallel = distributed.current()
     trainer = SAETrainer(cfg, data.dump.d_in, data.input_scale, data.total_steps, device,
@@ -231,6 +236,9 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
         load_trainer_state_(trainer, resume_from)
     else:
         mean = torch.tensor((data.dump.manifest.stats or {}).get("mean", [0.0] * data.dump.d_in))
+        if cfg.b_dec_init_method == "geometric_median":
+            say(f"b_dec of {name}: geometric median of {min(B_DEC_SAMPLE_ROWS, data.loader.n_rows):,} "
+                "training rows ...", progress)
         trainer.init_b_dec_(mean, lambda: data.init_sample(cfg.seed))
     if trainer.shard is not None:
         distributed.broadcast_trainer_(trainer)
@@ -310,7 +318,7 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     if not distributed.current().lead:  # data-parallel: rank 0 logs, shows progress and writes the run folder
         log, progress = (lambda s: None), False
     cfg = with_absolute_dump(cfg)
-    data = plan_data(cfg, verify)
+    data = plan_data(cfg, verify, progress=progress)
     name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
     check_shapes([(name, cfg)], data.dump.d_in)
     run_dir = run_folder(cfg, name)
@@ -327,24 +335,25 @@ def train_job(job: Job, data: DataPlan, log: Callable[[str], None], progress: bo
     """Train the job's SAEs into its folder, which this process holds (`hold_run_folder`): a
     sweep's index first, then each group of SAEs in lockstep on `data`, then the evaluation of
     every final SAE and, for a sweep, its summary. Returns this process's results in grid order."""
+    progress = progress and distributed.current().lead  # under torchrun, process 0 shows progress
     if job.sweep:
         _start_sweep(job, data, log)
     results: list[TrainResult] = []
     for group in job.groups if job.groups is not None else [list(range(len(job.saes)))]:
         slots = [make_slot(cfg, data, job.run_dir(name), name,
-                           job.resume_from[name] if job.resume_from else None, wandb_group=job.wandb_group)
+                           job.resume_from[name] if job.resume_from else None, wandb_group=job.wandb_group,
+                           progress=progress)
                  for name, cfg in (job.saes[i] for i in group)]
         if not job.sweep:
             _announce_run(slots[0], data, log)
         finals = run_slots(slots, data, progress, resume_hint=job.folder if job.sweep else None)
         results += [TrainResult(s.trainer.sae, s.run_dir, final, s.trainer) for s, final in zip(slots, finals)]
-    if not job.sweep:
-        log(f"final SAE: {results[0].final}")
     if job.base.evaluate_at_end and results and distributed.current().writes_runs:
-        model = _load_model_once(data, job.base)
+        model = _load_model_once(data, job.base, progress)
         baselines: dict = {}  # the ablation runs are the same for every SAE: pay for them once
         for r in results:
-            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines)
+            r.evaluation = evaluate_final(r.trainer.cfg, r.final, log, model=model, baselines=baselines,
+                                          progress=progress)
     if job.sweep:
         _finish_sweep(job, log)
     return results
@@ -384,22 +393,27 @@ def _finish_sweep(job: Job, log: Callable[[str], None]) -> None:
                                  job.folder, rows)
 
 
-def _load_model_once(data: DataPlan, base: LanguageModelSAERunnerConfig) -> Any:
+def _load_model_once(data: DataPlan, base: LanguageModelSAERunnerConfig, progress: bool = False) -> Any:
     from shared.models import load_model
+    from shared.progress import say
 
-    return load_model(data.dump.manifest.model, str(pick_device(base.device)))
+    device = str(pick_device(base.device))
+    say(f"loading model {data.dump.manifest.model} on {device} ...", progress)
+    return load_model(data.dump.manifest.model, device)
 
 
 def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable[[str], None],
-                   model: Any = None, baselines: dict | None = None) -> dict[str, Any]:
-    """`evaluate` on a final checkpoint; the result goes to eval.json beside it."""
+                   model: Any = None, baselines: dict | None = None, progress: bool = False) -> dict[str, Any]:
+    """`evaluate` on a final checkpoint (its passes shown as bars with `progress`); the result
+    goes to eval.json beside it."""
     from train.evaluate import EvalConfig, evaluate_checkpoint
+    from train.units import metrics_line
 
     result = evaluate_checkpoint(final, EvalConfig(holdout_contexts=cfg.eval_holdout_contexts,
-                                                   device=cfg.device), model=model, baselines=baselines)
+                                                   device=cfg.device, progress=progress),
+                                 model=model, baselines=baselines)
     run_layout.write_eval(final.parent, result)
-    shown = {k: result[k] for k in ("explained_variance", "l0", "ce_loss_recovered") if k in result}
-    log(f"evaluation of {final}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    log(f"evaluation of {final}: " + metrics_line(result, ("explained_variance", "l0", "ce_loss_recovered")))
     return result
 
 
@@ -479,10 +493,14 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
     started, tokens_at_start = time.perf_counter(), lead.tokens_seen
     batches = data.loader.batches(start_batch=lead.step)
     samples: dict[tuple[int, int, int], Batch] = {}
+    text = ""  # the bar's text since the last log step
 
     def sampler(n: int, step: int, seed: int) -> Batch:
-        """Resampling rows, read once per step for the whole group (same seed, same rows)."""
+        """Resampling rows, read once per step for the whole group (same seed, same rows); the
+        bar says so while they are read and scored (seconds, with many rows)."""
         if (n, step, seed) not in samples:
+            bar.set_postfix_str(f"{text}, resampling dead features from {n:,} rows ..." if text else
+                                f"resampling dead features from {n:,} rows ...", refresh=True)
             samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
         return samples[(n, step, seed)]
 
@@ -492,15 +510,18 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
             rows = data.loader.batch_rows(lead.step)
             for slot in slots:
                 _step_slot(slot, batch, rows, sampler, total, started, tokens_at_start, data.ident)
+            if samples:  # resampled: the bar's text goes back to the figures
+                bar.set_postfix_str(text, refresh=False)
             samples.clear()  # do not hold up to resample_sample_rows rows until the next window
             bar.update(1)
             if stop is not None and stop.requested and lead.step < total:
                 raise KeyboardInterrupt
             if lead.step % slots[0].trainer.cfg.wandb_log_frequency == 0 or lead.step == total:
                 last = slots[0].last_logged
-                bar.set_postfix(tokens=f"{lead.tokens_seen:,}", tok_s=f"{last.get('tokens_per_s', 0):,.0f}",
-                                mse=f"{last.get('mse', math.nan):.4g}", L0=f"{last.get('l0', math.nan):.1f}",
-                                refresh=False)
+                text = (f"tokens={lead.tokens_seen:,}, tok/s={last.get('tokens_per_s', 0):,.0f}, "
+                        f"{training_mse_text(last, slots[0].trainer.cfg.normalize_activations)}, "
+                        f"L0={last.get('l0', math.nan):.1f}")
+                bar.set_postfix_str(text, refresh=False)
     finally:
         batches.close()
         bar.close()

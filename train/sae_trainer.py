@@ -20,6 +20,7 @@ from train.geometric_median import geometric_median
 from train.resample import resample_anthropic_, resample_l2_
 from train.schedulers import make_lr_lambda, sparsity_warmup_factor
 from train.step import StepResult, explained_variance, make_optimizer, train_step_
+from train.units import raw_mse
 
 RowSampler = Callable[[int, int], "Batch | torch.Tensor"]  # (n_rows, seed) -> n raw rows (input, target)
 
@@ -252,6 +253,8 @@ class SAETrainer:
             "lr": self.scheduler.get_last_lr()[0],
             "sparsity_warm_up": self.sparsity_scale(self.counters.step - 1),
         }
+        if "mse" in out:  # the loss term is in training space; beside it, the same in raw units
+            out["mse_raw"] = raw_mse(out["mse"], self.target_scale)
         self._sums, self._sum_steps = {}, 0
         self.counters.n_resampled_last = 0
         return out

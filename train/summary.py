@@ -24,9 +24,14 @@ from shared import atomic
 from train import run_layout as layout
 from train.run_layout import SweepEntry
 
-COLUMNS = ("train_mse", "train_explained_variance", "train_l0", "train_frac_dead", "eval_mse", "eval_explained_variance",
+COLUMNS = ("train_mse", "train_mse_raw", "train_explained_variance", "train_l0", "train_frac_dead", "eval_mse", "eval_explained_variance",
            "eval_l0", "eval_frac_dead", "eval_frac_dense", "ce_clean", "ce_with_sae",
            "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae")
+
+
+UNITS_NOTE = ("train_mse is in training space (normalised with normalize_activations=expected_norm); "
+              "train_mse_raw and every eval_ figure are in raw activations")
+"""Printed under the table: which space each squared error is in."""
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -43,7 +48,9 @@ def summary_row(name: str, run_dir: Path, settings: dict[str, Any]) -> dict[str,
     logged = read_metrics(run_dir)
     if logged:
         # Last logged training values (mse in the normalized space when inputs were normalized).
-        row.update({f"train_{k}": logged[-1].get(k) for k in ("mse", "explained_variance", "l0", "frac_dead")})
+        # mse_raw: the same in raw units, as eval_mse (absent from runs written before it existed).
+        row.update({f"train_{k}": logged[-1].get(k) for k in ("mse", "mse_raw", "explained_variance", "l0",
+                                                              "frac_dead")})
     ev = layout.read_eval(run_dir)
     if ev is not None:
         for k, v in ev.items():
@@ -202,6 +209,7 @@ def write_summary(root: Path, entries: list[SweepEntry], keys: list[str],
     }
     atomic.write_json(root / layout.PLOTS_INDEX, drawn)  # which SAEs each plot shows
     log(format_table(rows, keys))
+    log(UNITS_NOTE)
     log(f"summary: {root / layout.SUMMARY_CSV}, plots: {root}/*.png")
     return rows
 

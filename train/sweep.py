@@ -151,7 +151,7 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
     if not distributed.current().lead:
         log = lambda s: None  # noqa: E731
     runs = grid(base, sweep)
-    data = plan_data(base, verify)
+    data = plan_data(base, verify, progress=progress)
     check_shapes(runs, data.dump.d_in)  # every SAE, before any trains
     root = run_folder(base, _sweep_name(base, data))
     runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
@@ -173,7 +173,7 @@ def resume_sweep(root: Path, log: Callable[[str], None] = print, progress: bool 
         log(f"resuming the sweep in {root} at step {step:,}" if resume_from else
             f"the SAEs in {root} share no checkpoint: training them from the start")
         base = runs[0][1]
-        data = plan_data(base, verify)
+        data = plan_data(base, verify, progress=progress)
         job = Job(root, base, runs, keys, resume_from, plan_groups(runs, base, data, log), _sweep_name(base, data))
         return train_job(job, data, log, progress)
 

@@ -30,8 +30,8 @@ def _targets(path: Path) -> tuple[list[Path], Path | None]:
 class _Dumps:
     """Each dump opened (and its checksums verified) once, however many SAEs read it."""
 
-    def __init__(self, shards: str | None, verify: bool) -> None:
-        self.shards, self.verify, self.opened = shards, verify, {}
+    def __init__(self, shards: str | None, verify: bool, progress: bool = False) -> None:
+        self.shards, self.verify, self.progress, self.opened = shards, verify, progress, {}
 
     def for_sae(self, final: Path) -> Any:
         from shared.run_paths import dump_path_for
@@ -46,7 +46,7 @@ class _Dumps:
         if key not in self.opened:
             from shared.reader import open_dump
 
-            self.opened[key] = open_dump(path, verify=self.verify)
+            self.opened[key] = open_dump(path, verify=self.verify, progress=self.progress)
         check_dump_fits(final, cfg, self.opened[key])
         return self.opened[key]
 
@@ -71,7 +71,8 @@ def _parse_features(features: str) -> list[int]:
     return feats
 
 
-def _print_top_examples(final: Path, dump: Any, features: list[int], n: int, device: str) -> None:
+def _print_top_examples(final: Path, dump: Any, features: list[int], n: int, device: str,
+                        progress: bool) -> None:
     from shared.saes import load_sae
     from train.evaluation.examples import format_example, top_examples
 
@@ -80,7 +81,7 @@ def _print_top_examples(final: Path, dump: Any, features: list[int], n: int, dev
     if bad:
         raise UserError(f"features {bad} out of range: this SAE has {sae.cfg.d_sae} features")
     tokenizer = _tokenizer(dump)
-    found = top_examples(sae, dump, features, n, device=device)
+    found = top_examples(sae, dump, features, n, device=device, progress=progress)
     for feature in features:
         click.echo(f"feature {feature}:")
         for ex in found[feature]:
@@ -90,10 +91,12 @@ def _print_top_examples(final: Path, dump: Any, features: list[int], n: int, dev
             click.echo("  (never fires on these rows)")
 
 
-def _model_or_none(dump: Any, device: str) -> Any:
+def _model_or_none(dump: Any, device: str, progress: bool) -> Any:
     """The dump's model for the logit table, or None (with a note) when it cannot be loaded."""
     from shared.models import load_model
+    from shared.progress import say
 
+    say(f"loading model {dump.manifest.model} on {device} ...", progress)
     try:
         return load_model(dump.manifest.model, device)
     except Exception as e:  # offline hub, missing files: the dashboard is still worth writing
@@ -113,7 +116,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
         dump = dumps.for_sae(final)
         key = dump.manifest.model
         if with_model and key not in models:
-            models[key] = _model_or_none(dump, device)
+            models[key] = _model_or_none(dump, device, not quiet)
         if key not in tokenizers:
             tokenizers[key] = _tokenizer(dump)
         run = final.parent
@@ -125,8 +128,10 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
 
 def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
     from shared.models import load_model
+    from shared.progress import say
     from train.evaluation.run_eval import evaluate_checkpoint
     from train.run_layout import write_eval
+    from train.units import metrics_line
 
     baselines: dict = {}  # ablation losses, shared by SAEs evaluated on the same contexts
     for final in finals:
@@ -134,14 +139,14 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
         model = None
         if cfg.with_model:
             if models.get(dump.manifest.model) is None:
+                say(f"loading model {dump.manifest.model} on {cfg.device} ...", cfg.progress)
                 models[dump.manifest.model] = load_model(dump.manifest.model, cfg.device)
             model = models[dump.manifest.model]
         result = evaluate_checkpoint(final, cfg, model=model, baselines=baselines, dump=dump)
         write_eval(final.parent, result)
-        shown = ", ".join(f"{k} {result[k]:.4g}" for k in
-                          ("mse", "explained_variance", "l0", "frac_dead", "frac_dense", "ce_loss_recovered",
-                           "kl_clean_sae", "relative_reconstruction_bias", "frac_near_duplicate")
-                          if result.get(k) is not None)
+        shown = metrics_line(result, ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
+                                      "ce_loss_recovered", "kl_clean_sae", "relative_reconstruction_bias",
+                                      "frac_near_duplicate"))
         click.echo(f"{final}: {shown}")
 
 
@@ -166,7 +171,7 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
               help="Only show the N contexts where each of --features fires most (no model run).")
 @click.option("--features", default="", help="Comma-separated feature indices for --top-examples.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
          verify, dashboard, top_n, features, quiet) -> None:
     """Evaluate SAEs on the contexts their dump held out of training, and show what their features mean.
@@ -191,16 +196,16 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
             raise UserError("nothing to do: --no-metrics without --dashboard or --top-examples")
         finals, sweep_root = _targets(path)
         dev = str(pick_device(device))
-        dumps = _Dumps(shards, verify)
+        dumps = _Dumps(shards, verify, progress=not quiet)
         if top_n:
             feats = _parse_features(features)
             for final in finals:
-                _print_top_examples(final, dumps.for_sae(final), feats, top_n, dev)
+                _print_top_examples(final, dumps.for_sae(final), feats, top_n, dev, not quiet)
             return
         models: dict = {}  # one language model per dump model, shared by the SAEs
         if with_metrics:
             cfg = EvalConfig(holdout_contexts=holdout_contexts, with_model=with_model, batch_contexts=batch_contexts,
-                             max_eval_contexts=max_eval_contexts, device=dev, verify=verify)
+                             max_eval_contexts=max_eval_contexts, device=dev, verify=verify, progress=not quiet)
             _metrics(finals, dumps, cfg, models)
             if sweep_root is not None:
                 from train.run_layout import read_sweep_index

@@ -13,13 +13,15 @@ import torch
 
 from shared.errors import UserError
 from shared.models import check_hook
+from shared.progress import bar
 from shared.saes import SAE
 
 
 @torch.inference_mode()
 def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
                mean_activation: torch.Tensor, skip_bos: bool, batch_size: int,
-               device: str | torch.device, baselines: dict | None = None) -> dict[str, float | None]:
+               device: str | torch.device, baselines: dict | None = None,
+               progress: bool = False) -> dict[str, float | None]:
     """Next-token cross-entropy of a TransformerBridge `model` with the hook's output replaced.
 
     tokens: [n, T] int64; mean_activation: [d_in]. Four runs per batch of contexts: clean, SAE
@@ -27,7 +29,8 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
     positions (0..T-2 predicting 1..T-1). With `skip_bos` position 0 keeps its clean activation
     in every patched run: the SAE never saw BOS rows, and BOS is outside what it is judged on.
     `baselines`, a dict the caller keeps across SAEs evaluated on the same tokens, saves the two
-    ablation runs for every SAE after the first (a sweep pays for them once).
+    ablation runs for every SAE after the first (a sweep pays for them once). `progress`: a bar
+    on stderr over the model runs (four per batch; a run over a batch can take seconds on a CPU).
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise UserError(f"need tokens of shape [contexts, >= 2 positions], got {tuple(tokens.shape)}")
@@ -43,28 +46,33 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
     }
     sums = {name: 0.0 for name in ("clean", "sae", "zero", "mean", "kl")}
     count = 0
-    for b in range(0, tokens.shape[0], batch_size):
-        batch = tokens[b : b + batch_size].to(device)  # [batch, T]
-        clean = _log_probs(model(batch))  # [batch, T-1, vocab]
-        sums["clean"] += float(_nll_sum(clean, batch))
-        key = (hook, b, tuple(batch.shape), int(batch.sum()))
-        cached = baselines.get(key) if baselines is not None else None
-        if cached is not None:
-            sums["zero"] += cached["zero"]
-            sums["mean"] += cached["mean"]
-        for name, patch in patches.items():
-            if cached is not None and name in ("zero", "mean"):
-                continue
-            before = sums[name]
-            logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice(patch, skip_bos))])
-            patched = _log_probs(logits)
-            sums[name] += float(_nll_sum(patched, batch))
-            if name == "sae":
-                # KL(p_clean || p_sae) summed over the vocabulary, for each predicted position.
-                sums["kl"] += float((clean.exp() * (clean - patched)).sum(-1).double().sum())
-            elif baselines is not None:
-                baselines.setdefault(key, {})[name] = sums[name] - before
-        count += batch.shape[0] * (batch.shape[1] - 1)
+    n_batches = -(-tokens.shape[0] // batch_size)
+    with bar(n_batches * (1 + len(patches)), "CE with the SAE spliced in", "run", progress) as shown:
+        for b in range(0, tokens.shape[0], batch_size):
+            batch = tokens[b : b + batch_size].to(device)  # [batch, T]
+            clean = _log_probs(model(batch))  # [batch, T-1, vocab]
+            sums["clean"] += float(_nll_sum(clean, batch))
+            shown.update(1)
+            key = (hook, b, tuple(batch.shape), int(batch.sum()))
+            cached = baselines.get(key) if baselines is not None else None
+            if cached is not None:
+                sums["zero"] += cached["zero"]
+                sums["mean"] += cached["mean"]
+            for name, patch in patches.items():
+                if cached is not None and name in ("zero", "mean"):
+                    shown.update(1)  # paid for by an earlier SAE
+                    continue
+                before = sums[name]
+                logits = model.run_with_hooks(batch, fwd_hooks=[(hook, _splice(patch, skip_bos))])
+                patched = _log_probs(logits)
+                sums[name] += float(_nll_sum(patched, batch))
+                if name == "sae":
+                    # KL(p_clean || p_sae) summed over the vocabulary, for each predicted position.
+                    sums["kl"] += float((clean.exp() * (clean - patched)).sum(-1).double().sum())
+                elif baselines is not None:
+                    baselines.setdefault(key, {})[name] = sums[name] - before
+                shown.update(1)
+            count += batch.shape[0] * (batch.shape[1] - 1)
     return _ce_summary({name: total / count for name, total in sums.items()})
 
 

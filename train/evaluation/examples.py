@@ -7,6 +7,7 @@ import torch
 
 from shared.errors import UserError
 from shared.models import resolve_model_name
+from shared.progress import bar
 from shared.reader import Dump
 from shared.saes import SAE
 from train.evaluation.rows import float_rows
@@ -16,11 +17,12 @@ from train.evaluation.tokens import context_tokens
 @torch.inference_mode()
 def top_examples(sae: SAE, dump: Dump, features: list[int], n: int,
                  rows: tuple[int, int] | None = None, device: str | torch.device = "cpu",
-                 chunk_rows: int = 8192) -> dict[int, list[dict[str, Any]]]:
+                 chunk_rows: int = 8192, progress: bool = False) -> dict[int, list[dict[str, Any]]]:
     """The `n` rows where each feature fires hardest, strongest first, from the dump alone.
 
     A running top-n per feature is kept across chunks, so memory stays [n + chunk_rows, features].
     Rows where a feature does not fire are never examples: a rare feature may get fewer than n.
+    `progress`: a bar over the rows on stderr.
     """
     start, stop = rows if rows is not None else (0, dump.n_rows)
     if not 0 <= start < stop <= dump.n_rows:
@@ -34,14 +36,16 @@ def top_examples(sae: SAE, dump: Dump, features: list[int], n: int,
     index = torch.tensor(features, device=device)
     best = torch.empty(0, len(features), device=device)  # [<= n, features] activations
     best_rows = torch.empty(0, len(features), dtype=torch.int64, device=device)
-    for a in range(start, stop, chunk_rows):
-        b = min(a + chunk_rows, stop)
-        acts = sae.encode(float_rows(dump, a, b, device))[:, index]  # [chunk, features]
-        ids = torch.arange(a, b, device=device).unsqueeze(1).expand_as(acts)
-        best = torch.cat([best, acts])
-        best_rows = torch.cat([best_rows, ids])
-        best, order = best.topk(min(n, best.shape[0]), dim=0)
-        best_rows = best_rows.gather(0, order)
+    with bar(stop - start, "top examples", "row", progress, unit_scale=True) as shown:
+        for a in range(start, stop, chunk_rows):
+            b = min(a + chunk_rows, stop)
+            acts = sae.encode(float_rows(dump, a, b, device))[:, index]  # [chunk, features]
+            ids = torch.arange(a, b, device=device).unsqueeze(1).expand_as(acts)
+            best = torch.cat([best, acts])
+            best_rows = torch.cat([best_rows, ids])
+            best, order = best.topk(min(n, best.shape[0]), dim=0)
+            best_rows = best_rows.gather(0, order)
+            shown.update(b - a)
     return _examples(dump, features, best.cpu(), best_rows.cpu())
 
 

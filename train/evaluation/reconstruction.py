@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from shared.errors import UserError
+from shared.progress import bar
 from shared.reader import Dump
 from shared.saes import SAE
 from train.evaluation.rows import float_rows
@@ -26,13 +27,14 @@ RARE_THRESHOLDS = {"1e-5": 1e-5, "1e-6": 1e-6}
 @torch.inference_mode()
 def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
                            device: str | torch.device, chunk_rows: int = 8192,
-                           target: Dump | None = None) -> dict[str, Any]:
+                           target: Dump | None = None, progress: bool = False) -> dict[str, Any]:
     """Reconstruction and sparsity of `sae` (already on `device`) over dump rows [start, stop).
 
     The SAE reads raw activations of `dump`, as saved checkpoints expect, in float32, and is
     measured against the same rows of `target` (a dump of the same harvest pass; None: `dump`
     itself). Returns JSON-able scalars plus `density` ([d_sae] float tensor, fraction of rows
-    each feature fired on), which callers pop before serializing.
+    each feature fired on), which callers pop before serializing. `progress`: a bar over the rows
+    on stderr.
     """
     start, stop = rows
     if not 0 <= start < stop <= dump.n_rows:
@@ -47,11 +49,13 @@ def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
                         f"has width {target.d_in}")
     device = torch.device(device)
     sums = _ReconstructionSums(target.d_in, sae.cfg.d_sae, device)
-    for a in range(start, stop, chunk_rows):
-        b = min(a + chunk_rows, stop)
-        x = float_rows(dump, a, b, device)  # [chunk, d_in]
-        t = x if target is dump else float_rows(target, a, b, device)  # [chunk, d_out]
-        sums.add_(t, sae(x))
+    with bar(stop - start, "held-out rows", "row", progress, unit_scale=True) as shown:
+        for a in range(start, stop, chunk_rows):
+            b = min(a + chunk_rows, stop)
+            x = float_rows(dump, a, b, device)  # [chunk, d_in]
+            t = x if target is dump else float_rows(target, a, b, device)  # [chunk, d_out]
+            sums.add_(t, sae(x))
+            shown.update(b - a)
     return sums.metrics()
 
 

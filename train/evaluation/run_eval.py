@@ -9,6 +9,7 @@ import torch
 
 from shared.errors import DumpError, UserError
 from shared.models import load_model
+from shared.progress import say
 from shared.reader import Dump, open_dump
 from shared.saes import SAE
 from shared.saes.io import load_sae
@@ -19,6 +20,7 @@ from train.evaluation.geometry import decoder_neighbours, duplicate_fraction
 from train.evaluation.reconstruction import reconstruction_metrics
 from train.evaluation.tokens import context_tokens
 from train.holdout import split_rows
+from train.units import EVAL_UNITS
 
 
 @dataclass
@@ -37,6 +39,8 @@ class EvalConfig:
     """Device for the SAE and the model [cuda if available, else cpu]."""
     verify: bool = True
     """Recompute the dump's checksums before reading it, as `train` does."""
+    progress: bool = False
+    """Show each pass (checksums, model load, reconstruction, CE) on stderr as it runs."""
 
     def __post_init__(self) -> None:
         if self.holdout_contexts is not None and self.holdout_contexts < 0:
@@ -59,7 +63,7 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     sae_cfg = read_cfg(sae_folder)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dump is None:
-        dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify)
+        dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify, progress=cfg.progress)
     check_dump_fits(sae_folder, sae_cfg, dump)
     requested = cfg.holdout_contexts
     if requested is None:  # what training held out (absent from older checkpoints: the default)
@@ -68,8 +72,8 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     n_heldout = (rows[1] - rows[0]) // dump.manifest.rows_per_context
     sae = load_sae(sae_folder, device=device)
     out: dict[str, Any] = {"sae": str(sae_folder), "dump": str(dump.path), "hook": dump.manifest.hook,
-                           "n_eval_contexts": n_heldout}
-    metrics = reconstruction_metrics(sae, dump, rows, device)
+                           "n_eval_contexts": n_heldout, "units": EVAL_UNITS}
+    metrics = reconstruction_metrics(sae, dump, rows, device, progress=cfg.progress)
     metrics.pop("density")
     out.update(metrics)
     nearest, _ = decoder_neighbours(sae.W_dec.detach(), k=1)
@@ -79,10 +83,12 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     return out
 
 
-def open_sae_dump(sae_folder: Path, dump_path: str | Path | None = None, verify: bool = True) -> Dump:
+def open_sae_dump(sae_folder: Path, dump_path: str | Path | None = None, verify: bool = True,
+                  progress: bool = False) -> Dump:
     """The dump `dump_path`, or else the one the SAE in `sae_folder` was trained on, checked to fit it."""
     sae_cfg = read_cfg(Path(sae_folder))
-    dump = open_dump(dump_path if dump_path else dump_path_for(Path(sae_folder), sae_cfg), verify=verify)
+    dump = open_dump(dump_path if dump_path else dump_path_for(Path(sae_folder), sae_cfg), verify=verify,
+                     progress=progress)
     check_dump_fits(sae_folder, sae_cfg, dump)
     return dump
 
@@ -113,11 +119,13 @@ def _ce_on_heldout(sae: SAE, dump: Dump, n_heldout: int, cfg: EvalConfig,
     """CE metrics on the first `max_eval_contexts` held-out contexts."""
     m = dump.manifest
     if model is None:
+        say(f"loading model {m.model} on {device} ...", cfg.progress)
         model = load_model(m.model, str(device))
     if m.stats is None:
         raise DumpError(f"{dump.path}/manifest.json has no stats (mean activation); re-harvest the dump")
     n = n_heldout if cfg.max_eval_contexts is None else min(n_heldout, cfg.max_eval_contexts)
     tokens = context_tokens(dump, m.n_contexts - n_heldout, n)
     mean = torch.tensor(m.stats["mean"], dtype=torch.float32)
-    ce = ce_metrics(model, sae, m.hook, tokens, mean, m.skip_bos, cfg.batch_contexts, device, baselines)
+    ce = ce_metrics(model, sae, m.hook, tokens, mean, m.skip_bos, cfg.batch_contexts, device, baselines,
+                    progress=cfg.progress)
     return {"n_ce_contexts": n, **ce}

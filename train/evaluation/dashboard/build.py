@@ -37,6 +37,8 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
     with bar:
         stats = feature_stats(sae, dump, cfg, device=device, progress=bar.update)
     W_dec = sae.W_dec.detach()
+    if progress:  # d_sae x d_sae similarities and d_sae x vocab logits: seconds on a CPU
+        log(f"nearest features{' and logit table' if model is not None else ''} of {sae.cfg.d_sae} features ...")
     neighbours = tuple(t.cpu() for t in decoder_neighbours(W_dec, k=NEIGHBOURS))
     logits = None
     if model is not None:
@@ -49,6 +51,8 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
         stats=stats, neighbours=neighbours, logits=logits, token_text=text, title=f"{name}: {sae.cfg.d_sae} features",
         subtitle=f"{m.model}, {m.hook}; statistics over all {dump.n_rows:,} rows of {_shown(dump.path)}",
         metrics=metrics)
+    if progress:
+        log(f"writing the pages of {sae.cfg.d_sae} features to {out} ...")
     index = write_dashboard(out, inputs)
     if model is None:
         log("(without the model, the dashboard leaves out promoted and suppressed tokens)")
