@@ -187,7 +187,9 @@ def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
     the checkpoint (wherever that is now) and, unless --shards says otherwise (`find_dump`
     False), on the dump it was trained on."""
     from train.checkpoint import read_state
+    from train.run_folder import check_checkpoint_not_linked
 
+    check_checkpoint_not_linked(checkpoint)
     state = read_state(checkpoint)
     raw = dict(state["config"])
     raw["checkpoint_path"] = str(checkpoint.resolve().parent)
