@@ -118,9 +118,11 @@ def sae_folder_overwrite(tmp: Path) -> list:
     return ["--shards", tmp / "dump", "--checkpoint-path", tmp / "sweep" / SAES[0], *TINY, "--overwrite"]
 
 
-def sae_folder_fresh(tmp: Path) -> list:
-    return ["--shards", tmp / "dump", "--checkpoint-path", tmp / "sweep" / SAES[0], *TINY,
-            "--total-training-tokens", "1024"]
+def sae_folder_not_yet_written(tmp: Path) -> list:
+    """The sweep's second SAE before its folder exists (as while the first memory group trains):
+    the folder holds no run, so only its sweep owns it."""
+    shutil.rmtree(tmp / "sweep" / SAES[1])
+    return ["--shards", tmp / "dump", "--checkpoint-path", tmp / "sweep" / SAES[1], *TINY]
 
 
 def new_sweep(tmp: Path) -> list:
@@ -148,7 +150,7 @@ CASES: dict[str, Callable[[Path], tuple[list, Path | None]]] = {
     "resume-an-sae-checkpoint-while-the-sweep-runs": in_sweep(resume_sae_checkpoint, running=True),
     "overwrite-an-sae-folder-of-a-sweep": in_sweep(sae_folder_overwrite),
     "overwrite-an-sae-folder-while-the-sweep-runs": in_sweep(sae_folder_overwrite, running=True),
-    "train-into-an-sae-folder-while-the-sweep-runs": in_sweep(sae_folder_fresh, running=True),
+    "train-into-an-unwritten-sae-folder-while-the-sweep-runs": in_sweep(sae_folder_not_yet_written, running=True),
     "train-into-a-folder-inside-a-run": lambda tmp: (["--shards", tmp / "dump", "--checkpoint-path",
                                                       tmp / "run" / "inner", *TINY], None),
     "sweep-starts-while-an-sae-folder-is-held": lambda tmp: (fresh_sweep_with_held_sae(tmp), tmp / "fresh" / SAES[0]),
