@@ -6,7 +6,7 @@
 A lock whose process is gone (killed, machine rebooted) is stale: it is reported and taken over.
 Before training, the folder must be local (not s3://...), not a dump or a file, not inside another
 run or sweep folder (a sweep's SAE folders are the sweep's), hold no folder that another `train`
-holds, and hold no symlinks once it holds a run (they are refused by name, never followed). A
+holds, and hold no symlinks (they are refused by name, never followed). A
 folder already holding another run (a different config, or a sweep where a single run is asked, or
 the reverse) is refused unless `--overwrite`, which removes the run's files, and only when the
 folder holds nothing else (`run_layout.foreign_entries`). Resuming a folder's own checkpoint is
