@@ -244,6 +244,66 @@ def test_another_runs_folder_is_refused_unless_overwrite(tmp_path, dump):
     assert single.exit_code == 2 and "--overwrite" in one_error_line(single)
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "v1"
+
+
+@pytest.mark.parametrize("kind", ["run", "sweep"])
+def test_overwrite_replaces_a_previous_versions_folder(tmp_path, dump, kind):
+    """Folders written before (no index of their own) hold only a run's names: --overwrite
+    replaces them, while one foreign file in them makes it refuse and remove nothing."""
+    old = shutil.copytree(FIXTURES / kind, tmp_path / kind)
+    args = ["--shards", str(dump), "--checkpoint-path", str(old), "--total-training-tokens", "512",
+            "--n-checkpoints", "0", *TINY, "--overwrite"]
+    inner = old if kind == "run" else old / "architecture_topk"
+    (inner / "192" / "notes.txt").write_text("mine\n")
+    refused = invoke(*args)
+    line = one_error_line(refused)
+    assert refused.exit_code == 2 and "192/notes.txt" in line and "nothing was removed" in line, line
+    assert (inner / "192" / "notes.txt").read_text() == "mine\n" and (inner / "192" / "cfg.json").is_file()
+    (inner / "192" / "notes.txt").unlink()
+    got = invoke(*args)
+    assert got.exit_code == 0, got.output
+    assert sorted(p.name for p in old.iterdir()) == ["checkpoints.json", "config.json", "final", "metrics.jsonl"]
+
+
+def test_foreign_entries_name_what_a_run_does_not_write(tmp_path):
+    from train.run_layout import foreign_entries
+
+    assert foreign_entries(FIXTURES / "run") == [] and foreign_entries(FIXTURES / "sweep") == []
+    run = shutil.copytree(FIXTURES / "run", tmp_path / "run")
+    (run / ".config.json.tmp").write_text("{")  # a write a crash interrupted: the run's own
+    (run / ".final.tmp").mkdir()
+    assert foreign_entries(run) == []
+    shutil.copytree(FIXTURES / "dumps" / "blocks.0.hook_mlp_out", run / "dashboard" / "d")
+    (run / "notes.txt").write_text("x")
+    (run / "192" / "extra.bin").write_text("x")
+    (run / "linked").symlink_to(tmp_path)
+    (run / "1000").write_text("a file where a checkpoint folder goes")
+    assert foreign_entries(run) == ["1000", "192/extra.bin", "dashboard/d/manifest.json", "linked", "notes.txt"]
+
+
+def test_checkpoint_path_must_be_local(tmp_path, dump, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    got = invoke("--shards", str(dump), "--checkpoint-path", "s3://bucket/runs/r1", *TINY)
+    assert got.exit_code == 2 and "run folders are local" in one_error_line(got)
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_one_sae_of_a_sweep_continues_alone_only_in_a_new_folder(tmp_path, dump):
+    got = invoke("--shards", str(dump), "--checkpoint-path", str(tmp_path / "sw"), "--sweep", "l1_coefficient=0.1,0.2",
+                 "--total-training-tokens", "1024", "--n-checkpoints", "1", *TINY)
+    assert got.exit_code == 0, got.output
+    sae = tmp_path / "sw" / "l1_coefficient_0.1"
+    before = (sae / "final" / "sae_weights.safetensors").read_bytes()
+    inside = invoke("--resume-from", str(sae / "512"), "--quiet")
+    line = one_error_line(inside)
+    assert inside.exit_code == 2 and "inside the sweep" in line and f"--resume-from {tmp_path / 'sw'}" in line, line
+    alone = invoke("--resume-from", str(sae / "512"), "--checkpoint-path", str(tmp_path / "alone"), "--quiet")
+    assert alone.exit_code == 0, alone.output
+    assert (tmp_path / "alone" / "final" / "sae_weights.safetensors").read_bytes() == before  # the same run's end
+    assert (sae / "final" / "sae_weights.safetensors").read_bytes() == before
+
+
 # ---- 5. paths that work from anywhere -------------------------------------------------------
 
 def test_moved_run_resumes_and_finds_its_dump_from_another_directory(tmp_path, monkeypatch):

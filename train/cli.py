@@ -118,7 +118,9 @@ def read_config_file(path: str) -> dict[str, Any]:
                    "for a sweep, else data]")
 @click.option("--overwrite", is_flag=True,
               help="Replace a run (or sweep) with other settings already in --checkpoint-path; without it "
-                   "that is refused. Never needed to continue a folder's own checkpoint.")
+                   "that is refused. Only the run's own files are removed: a folder that also holds "
+                   "anything else (a dump, your files, a symlink) is refused. Never needed to continue a "
+                   "folder's own checkpoint.")
 def main(shards, config_file, resume_from, sweeps, verify, quiet, parallel, overwrite, **flags) -> None:
     """Train a sparse autoencoder from an activation dump, never touching the language model.
 
@@ -187,7 +189,9 @@ def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
     the checkpoint (wherever that is now) and, unless --shards says otherwise (`find_dump`
     False), on the dump it was trained on."""
     from train.checkpoint import read_state
+    from train.run_folder import check_checkpoint_not_linked
 
+    check_checkpoint_not_linked(checkpoint)
     state = read_state(checkpoint)
     raw = dict(state["config"])
     raw["checkpoint_path"] = str(checkpoint.resolve().parent)

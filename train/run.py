@@ -34,7 +34,7 @@ from train.loader import ActivationLoader, AlignedLoader
 from train import distributed
 from train.metrics_log import MetricsLog, NullMetrics
 from train import run_layout
-from train.run_folder import hold_run_folder
+from train.run_folder import check_checkpoint_not_linked, check_local, hold_run_folder
 from train.run_layout import SweepEntry
 from train.sae_trainer import SAETrainer
 from train.summary import log_summary_to_wandb, write_summary
@@ -261,8 +261,9 @@ def with_absolute_dump(cfg: LanguageModelSAERunnerConfig) -> LanguageModelSAERun
 
 
 def run_folder(cfg: LanguageModelSAERunnerConfig, default_name: str) -> Path:
-    """--checkpoint-path, else data/runs/<run name>; absolute."""
+    """--checkpoint-path (a local folder), else data/runs/<run name>; absolute."""
     if cfg.checkpoint_path:
+        check_local(cfg.checkpoint_path)
         return Path(cfg.checkpoint_path).resolve()
     return run_layout.default_folder(default_name).resolve()
 
@@ -324,6 +325,8 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     run_dir = run_folder(cfg, name)
     cfg = replace(cfg, checkpoint_path=str(run_dir))
     resume = Path(resume_from) if resume_from else None
+    if resume is not None:
+        check_checkpoint_not_linked(resume)
     job = Job(run_dir, cfg, [(name, cfg)], resume_from={name: resume} if resume else None)
     own = resume is not None and resume.resolve().parent == run_dir  # the folder's own checkpoint
     with hold_run_folder(run_dir, None if own else job.configs(), overwrite, log):

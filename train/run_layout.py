@@ -23,17 +23,26 @@ A sweep keeps an index and one such run folder per SAE, without their own lock:
 Inside a checkpoint folder, cfg.json and sae_weights.safetensors are the SAE's own files
 (`shared.saes.base`); sparsity.safetensors and the two trainer_state files are `train.checkpoint`'s.
 Every name inside a run folder is recorded relative to it, so a moved folder still reads.
+
+Nothing else belongs in a run folder: `foreign_entries` names what a run of this tool did not
+write (a dump, a user's files, a symlink), which `--overwrite` refuses to remove. The names above
+are the whole index, so it needs no file of its own that a crash could leave half-written, and
+folders written by earlier versions (the same names) are recognised as they are.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared import atomic
 from shared.errors import UserError
+from shared.manifest import MANIFEST_NAME
 from shared.run_paths import plain_name
+from shared.saes.base import CFG_NAME, WEIGHTS_NAME
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -245,3 +254,100 @@ def as_recorded(configs: dict[str, dict[str, Any]], sweep: bool) -> dict[str, di
         return dict(configs)
     [config] = configs.values()
     return {SINGLE: config}
+
+
+# ---- what a run writes, and what else a folder holds ---------------------------------------------
+
+CHECKPOINT_FILES = (CFG_NAME, WEIGHTS_NAME, SPARSITY, STATE_JSON, STATE_TENSORS)
+"""Every file of a checkpoint folder (the first two are the SAE's own, `shared.saes.base`)."""
+RUN_ENTRIES = (CONFIG, METRICS, CHECKPOINT_INDEX, EVAL, LOCK)
+SWEEP_ENTRIES = (SWEEP_INDEX, LOCK, SUMMARY_CSV, SUMMARY_JSON, PLOTS_INDEX, *PLOTS)
+_CHECKPOINT_NAME = re.compile(r"[0-9]+")  # <tokens seen>/
+
+
+def _is_temp(name: str, finals: tuple[str, ...]) -> bool:
+    """A file being written beside one of its final names: `.NAME.tmp` (`shared.atomic`), the
+    lock's `.train.lock.<pid>.<random>`, the dashboard's `.dashboard.<random>` folder."""
+    return name.startswith(".") and any(name[1:].startswith(final + ".") for final in finals)
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """`<tokens seen>`, `final`, or either being written (`.<name>.tmp`, `train.checkpoint`)."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-len(".tmp")]
+    return name == FINAL or _CHECKPOINT_NAME.fullmatch(name) is not None
+
+
+def _sorted_entries(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _foreign_in_checkpoint(folder: Path, where: str) -> list[str]:
+    return [f"{where}/{e.name}" for e in _sorted_entries(folder)
+            if e.is_symlink() or not e.is_file()
+            or not (e.name in CHECKPOINT_FILES or _is_temp(e.name, CHECKPOINT_FILES))]
+
+
+def _foreign_in_tree(folder: Path, where: str) -> list[str]:
+    """Symlinks, and a dump's manifest, anywhere below `folder`: the dashboard's own files are
+    the dashboard's (`train.evaluation.dashboard`, which replaces the folder whole)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if path.is_symlink() or name == MANIFEST_NAME:
+                out.append(f"{where}/{path.relative_to(folder).as_posix()}")
+    return out
+
+
+def _foreign_in_run(folder: Path, prefix: str = "") -> list[str]:
+    """What a single run's folder holds that a run does not write, named relative to the folder
+    the check started from (`prefix`: the SAE folder's name in a sweep)."""
+    out = []
+    for e in _sorted_entries(folder):
+        where = prefix + e.name
+        if e.is_symlink():
+            out.append(where)
+        elif e.name in RUN_ENTRIES or _is_temp(e.name, RUN_ENTRIES):
+            out += [] if e.is_file() else [where]
+        elif e.name == DASHBOARD or _is_temp(e.name, (DASHBOARD,)):
+            out += _foreign_in_tree(Path(e.path), where) if e.is_dir() else [where]
+        elif _is_checkpoint_name(e.name):
+            out += _foreign_in_checkpoint(Path(e.path), where) if e.is_dir() else [where]
+        else:
+            out.append(where)
+    return out
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Everything in a run or sweep folder that no run of this tool writes (names relative to
+    `folder`, in order; [] when it holds only a run's files): another file or folder, a symlink
+    (never followed), a dump's manifest, a folder of shards. In a sweep, only the SAE folders its
+    sweep.json lists belong to it."""
+    folder = Path(folder)
+    if not is_sweep(folder):
+        return _foreign_in_run(folder)
+    saes = {r["name"] for r in read_sweep_runs(folder)[0]}
+    out = []
+    for e in _sorted_entries(folder):
+        if e.is_symlink():
+            out.append(e.name)
+        elif e.name in saes and e.is_dir():
+            out += _foreign_in_run(Path(e.path), e.name + "/")
+        elif not ((e.name in SWEEP_ENTRIES or _is_temp(e.name, SWEEP_ENTRIES)) and e.is_file()):
+            out.append(e.name)
+    return out
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is (or was) a run or sweep folder of this tool: its sweep index, its lock,
+    or a config.json this tool wrote (`resolved_run_name`); a user's own config.json is not."""
+    folder = Path(folder)
+    if is_sweep(folder) or lock_path(folder).is_file():
+        return True
+    try:
+        config = read_run_config(folder)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and RESOLVED_NAME in config
