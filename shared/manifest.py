@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.dump_files import check_entry
 from shared.errors import DumpError
 from shared.manifest_check import FORMAT_VERSION, FORMATS, STORAGE_DTYPES, validate
 from shared.storage import Location, location
@@ -105,6 +106,17 @@ class Manifest:
         kwargs["shards"] = [ShardEntry(**s) for s in raw["shards"]]
         return cls(**kwargs)
 
+    def data_digest(self) -> str:
+        """sha256 over every shard's row count and checksum, in order: what the dump holds.
+
+        `config_fingerprint` hashes the harvest settings, so a re-harvest of an edited dataset at
+        the same path keeps it; the shard checksums change with every changed byte. A run records
+        this digest so that resume and evaluate can tell other data at the same path."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s.rows} {s.checksum}\n".encode())
+        return "sha256:" + h.hexdigest()
+
     def finalize_stats(self) -> None:
         """Combine per-shard sums into the dataset statistics `train` normalizes with."""
         n = sum(s.rows for s in self.shards)
@@ -126,6 +138,8 @@ def read_manifest(folder: str | Path | Location) -> Manifest:
     """Load and validate `folder/manifest.json`; a clear DumpError if it is not a dump."""
     folder = location(folder)
     path = folder / MANIFEST_NAME
+    if folder.capabilities.folders:  # a symlink out of the dump, or a FIFO that would block
+        check_entry(folder, path, "a file", "a JSON file")
     data = path.get_bytes()  # in object storage a missing bucket or bad keys: one line here
     if data is None:
         raise DumpError(f"{folder} holds no {MANIFEST_NAME}: it is not a dump (run `harvest` first)")

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
+
 from shared.errors import DumpError
 
 # The format's constants live here (shared.manifest re-exports them) so this module needs nothing
@@ -231,6 +233,35 @@ def check_stats(raw: dict[str, Any], where: str) -> None:
     check_fields(stats, checks, where, prefix="stats.")
     if raw["complete"] and stats["rows"] != raw["n_rows"]:
         raise fail(where, "'stats.rows'", f"is {stats['rows']}, but n_rows is {raw['n_rows']}")
+    if stats["rows"] == sum(entry["rows"] for entry in raw["shards"]) > 0:
+        check_stats_sums(stats, raw["shards"], where)
+
+
+STATS_RTOL = 1e-9
+"""How far a statistic may lie from its recomputation from the shard sums: harvest computes it
+from them in float64 (Manifest.finalize_stats), so only summation order can move it, by far less."""
+
+
+def check_stats_sums(stats: dict[str, Any], shards: list[dict[str, Any]], where: str) -> None:
+    """`stats` is what the shards' own sums give: mean = sum of `sum`s / rows, mean_sq_norm and
+    mean_norm likewise. `train` scales by mean_norm (expected_norm) and starts b_dec at the mean,
+    so an edited statistic would change training without a checksum noticing. The norms first:
+    the mean is held to a precision relative to them."""
+    rows = stats["rows"]
+    for name, total in (("mean_sq_norm", "sum_sq_norm"), ("mean_norm", "sum_norm")):
+        want = math.fsum(entry[total] for entry in shards) / rows
+        if not math.isclose(stats[name], want, rel_tol=STATS_RTOL, abs_tol=0.0):
+            raise fail(where, f"'stats.{name}'", f"is {stats[name]!r}, but the shards' sums give {want!r}")
+    sums = np.asarray([entry["sum"] for entry in shards], dtype=np.float64)  # [shards, d_in]
+    mean = sums.sum(axis=0) / rows
+    # Each dimension against the typical size of one (the root mean square), so that a mean near
+    # zero is held to the same absolute precision as the rest.
+    scale = math.sqrt(stats["mean_sq_norm"] / max(1, len(mean))) if stats["mean_sq_norm"] > 0 else 0.0
+    got = np.asarray(stats["mean"], dtype=np.float64)
+    bad = np.flatnonzero(np.abs(got - mean) > STATS_RTOL * np.maximum(np.abs(mean), scale))
+    if bad.size:
+        i = int(bad[0])
+        raise fail(where, f"'stats.mean[{i}]'", f"is {float(got[i])!r}, but the shards' sums give {float(mean[i])!r}")
 
 
 def validate(raw: Any, where: str) -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.dump_files import check_entry, check_tree
 from shared.errors import DumpError, UserError
 from shared.manifest import Manifest, ShardEntry, read_manifest
 from shared.storage import Location, location
 from shared.shard_files import INDEX_DTYPES, ShardArrays, activations_to_torch, checksum, open_shard
+from shared.zarr_chunks import check_chunks_stored
 
 
 @dataclass
@@ -145,10 +147,25 @@ def _check_contexts(path: Path, arrays: ShardArrays, first_row: int, rows: int, 
                         "another dump; re-harvest the dump")
 
 
+_EXPECTED = {"safetensors": ("a file", "a safetensors file"), "zarr": ("a folder", "a zarr folder")}
+
+
+def _check_local_entries(folder: Location, file: Location, fmt: str) -> None:
+    """On disk, before anything opens the shard: it is what its format says, and neither it nor
+    (for zarr) anything below it is a symlink out of the dump or a special file (shared.dump_files)."""
+    if not folder.capabilities.folders:  # object storage: no symlinks, no special files
+        return
+    if check_entry(folder, file, *_EXPECTED[fmt]) and fmt == "zarr":
+        check_tree(folder, file)
+
+
 def _open_shard_checked(folder: Location, manifest: Manifest, entry: ShardEntry) -> ShardArrays:
     file = folder / entry.file
     try:
+        _check_local_entries(folder, file, manifest.format)
         arrays = open_shard(file, manifest.format)
+        if manifest.format == "zarr":  # zarr would read a missing chunk as zeros
+            check_chunks_stored(file, arrays)
         _check_shapes(file, arrays, entry.rows, manifest.d_in)
         _check_dtypes(file, arrays, manifest.dtype)
         _check_contexts(file, arrays, entry.first_row, entry.rows, manifest.rows_per_context)

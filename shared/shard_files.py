@@ -29,6 +29,7 @@ TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 _ZARR_CHUNK_ROWS = 16384
 REMOTE_CHUNK_BYTES = 16 << 20  # object-storage chunks: about this many bytes of activations
 ARRAY_NAMES = ("activations", "tokens", "context", "position")
+EVERY_CHUNK_STORED = "every_chunk_stored"
 
 
 def remote_chunk_rows(d_in: int, itemsize: int) -> int:
@@ -49,6 +50,10 @@ class ShardArrays:
     storage_dtype: str | None = None
     """What the file says its activations are ("float32", "bfloat16", "float16"; None if none of
     them): numpy maps bfloat16 as uint16, so the array's dtype alone cannot tell."""
+    every_chunk_stored: bool = False
+    """zarr: the shard says every chunk was written, those equal to the fill value too (the
+    `every_chunk_stored` group attribute), so a chunk not stored is a lost one (zarr would read it
+    as zeros). Shards written before it existed skip chunks of zeros."""
 
 
 def stored_to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -121,14 +126,17 @@ def write_zarr(path: Path | Location, tensors: dict[str, torch.Tensor], compress
     with path.errors():
         group = zarr.open_group(path.zarr_store(read_only=False), mode="w", zarr_format=3)
         _fill_group(group, tensors, compressors, chunk_rows)
+        group.attrs[EVERY_CHUNK_STORED] = True
 
 
 def _fill_group(group: Any, tensors: dict[str, torch.Tensor], compressors: Any, chunk_rows: int) -> None:
     for name, t in tensors.items():
         data = as_numpy(t)
         chunks = (min(chunk_rows, max(1, data.shape[0])),) + data.shape[1:]
+        # Chunks of zeros are written too (zarr skips them by default), so that a reader can tell
+        # a lost chunk from one of zeros by listing the store.
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                 compressors=compressors)
+                                 compressors=compressors, config={"write_empty_chunks": True})
         if t.dtype == torch.bfloat16:
             arr.attrs["storage_dtype"] = "bfloat16"
         arr[...] = data
@@ -212,6 +220,7 @@ def open_zarr(path: Path | Location) -> ShardArrays:
         with path.errors():
             group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
             arrays = {n: group[n] for n in ARRAY_NAMES}
+            every = group.attrs.get(EVERY_CHUNK_STORED) is True
     except DumpError:
         raise
     except UserError as e:  # the storage failed (explained in one line), not the shard
@@ -222,7 +231,8 @@ def open_zarr(path: Path | Location) -> ShardArrays:
         raise DumpError(f"{path} has no array {e}; the shard is damaged, re-harvest the dump") from None
     except Exception as e:  # zarr raises many types for a damaged store
         raise DumpError(f"{path} is corrupted or incomplete ({type(e).__name__}: {e})") from None
-    return ShardArrays(**arrays, storage_dtype=_zarr_storage_dtype(arrays["activations"]))
+    return ShardArrays(**arrays, storage_dtype=_zarr_storage_dtype(arrays["activations"]),
+                       every_chunk_stored=every)
 
 
 def chunk_key(path: Path | Location, name: str, arr: Any, chunk: int) -> str:

@@ -44,6 +44,13 @@ def _edit_manifest(folder: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
     path.write_text(json.dumps(raw if out is None else out))
 
 
+def _stats_of(raw: dict[str, Any]) -> dict[str, Any]:
+    """The statistics a manifest's shard sums give (what harvest writes)."""
+    m = Manifest.from_dict(dict(raw, stats=None, complete=False))
+    m.finalize_stats()
+    return m.stats
+
+
 def _refused(folder: Path, *needles: str, verify: bool = False) -> str:
     with pytest.raises(DumpError) as info:
         open_dump(folder, verify=verify)
@@ -169,10 +176,14 @@ def test_manifest_dtype_must_match_the_shards(tmp_path, fmt):
 
 def test_manifest_rows_must_match_shard_shapes(tmp_path):
     folder = _dump(tmp_path / "d")
-    # Totals that agree with each other (960 rows), but the last shard's file holds 256 rows.
-    _edit_manifest(folder, lambda raw: raw.update(
-        n_contexts=15, n_tokens=15 * 64, n_rows=960, stats=dict(raw["stats"], rows=960),
-        shards=raw["shards"][:3] + [dict(raw["shards"][3], rows=192)]))
+    # Totals that agree with each other (960 rows, statistics of those rows' sums), but the last
+    # shard's file holds 256 rows.
+    def shrink(raw: dict[str, Any]) -> None:
+        raw.update(n_contexts=15, n_tokens=15 * 64, n_rows=960,
+                   shards=raw["shards"][:3] + [dict(raw["shards"][3], rows=192)])
+        raw["stats"] = _stats_of(raw)
+
+    _edit_manifest(folder, shrink)
     _refused(folder, "shard_000003.safetensors holds activations of shape (256, 8)", "(192, 8)")
 
 

@@ -28,6 +28,7 @@ from shared.saes import SAE
 from train.arch_settings import check_settings_used, check_shapes
 from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
+from train.data_digest import DIGEST_KEY
 from train.holdout import split_rows
 from train.batch import Batch
 from train.loader import ActivationLoader, AlignedLoader
@@ -114,18 +115,21 @@ class NonFiniteError(UserError):
 def dump_identity(dump: Dump, train_rows: tuple[int, int], target: Dump | None = None) -> dict[str, Any]:
     """What a checkpoint records about its activations (and what a resume must match); the dump
     path absolute, so the run folder finds it from any directory. `dump` is the input; a target
-    that is another dump adds `target` (its path, fingerprint, hook and width); an SAE's identity
-    (target None or the dump itself) is exactly what it was before targets existed."""
+    that is another dump adds `target` (its path, fingerprint, hook, width and data digest); an
+    SAE's identity (target None or the dump itself) has no `target`. `data_digest` (a hash of the
+    shard checksums, train.data_digest) tells other data harvested at the same path."""
     m = dump.manifest
     ident = {"shards": absolute(dump.path), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
              "hook_point_layer": m.layer, "model_name": m.model, "dataset_path": m.dataset,
              "context_size": m.context_size, "prepend_bos": m.prepend_bos, "skip_bos": m.skip_bos,
              "d_in_dump": m.d_in, "train_rows": list(train_rows),
-             "eval_holdout_contexts": (dump.n_rows - train_rows[1]) // m.rows_per_context}
+             "eval_holdout_contexts": (dump.n_rows - train_rows[1]) // m.rows_per_context,
+             DIGEST_KEY: m.data_digest()}
     if target is not None and target is not dump:
         t = target.manifest
         ident["target"] = {"shards": absolute(target.path), "dump_fingerprint": t.config_fingerprint,
-                           "hook_point": t.hook, "hook_point_layer": t.layer, "d_out_dump": t.d_in}
+                           "hook_point": t.hook, "hook_point_layer": t.layer, "d_out_dump": t.d_in,
+                           DIGEST_KEY: t.data_digest()}
     return ident
 
 
@@ -150,10 +154,14 @@ def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool, progress
 
 
 def check_resume(state: dict[str, Any], ident: dict[str, Any], folder: Path) -> None:
+    """A one-line UserError unless the dumps `ident` describes are the ones the checkpoint in
+    `folder` (its trainer state `state`) was trained on, with the same split."""
     saved = state["dump"]
     for key, what in (("d_in_dump", "d_in"), ("hook_point", "hook"), ("dump_fingerprint", "dump"),
-                      ("train_rows", "held-out split")):
-        if saved.get(key) != ident[key]:
+                      (DIGEST_KEY, "data"), ("train_rows", "held-out split")):
+        if key == DIGEST_KEY:  # after the settings (clearer messages), before the split (which
+            _check_digest(saved, ident, folder, "dump")  # other data can move)
+        elif saved.get(key) != ident[key]:
             raise UserError(f"{folder} was trained on a different {what} ({saved.get(key)}) than "
                             f"{ident['shards']} ({ident[key]}); resume with the run's own dump and settings")
     if _target_key(saved) != _target_key(ident):
@@ -161,6 +169,17 @@ def check_resume(state: dict[str, Any], ident: dict[str, Any], folder: Path) -> 
             return "its input" if _target_key(i) is None else f"{i['target'].get('shards')} ({_target_key(i)})"
         raise UserError(f"{folder} was trained on a different target ({shown(saved)}) than this run's "
                         f"({shown(ident)}); resume with the run's own dumps and settings")
+    if isinstance(saved.get("target"), dict):
+        _check_digest(saved["target"], ident["target"], folder, "target dump")
+
+
+def _check_digest(saved: dict[str, Any], ident: dict[str, Any], folder: Path, what: str) -> None:
+    """Other data at the recorded path (a re-harvest of an edited dataset keeps the settings'
+    fingerprint); skipped for checkpoints written before the digest was recorded."""
+    if saved.get(DIGEST_KEY) is not None and saved[DIGEST_KEY] != ident[DIGEST_KEY]:
+        raise UserError(f"the {what} at {ident['shards']} now holds other data than the run in {folder} "
+                        "was trained on (shard checksums differ): resume with the dumps it was "
+                        "trained on, or start a new run")
 
 
 def input_scale(cfg: LanguageModelSAERunnerConfig, dump: Dump) -> float:

@@ -15,6 +15,7 @@ from shared.saes import SAE
 from shared.saes.io import load_sae
 from shared.run_paths import dump_path_for
 from shared.saes.base import read_cfg
+from train.data_digest import check_same_data
 from train.evaluation.downstream import ce_metrics
 from train.evaluation.geometry import decoder_neighbours, duplicate_fraction
 from train.evaluation.reconstruction import reconstruction_metrics
@@ -94,13 +95,16 @@ def open_sae_dump(sae_folder: Path, dump_path: str | Path | None = None, verify:
 
 
 def check_dump_fits(sae_folder: Path, sae_cfg: dict[str, Any], dump: Dump) -> None:
-    """A one-line error unless the dump holds what the SAE reads (width and hook)."""
+    """A one-line error unless the dump holds what the SAE reads (width and hook) and, where
+    cfg.json records it, the very data it was trained on (train.data_digest)."""
     if dump.d_in != sae_cfg["d_in"]:
         raise UserError(f"the SAE reads d_in={sae_cfg['d_in']} but the dump {dump.path} has d_in={dump.d_in}")
     hook = sae_cfg.get("hook_name")
     if hook is not None and hook != dump.manifest.hook:
         raise UserError(f"the SAE was trained on hook '{hook}' but the dump {dump.path} holds "
                         f"'{dump.manifest.hook}'")
+    check_same_data(sae_cfg, dump, f"the SAE in {sae_folder}",
+                    "evaluate it on the dump it was trained on (--shards DUMP_FOLDER)")
 
 
 def _heldout_rows(dump: Dump, requested: int | None) -> tuple[int, int]:
