@@ -77,10 +77,11 @@ if step train; then
           --feature-sampling-window 100 --dead-feature-window 50 --resample-sample-rows 65536 \
           --checkpoint-path data/runs/quickstart
 fi
-# Held-out rows, 16 held-out contexts through the model with the SAE spliced in, and a dashboard
+# Held-out rows, 16 held-out contexts through the model with the SAE spliced in (4 per forward pass,
+# so that the progress bar moves every few seconds on a CPU), and a dashboard
 # of every feature (one pass over the dump, no model run; the model only for the logit table).
 if step evaluate; then
-    evaluate data/runs/quickstart --max-eval-contexts 16 --dashboard
+    evaluate data/runs/quickstart --max-eval-contexts 16 --batch-contexts 4 --dashboard
     echo "SAE: data/runs/quickstart/final   metrics: data/runs/quickstart/metrics.jsonl, eval.json"
     echo "dashboard: open data/runs/quickstart/dashboard/index.html in a browser"
 fi

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,9 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
     """
     if final.is_dir():
         return final
+    # Once per user, and it can take a while (the model is de-quantized and saved): say so.
+    print(f"unpacking {final.name} into {final.parent} (once; later runs reuse it) ...", file=sys.stderr,
+          flush=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
