@@ -110,6 +110,10 @@ def check_fits_run(state: dict[str, Any], c: Counters, trainer: SAETrainer, path
         raise UserError(f"{path.parent} is at step {c.step:,}, beyond this run's {trainer.total_steps:,} steps "
                         "(total_training_tokens, train_batch_size or the dump differ from the run's): resume "
                         "with the checkpoint's own settings")
+    saved_cfg = state["config"]
+    same_length = all(saved_cfg.get(k) == getattr(trainer.cfg, k) for k in ("total_training_tokens", "train_batch_size"))
+    if same_length and state["total_steps"] != trainer.total_steps:  # the resume checked the dump's split is the same
+        raise damaged(path, f"holds total_steps {state['total_steps']:,}, but its settings give {trainer.total_steps:,}")
     d_sae = trainer.sae.cfg.d_sae
     if c.n_resampled_last > d_sae or c.n_resampled_total > d_sae * c.step:
         raise damaged(path, f"holds n_resampled_total {c.n_resampled_total} / n_resampled_last "
@@ -163,8 +167,7 @@ def check_state_tensors(tensors: dict[str, torch.Tensor], c: Counters, metric_st
     for n in TRACKERS:
         expected[n] = ((trainer.sae.cfg.d_sae,), torch.int64)
     if metric_steps > 0:
-        expected |= {METRIC_SUM + k: ((), torch.float32) for k in METRIC_STATS}
-        expected |= {k: ((), torch.float32) for k in tensors if k.startswith(METRIC_SUM)}
+        expected |= {METRIC_SUM + k: ((), torch.float32) for k in (*METRIC_STATS, *loss_terms(trainer))}
     _check_names(tensors, expected, path)
     for name, (shape, dtype) in expected.items():
         t = tensors[name]
@@ -173,6 +176,15 @@ def check_state_tensors(tensors: dict[str, torch.Tensor], c: Counters, metric_st
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise damaged(path, f"holds NaN or infinite values in {_what(name)}")
     _check_values(tensors, c, trainer, path)
+
+
+@torch.no_grad()
+def loss_terms(trainer: SAETrainer) -> list[str]:
+    """The names of the SAE's loss terms (the metric sums besides `METRIC_STATS`), from one
+    forward of two zero rows: each architecture returns the same terms on every batch."""
+    sae = trainer.sae
+    out = sae.training_forward(torch.zeros(2, trainer.d_in, device=sae.W_enc.device, dtype=sae.W_enc.dtype))
+    return sorted(set(out.losses) - set(METRIC_STATS))
 
 
 def _check_names(tensors: dict[str, torch.Tensor], expected: dict[str, Any], path: Path) -> None:

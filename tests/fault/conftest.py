@@ -10,9 +10,11 @@ from fault._support import SEED, TALLY
 
 # Test module -> the table its entries are counted in.
 TABLES = {"test_corruption": "corruptions", "test_run_corruption": "run_folder_corruptions",
-          "test_bad_cli": "bad_inputs", "test_disk_full": "disk_full"}
+          "test_bad_cli": "bad_inputs", "test_disk_full": "disk_full",
+          "test_state_corruption": "trainer_state", "test_eval_refusals": "evaluate_refusals"}
 _LABELS = {"corruptions": "refused", "run_folder_corruptions": "refused", "bad_inputs": "one-line errors",
            "disk_full": "one-line error, then resumed identical",
+           "trainer_state": "refused", "evaluate_refusals": "refused",
            "kill_windows": "resumed or told to restart in one line"}
 
 
