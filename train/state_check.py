@@ -181,9 +181,17 @@ def check_state_tensors(tensors: dict[str, torch.Tensor], c: Counters, metric_st
 @torch.no_grad()
 def loss_terms(trainer: SAETrainer) -> list[str]:
     """The names of the SAE's loss terms (the metric sums besides `METRIC_STATS`), from one
-    forward of two zero rows: each architecture returns the same terms on every batch."""
+    forward of two zero rows: each architecture returns the same terms on every batch. A forward
+    changes no parameter or buffer, but may leave a note of its batch on the module for the step
+    that follows (BatchTopK's kept minimum): the module's attributes are put back as they were."""
     sae = trainer.sae
-    out = sae.training_forward(torch.zeros(2, trainer.d_in, device=sae.W_enc.device, dtype=sae.W_enc.dtype))
+    notes = dict(vars(sae))
+    try:
+        out = sae.training_forward(torch.zeros(2, trainer.d_in, device=sae.W_enc.device, dtype=sae.W_enc.dtype))
+    finally:
+        for key in set(vars(sae)) - set(notes):
+            delattr(sae, key)
+        vars(sae).update(notes)
     return sorted(set(out.losses) - set(METRIC_STATS))
 
 
