@@ -1,6 +1,7 @@
 """Loading an SAE folder (`cfg.json` + `sae_weights.safetensors`), dispatching on its architecture."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -26,9 +27,18 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     _check_architecture(folder, cfg, sae)
     _check_tensors(folder, tensors, sae)
     sae.load_inference_({name: t.to(torch.float32) for name, t in tensors.items()})
-    sae.input_scale_folded = float(cfg.get("input_scale_folded", 1.0))
-    sae.target_scale_folded = float(cfg.get("target_scale_folded", sae.input_scale_folded))
+    sae.input_scale_folded = _folded_scale(folder, cfg, "input_scale_folded", 1.0)
+    sae.target_scale_folded = _folded_scale(folder, cfg, "target_scale_folded", sae.input_scale_folded)
     return sae
+
+
+def _folded_scale(folder: Path, cfg: dict, key: str, default: float) -> float:
+    """A scale folded into the weights (`SAE.fold_scaling_`): a positive finite number."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise UserError(f"{folder / CFG_NAME}: {key} is {value!r}, not a positive finite number: the file was "
+                        "edited or damaged; restore it")
+    return float(value)
 
 
 def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:

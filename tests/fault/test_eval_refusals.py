@@ -1,7 +1,7 @@
 """Results that cannot be right: `evaluate` on SAE weights holding a NaN or an infinity (each
 tensor of each architecture), or on a cfg.json edited to describe another SAE than its weights
 (another architecture with the same tensors, keys of one architecture under another's name, a
-weight stored as integers). Each is refused with one line naming the tensor or the key, no
+weight stored as integers, a folded scale or held-out count that is no number). Each is refused with one line naming the tensor or the key, no
 traceback, and no eval.json. (Missing, truncated or unparseable files are test_run_corruption.py's.)"""
 from __future__ import annotations
 
@@ -93,6 +93,12 @@ DAMAGE |= {
     "topk-edited-to-standard": ("topk", edit_cfg({"architecture": "standard"})),
     "topk-edited-to-standard-no-trained-architecture": (
         "topk", edit_cfg({"architecture": "standard", "trained_architecture": ...})),
+    # values of cfg.json that evaluation reads besides the weights
+    "standard-input-scale-folded-text": ("standard", edit_cfg({"input_scale_folded": "2.0"})),
+    "standard-input-scale-folded-negative": ("standard", edit_cfg({"input_scale_folded": -2.0})),
+    "standard-input-scale-folded-nan": ("standard", edit_cfg({"input_scale_folded": float("nan")})),
+    "standard-target-scale-folded-zero": ("standard", edit_cfg({"target_scale_folded": 0})),
+    "standard-eval-holdout-contexts-text": ("standard", edit_cfg({"eval_holdout_contexts": "8"})),
 }
 
 
