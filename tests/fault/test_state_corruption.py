@@ -73,6 +73,18 @@ def edit_tensors(name: str, how: str) -> Callable[[Path], None]:
     return apply
 
 
+def set_values(name: str, value: float) -> Callable[[Path], None]:
+    """Put `value` into the last element of one state tensor (right shape and dtype, wrong value)."""
+    def apply(ckpt: Path) -> None:
+        path = ckpt / STATE_TENSORS
+        tensors = load_file(str(path))
+        t = tensors[name].clone()
+        t.view(-1)[-1] = value
+        tensors[name] = t
+        save_file(tensors, str(path))
+    return apply
+
+
 def edit_state(key: str, value: object) -> Callable[[Path], None]:
     """Set (or, with value `...`, delete) a key of trainer_state.json; 'counters.x' is nested."""
     def apply(ckpt: Path) -> None:
@@ -104,6 +116,17 @@ for _name in _tensor_names():
     for _how in ("shape", "dtype", "missing"):
         if (_name, _how) not in _REFUSED_BEFORE:
             DAMAGE[f"tensor-{_name}-{_how}"] = (edit_tensors(_name, _how), [])
+# right shape and dtype, impossible values (a NaN or negative Adam moment is refused before this
+# change too, as a divergence at the first log step: not counted here)
+DAMAGE |= {
+    "value-optim.W_enc.step-huge": (set_values("optim.W_enc.step", 1e12), []),
+    "value-optim.W_enc.step-fraction": (set_values("optim.W_enc.step", 2.5), []),
+    "value-fired_total-negative": (set_values("fired_total", -5), []),
+    "value-fired_total-huge": (set_values("fired_total", 10**12), []),
+    "value-tokens_since_fired-negative": (set_values("tokens_since_fired", -1), []),
+    "value-window_fired-huge": (set_values("window_fired", 10**12), []),
+    "value-metric_sum.l0-nan": (set_values("metric_sum.l0", float("nan")), []),
+}
 for _key in COUNTERS:
     for _how, _value in _COUNTER_EDITS.items():
         DAMAGE[f"counter-{_key}-{_how}"] = (edit_state(_key, _value), [])
