@@ -110,9 +110,10 @@ def check_fits_run(state: dict[str, Any], c: Counters, trainer: SAETrainer, path
         raise UserError(f"{path.parent} is at step {c.step:,}, beyond this run's {trainer.total_steps:,} steps "
                         "(total_training_tokens, train_batch_size or the dump differ from the run's): resume "
                         "with the checkpoint's own settings")
-    saved_cfg = state["config"]
-    same_length = all(saved_cfg.get(k) == getattr(trainer.cfg, k) for k in ("total_training_tokens", "train_batch_size"))
-    if same_length and state["total_steps"] != trainer.total_steps:  # the resume checked the dump's split is the same
+    # Same length settings on the same split (the resume checked the dump's): the same total steps.
+    same_length = all(state["config"].get(k) == getattr(trainer.cfg, k)
+                      for k in ("total_training_tokens", "train_batch_size"))
+    if same_length and state["total_steps"] != trainer.total_steps:
         raise damaged(path, f"holds total_steps {state['total_steps']:,}, but its settings give {trainer.total_steps:,}")
     d_sae = trainer.sae.cfg.d_sae
     if c.n_resampled_last > d_sae or c.n_resampled_total > d_sae * c.step:
@@ -172,7 +173,8 @@ def check_state_tensors(tensors: dict[str, torch.Tensor], c: Counters, metric_st
     for name, (shape, dtype) in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape or t.dtype != dtype:
-            raise damaged(path, f"holds {_what(name)} as {t.dtype} {tuple(t.shape)}, not the {dtype} {shape} it restores")
+            raise damaged(path, f"holds {_what(name)} as {t.dtype} {tuple(t.shape)}, not the {dtype} {shape} "
+                                "it restores")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise damaged(path, f"holds NaN or infinite values in {_what(name)}")
     _check_values(tensors, c, trainer, path)
@@ -198,7 +200,8 @@ def loss_terms(trainer: SAETrainer) -> list[str]:
 def _check_names(tensors: dict[str, torch.Tensor], expected: dict[str, Any], path: Path) -> None:
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise damaged(path, f"lacks {_what(missing[0])}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise damaged(path, f"lacks {_what(missing[0])}{more}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise damaged(path, f"holds tensors {extra} that this SAE and its trainer do not have")

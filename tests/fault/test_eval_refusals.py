@@ -1,8 +1,8 @@
 """Results that cannot be right: `evaluate` on SAE weights holding a NaN or an infinity (each
 tensor of each architecture), or on a cfg.json edited to describe another SAE than its weights
 (another architecture with the same tensors, keys of one architecture under another's name, a
-weight stored as integers, a folded scale or held-out count that is no number). Each is refused with one line naming the tensor or the key, no
-traceback, and no eval.json. (Missing, truncated or unparseable files are test_run_corruption.py's.)"""
+weight stored as integers, a folded scale or held-out count that is no number). Each is refused
+with one line naming the tensor or the key, no traceback, and no eval.json. (Missing, truncated or unparseable files are test_run_corruption.py's.)"""
 from __future__ import annotations
 
 import json
