@@ -304,6 +304,59 @@ def test_one_sae_of_a_sweep_continues_alone_only_in_a_new_folder(tmp_path, dump)
     assert (sae / "final" / "sae_weights.safetensors").read_bytes() == before
 
 
+# ---- 4b. a damaged trainer state is named, never used ----------------------------------------
+
+@pytest.fixture
+def checkpointed(tmp_path, dump) -> Path:
+    """A finished run's checkpoint at step 4 of 8 (its final/ removed, so resuming trains)."""
+    got = invoke("--shards", str(dump), "--checkpoint-path", str(tmp_path / "r"), "--total-training-tokens",
+                 "1024", "--n-checkpoints", "1", *TINY)
+    assert got.exit_code == 0, got.output
+    shutil.rmtree(tmp_path / "r" / "final")
+    return tmp_path / "r" / "512"
+
+
+def _edit_state_tensors(ckpt: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    change(tensors)
+    save_file(tensors, str(ckpt / "trainer_state.safetensors"))
+
+
+def test_a_broadcastable_adam_moment_is_refused_not_broadcast(checkpointed):
+    _edit_state_tensors(checkpointed, lambda t: t.__setitem__("optim.W_enc.exp_avg", t["optim.W_enc.exp_avg"][:1]))
+    line = one_error_line(invoke("--resume-from", str(checkpointed), "--quiet"))
+    assert "exp_avg of W_enc" in line and "damaged" in line and not (checkpointed.parent / "final").exists()
+
+
+def test_a_missing_adam_state_or_counter_is_named(checkpointed):
+    _edit_state_tensors(checkpointed, lambda t: t.pop("optim.W_dec.exp_avg_sq"))
+    assert "lacks the Adam state exp_avg_sq of W_dec" in one_error_line(invoke("--resume-from", str(checkpointed)))
+    state_json = checkpointed / "trainer_state.json"
+    state = json.loads(state_json.read_text())
+    del state["counters"]["step"]
+    state_json.write_text(json.dumps(state))
+    assert "lacks counters.step" in one_error_line(invoke("--resume-from", str(checkpointed)))
+
+
+def test_a_step_beyond_the_runs_total_is_refused_not_taken_as_done(checkpointed):
+    state_json = checkpointed / "trainer_state.json"
+    state = json.loads(state_json.read_text())
+    state["counters"]["step"] = 10**6
+    state_json.write_text(json.dumps(state))
+    assert "beyond the run's total_steps" in one_error_line(invoke("--resume-from", str(checkpointed)))
+    assert not (checkpointed.parent / "final").exists()
+
+
+def test_a_resume_may_not_change_the_architecture(checkpointed):
+    got = invoke("--resume-from", str(checkpointed), "--architecture", "topk", "--k", "4", "--quiet")
+    line = one_error_line(got)
+    assert "architecture topk (the checkpoint's: standard)" in line and "--checkpoint-path" in line
+    resumed = invoke("--resume-from", str(checkpointed), "--lr", "1e-4", "--quiet")  # an optimizer setting may
+    assert resumed.exit_code == 0, resumed.output
+
+
 # ---- 5. paths that work from anywhere -------------------------------------------------------
 
 def test_moved_run_resumes_and_finds_its_dump_from_another_directory(tmp_path, monkeypatch):

@@ -187,6 +187,33 @@ def test_load_errors_are_one_clear_line(tmp_path):
     assert "cfg.json is missing" in message(folder)
 
 
+def test_load_refuses_non_finite_weights_and_an_edited_architecture(tmp_path):
+    """Metrics of such weights cannot be right: the tensor or the cfg.json key is named."""
+    from safetensors.torch import save_file
+
+    def message(path) -> str:
+        with pytest.raises(UserError) as info:
+            SparseAutoencoder.load_from_pretrained(path)
+        return str(info.value)
+
+    folder = make_sae().save(tmp_path / "sae")
+    weights = folder / "sae_weights.safetensors"
+    good = load_file(str(weights))
+    save_file(good | {"b_enc": torch.full_like(good["b_enc"], float("nan"))}, str(weights))
+    assert "b_enc holds NaN or infinite values" in message(folder)
+    save_file(good | {"W_enc": good["W_enc"].to(torch.int32)}, str(weights))
+    assert "W_enc is torch.int32" in message(folder)
+    save_file(good, str(weights))
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "topk", "k": 4}))  # the same four tensors
+    assert "trained as 'standard'" in message(folder)
+    del cfg["trained_architecture"]
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "architecture": "topk", "k": 4}))
+    assert "activation_fn_str is 'relu'" in message(folder)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert SparseAutoencoder.load_from_pretrained(folder).cfg.d_sae == 16  # an SAELens folder without it
+
+
 def test_fold_scaling_is_exact(tmp_path):
     sae = make_sae()
     randomise_biases_(sae)

@@ -25,10 +25,9 @@ from shared import atomic
 from shared.errors import UserError
 from train import run_layout
 from train.run_layout import SPARSITY, STATE_JSON, STATE_TENSORS
-from train.sae_trainer import Counters, SAETrainer
-
-_TRACKERS = ("tokens_since_fired", "window_fired", "fired_total")
-_METRIC_SUM = "metric_sum."
+from train.sae_trainer import SAETrainer
+from train.state_check import (METRIC_SUM as _METRIC_SUM, TRACKERS as _TRACKERS, check_fits_run, check_same_sae,
+                               check_state_json, check_state_tensors, damaged)
 
 
 def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +95,11 @@ def read_state(folder: Path) -> dict[str, Any]:
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); resume from another checkpoint "
                         "of the run or start it again") from None
+    # What the resume reads before the trainer exists (the run's settings, its dump); the rest is
+    # checked against the trainer by `load_trainer_state_`.
+    for key in ("config", "dump"):
+        if not isinstance(state.get(key), dict):
+            raise damaged(path, f"lacks its {key}" if key not in state else f"holds a {key} that is no JSON object")
     return state
 
 
@@ -124,19 +128,19 @@ def _read_state_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_trainer_state_(trainer: SAETrainer, folder: Path) -> None:
-    """Put a freshly built trainer into exactly the state saved in `folder`."""
+    """Put a freshly built trainer into exactly the state saved in `folder`, once every value of
+    it is checked (`train.state_check`): nothing of a damaged checkpoint is used."""
     folder = Path(folder)
     state = read_state(folder)
+    counters = check_state_json(state, folder / STATE_JSON)
+    check_same_sae(state["config"], trainer, folder / STATE_JSON)
+    check_fits_run(state, counters, trainer, folder / STATE_JSON)
     tensors = _read_state_tensors(folder)
+    check_state_tensors(tensors, counters, state["metric_sum_steps"], trainer, folder / STATE_TENSORS)
     # Fused Adam keeps its step count on the parameter's device, the for-each one on the CPU.
     step_device = trainer.device if trainer.optimizer.defaults.get("fused") else torch.device("cpu")
     for n, param in trainer.sae.named_parameters():
-        saved = tensors.get(f"sae.{n}")
-        if saved is None or tuple(param.shape) != tuple(saved.shape):
-            got = "nothing" if saved is None else f"shape {tuple(saved.shape)}"
-            raise UserError(f"{folder}: holds {got} for {n}, this config builds {tuple(param.shape)}; "
-                            "resume with the checkpoint's own settings")
-        param.copy_(saved)
+        param.copy_(tensors[f"sae.{n}"])
         opt = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
         # Moments must share the parameter's strides: fused Adam walks their memory in lockstep.
         opt = {k: v.to(step_device) if k == "step" else torch.empty_like(param).copy_(v)
@@ -147,9 +151,9 @@ def load_trainer_state_(trainer: SAETrainer, folder: Path) -> None:
         buffer.copy_(tensors[f"buffer.{n}"])
     for n in _TRACKERS:
         getattr(trainer, n).copy_(tensors[n])
-    trainer.counters = Counters(**state["counters"])
+    trainer.counters = counters
     sums = {k[len(_METRIC_SUM):]: v for k, v in tensors.items() if k.startswith(_METRIC_SUM)}
-    trainer.restore_pending_metrics_(sums, state.get("metric_sum_steps", 0))
+    trainer.restore_pending_metrics_(sums, state["metric_sum_steps"])
     trainer.scheduler.last_epoch = state["scheduler_last_epoch"]
     lr = [base * fn(trainer.scheduler.last_epoch)
           for base, fn in zip(trainer.scheduler.base_lrs, trainer.scheduler.lr_lambdas)]

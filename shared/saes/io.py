@@ -1,6 +1,7 @@
 """Loading an SAE folder (`cfg.json` + `sae_weights.safetensors`), dispatching on its architecture."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -8,7 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from shared.errors import UserError
-from shared.saes.base import SAE, WEIGHTS_NAME, SAEConfig, read_cfg
+from shared.saes.base import CFG_NAME, SAE, WEIGHTS_NAME, SAEConfig, read_cfg
 from shared.saes.registry import architecture_class
 
 
@@ -23,11 +24,21 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     # saved weights replace (loading must not change what a seeded run does next).
     shape = SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out"))
     sae = cls(shape, cls.settings_from(cfg), device="meta")
+    _check_architecture(folder, cfg, sae)
     _check_tensors(folder, tensors, sae)
     sae.load_inference_({name: t.to(torch.float32) for name, t in tensors.items()})
-    sae.input_scale_folded = float(cfg.get("input_scale_folded", 1.0))
-    sae.target_scale_folded = float(cfg.get("target_scale_folded", sae.input_scale_folded))
+    sae.input_scale_folded = _folded_scale(folder, cfg, "input_scale_folded", 1.0)
+    sae.target_scale_folded = _folded_scale(folder, cfg, "target_scale_folded", sae.input_scale_folded)
     return sae
+
+
+def _folded_scale(folder: Path, cfg: dict, key: str, default: float) -> float:
+    """A scale folded into the weights (`SAE.fold_scaling_`): a positive finite number."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise UserError(f"{folder / CFG_NAME}: {key} is {value!r}, not a positive finite number: the file was "
+                        "edited or damaged; restore it")
+    return float(value)
 
 
 def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -39,7 +50,28 @@ def _read_weights(path: Path, device: str | torch.device) -> dict[str, torch.Ten
         raise UserError(f"{path} could not be read as safetensors ({e})") from None
 
 
+def _check_architecture(folder: Path, cfg: dict, sae: SAE) -> None:
+    """cfg.json describes one SAE: the architecture it was trained as saves as the one it names,
+    and the keys the architecture writes (activation_fn_str, k, ...) hold what it writes. Two
+    architectures can have the same tensors (standard and topk): only these keys tell them apart."""
+    path = folder / CFG_NAME
+    trained = cfg.get("trained_architecture")
+    if trained is not None:  # our folders record it; other SAELens folders need not
+        trained_cls = architecture_class(str(trained))
+        saved_as = trained_cls(sae.cfg, trained_cls.settings_from(cfg), device="meta").inference_form()[0]
+        if saved_as != sae.architecture:
+            raise UserError(f"{path} names architecture '{sae.architecture}' but an SAE trained as '{trained}' "
+                            f"is saved as '{saved_as}': the file was edited or damaged; restore it")
+    _, _, extra = sae.inference_form()
+    for key, value in extra.items():
+        if key in cfg and cfg[key] != value:
+            raise UserError(f"{path}: {key} is {cfg[key]!r}, but a {sae.architecture} SAE has {value!r}: the file "
+                            "was edited or damaged; restore it")
+
+
 def _check_tensors(folder: Path, tensors: dict[str, torch.Tensor], sae: SAE) -> None:
+    """Exactly the tensors the architecture has, each of the shape cfg.json implies, floating
+    point and finite (metrics of a NaN weight would be NaN, or silently wrong)."""
     _, expected, _ = sae.inference_form()
     missing = [name for name in expected if name not in tensors]
     if missing:
@@ -52,3 +84,10 @@ def _check_tensors(folder: Path, tensors: dict[str, torch.Tensor], sae: SAE) -> 
         if tuple(want.shape) != got:
             raise UserError(f"{folder / WEIGHTS_NAME}: {name} has shape {got}, but cfg.json "
                             f"(d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, d_out={sae.cfg.d_out}) implies {tuple(want.shape)}")
+    for name in expected:
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise UserError(f"{folder / WEIGHTS_NAME}: {name} is {t.dtype}, not floating point: the file is damaged")
+        if not bool(torch.isfinite(t).all()):
+            raise UserError(f"{folder / WEIGHTS_NAME}: {name} holds NaN or infinite values: these weights give "
+                            "no metrics; evaluate an earlier checkpoint of the run, or train it again")

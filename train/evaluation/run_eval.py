@@ -69,6 +69,9 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     requested = cfg.holdout_contexts
     if requested is None:  # what training held out (absent from older checkpoints: the default)
         requested = sae_cfg.get("eval_holdout_contexts")
+        if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int)):
+            raise UserError(f"{sae_folder}/cfg.json: eval_holdout_contexts is {requested!r}, not a whole number: "
+                            "restore the file, or pass --holdout-contexts")
     rows = _heldout_rows(dump, requested)
     n_heldout = (rows[1] - rows[0]) // dump.manifest.rows_per_context
     sae = load_sae(sae_folder, device=device)
