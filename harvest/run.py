@@ -133,7 +133,7 @@ def _harvest(cfg: HarvestConfig, ranks: Ranks, device: str, log: Callable[[str],
              progress: bool) -> HarvestResult:
     if progress and ranks.lead:
         log(f"loading model {cfg.model} on {device} ...")
-    model = load_model(cfg.model, device, cfg.model_dtype)
+    model = load_model(cfg.model, device, cfg.model_dtype, progress=progress and ranks.lead)
     source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
                             cfg.shuffle_documents, cfg.shuffle_buffer_docs)
     log(f"dataset {source.description}")

@@ -69,8 +69,9 @@ def resolve_model_name(name: str) -> tuple[str, str]:
     return "transformers", official
 
 
-def load_model(name: str, device: str, dtype: str = "float32") -> Any:
-    """Boot a TransformerBridge in eval mode; a one-line UserError if it cannot be loaded."""
+def load_model(name: str, device: str, dtype: str = "float32", progress: bool = False) -> Any:
+    """Boot a TransformerBridge in eval mode; a one-line UserError if it cannot be loaded.
+    `progress`: say every few seconds that it is still loading (a large model takes a while)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
@@ -81,8 +82,10 @@ def load_model(name: str, device: str, dtype: str = "float32") -> Any:
     torch_dtype = TORCH_DTYPES[dtype]
     # A name on the hub with no hub to reach: only the local hub cache, without the retries.
     offline = not Path(target).is_dir() and not hub_reachable()
+    from shared.progress import still
+
     try:
-        with hub_offline() if offline else nullcontext():
+        with hub_offline() if offline else nullcontext(), still(f"loading {name}", progress):
             if kind == "legacy":
                 model = TransformerBridge.boot_tl_legacy(target, device=device, dtype=torch_dtype)
             else:

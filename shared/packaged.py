@@ -52,7 +52,10 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache private to one user
-        build(tmp)
+        from shared.progress import still
+
+        with still(f"unpacking {final.name}", True):
+            build(tmp)
         fsync_tree(tmp)
         try:
             os.replace(tmp, final)

@@ -289,3 +289,34 @@ def replace_run(cfg, folder: Path):
     from dataclasses import replace
 
     return replace(cfg, checkpoint_path=str(folder))
+
+
+def test_still_says_the_work_goes_on_until_the_block_ends(monkeypatch, capsys):
+    """`still` prints one line per beat while its block runs and none after it, and nothing when
+    disabled. The beats come from a fake event (two beats, then it waits for the block's end), so
+    nothing here depends on the clock."""
+    import threading
+
+    from shared import progress
+
+    class TwoBeats:
+        def __init__(self):
+            self.real, self.beats = threading.Event(), 2
+
+        def wait(self, timeout):
+            if self.beats:
+                self.beats -= 1
+                return False
+            return self.real.wait()
+
+        def set(self):
+            self.real.set()
+
+    monkeypatch.setattr(progress, "_Event", TwoBeats)
+    with progress.still("unpacking a model", True):
+        pass
+    err = capsys.readouterr().err
+    assert err.count("still unpacking a model") == 2, err
+    with progress.still("loading", False):
+        pass
+    assert capsys.readouterr().err == ""

@@ -421,7 +421,7 @@ def _load_model_once(data: DataPlan, base: LanguageModelSAERunnerConfig, progres
 
     device = str(pick_device(base.device))
     say(f"loading model {data.dump.manifest.model} on {device} ...", progress)
-    return load_model(data.dump.manifest.model, device)
+    return load_model(data.dump.manifest.model, device, progress=progress)
 
 
 def evaluate_final(cfg: LanguageModelSAERunnerConfig, final: Path, log: Callable[[str], None],

@@ -98,7 +98,7 @@ def _model_or_none(dump: Any, device: str, progress: bool) -> Any:
 
     say(f"loading model {dump.manifest.model} on {device} ...", progress)
     try:
-        return load_model(dump.manifest.model, device)
+        return load_model(dump.manifest.model, device, progress=progress)
     except Exception as e:  # offline hub, missing files: the dashboard is still worth writing
         click.echo(f"(model {dump.manifest.model} not loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__})",
                    err=True)
@@ -140,7 +140,7 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
         if cfg.with_model:
             if models.get(dump.manifest.model) is None:
                 say(f"loading model {dump.manifest.model} on {cfg.device} ...", cfg.progress)
-                models[dump.manifest.model] = load_model(dump.manifest.model, cfg.device)
+                models[dump.manifest.model] = load_model(dump.manifest.model, cfg.device, progress=cfg.progress)
             model = models[dump.manifest.model]
         result = evaluate_checkpoint(final, cfg, model=model, baselines=baselines, dump=dump)
         write_eval(final.parent, result)

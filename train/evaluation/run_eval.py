@@ -127,7 +127,7 @@ def _ce_on_heldout(sae: SAE, dump: Dump, n_heldout: int, cfg: EvalConfig,
     m = dump.manifest
     if model is None:
         say(f"loading model {m.model} on {device} ...", cfg.progress)
-        model = load_model(m.model, str(device))
+        model = load_model(m.model, str(device), progress=cfg.progress)
     if m.stats is None:
         raise DumpError(f"{dump.path}/manifest.json has no stats (mean activation); re-harvest the dump")
     n = n_heldout if cfg.max_eval_contexts is None else min(n_heldout, cfg.max_eval_contexts)
