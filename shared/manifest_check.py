@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-import numpy as np
-
 from shared.errors import DumpError
 
 # The format's constants live here (shared.manifest re-exports them) so this module needs nothing
@@ -252,6 +250,8 @@ def check_stats_sums(stats: dict[str, Any], shards: list[dict[str, Any]], where:
         want = math.fsum(entry[total] for entry in shards) / rows
         if not math.isclose(stats[name], want, rel_tol=STATS_RTOL, abs_tol=0.0):
             raise fail(where, f"'stats.{name}'", f"is {stats[name]!r}, but the shards' sums give {want!r}")
+    import numpy as np  # here, not at the top: `--help` must not import numpy
+
     sums = np.asarray([entry["sum"] for entry in shards], dtype=np.float64)  # [shards, d_in]
     mean = sums.sum(axis=0) / rows
     # Each dimension against the typical size of one (the root mean square), so that a mean near

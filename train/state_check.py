@@ -127,23 +127,20 @@ def check_fits_run(state: dict[str, Any], c: Counters, trainer: SAETrainer, path
                             "checkpoint's own settings and dump")
 
 
-SHAPE_SETTINGS = ("architecture", "d_sae", "matryoshka_widths")
-"""What makes a checkpoint the SAE it is: a resume may not change them (d_sae: the width that
-d_sae or expansion_factor gives)."""
-
-
 def check_same_sae(saved_config: dict[str, Any], trainer: SAETrainer, path: Path) -> None:
     """Refuse a resume whose settings build another SAE than the checkpoint holds (another
-    architecture, width or matryoshka widths), even where the tensors happen to fit."""
+    architecture, width or shape setting of the architecture, such as Matryoshka's prefix
+    widths), even where the tensors happen to fit."""
     saved = dict(saved_config)
     d_sae, ef = saved.get("d_sae"), saved.get("expansion_factor")
     if d_sae is None and _plain_int(ef):
         d_sae = ef * trainer.d_in
+    own = type(trainer.sae).shape_settings  # declared by the architecture (shared.saes.base.SAE)
+    config = trainer.cfg.to_dict()
     now = {"architecture": trainer.cfg.architecture, "d_sae": trainer.sae.cfg.d_sae,
-           "matryoshka_widths": trainer.cfg.to_dict().get("matryoshka_widths")}
-    was = {"architecture": saved.get("architecture"), "d_sae": d_sae,
-           "matryoshka_widths": saved.get("matryoshka_widths")}
-    changed = [k for k in SHAPE_SETTINGS if was[k] != now[k]]
+           **{k: config.get(k) for k in own}}
+    was = {"architecture": saved.get("architecture"), "d_sae": d_sae, **{k: saved.get(k) for k in own}}
+    changed = [k for k in now if was[k] != now[k]]
     if changed:
         what = ", ".join(f"{k} {now[k]} (the checkpoint's: {was[k]})" for k in changed)
         raise UserError(f"--resume-from {path.parent} continues the SAE it holds, but this run asks for {what}; "

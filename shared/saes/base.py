@@ -94,6 +94,9 @@ class SAE(torch.nn.Module):
     """How run names write `sparsity_setting` ('L1' -> '...-L1-1.2-...')."""
     sparsity_warm_up: ClassVar[str | None] = None
     """The training setting (steps) over which the sparsity coefficient ramps up from 0, if it does."""
+    shape_settings: ClassVar[tuple[str, ...]] = ()
+    """Settings beyond d_in and d_sae that make a trained SAE the one it is (its tensors mean
+    something else under other values): a resume may not change them."""
 
     W_enc: torch.nn.Parameter
     W_dec: torch.nn.Parameter

@@ -3,6 +3,7 @@ that can be SIGKILLed, the one-line-error check, and the tally the end-of-run su
 from __future__ import annotations
 
 import json
+import re
 import multiprocessing
 import os
 import random
@@ -117,6 +118,9 @@ def ok(prog: str, args: Sequence[Any]) -> Outcome:
 
 
 _CLICK_BANNER = ("Usage: ", "Try '")
+_PROGRESS = re.compile(r"\d+%\||^\S.* \.\.\.$|^\s*\.\.\. still ")
+"""What a command prints while it works (a tqdm bar's redraws, "loading model X ...", "... still
+loading"): allowed before the one error line, which must then be the last line."""
 
 
 def error_line(out: Outcome, strict: bool = True) -> str:
@@ -131,8 +135,11 @@ def error_line(out: Outcome, strict: bool = True) -> str:
     errors = [line for line in out.lines if line.startswith((f"{out.prog}: error:", "Error: "))]
     assert len(errors) == 1, f"{len(errors)} error lines\n" + out.describe()
     if strict:
-        others = [line for line in out.lines if line not in errors and not line.startswith(_CLICK_BANNER)]
+        others = [line for line in out.lines if line not in errors and not line.startswith(_CLICK_BANNER)
+                  and not _PROGRESS.search(line)]
         assert not others, "more than the error on stderr\n" + out.describe()
+        assert out.lines[-1] == errors[0] or out.lines[-1].startswith(_CLICK_BANNER), \
+            "the error is not the last line\n" + out.describe()
     else:
         assert out.lines[-1] == errors[0], "the error is not the last line\n" + out.describe()
     return errors[0]
