@@ -523,3 +523,15 @@ def test_the_divergence_watch_adds_no_host_sync_to_a_step(tmp_path, monkeypatch)
     assert reads == [] and trainer.counters.step == 9
     monkeypatch.undo()
     assert trainer.first_non_finite_step() is None
+
+
+@pytest.mark.parametrize("step", [True, -1, 1.5, "3"])
+def test_a_checkpoint_index_with_an_impossible_step_is_damaged(tmp_path, step):
+    from shared.errors import UserError
+    from train.run_layout import CHECKPOINT_INDEX, read_checkpoint_index
+
+    (tmp_path / CHECKPOINT_INDEX).write_text(json.dumps([{"folder": "512", "step": step, "tokens": 512}]))
+    with pytest.raises(UserError, match="is damaged .*non-negative integer step"):
+        read_checkpoint_index(tmp_path)
+    (tmp_path / CHECKPOINT_INDEX).write_text(json.dumps([{"folder": "512", "step": 4, "tokens": 512}]))
+    assert read_checkpoint_index(tmp_path)[0]["step"] == 4

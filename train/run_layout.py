@@ -150,8 +150,10 @@ def read_checkpoint_index(run_dir: Path) -> list[dict[str, Any]]:
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise TypeError("not a list of checkpoint entries")
         for e in entries:
-            if not isinstance(e.get("step"), int) or not isinstance(e.get("tokens"), int):
-                raise TypeError(f"entry {e} lacks an integer step or tokens")
+            for key in ("step", "tokens"):  # a count: no bool (an int in Python), nothing negative
+                value = e.get(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise TypeError(f"entry {e} lacks a non-negative integer {key}")
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); restore it or start the run again") from None
     for e in entries:
