@@ -3,8 +3,10 @@ primitives here, which the local-disk location uses); in object storage a single
 makes visible whole or not at all (`Location.put_bytes` does the right one)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,26 @@ def remove(path: Any) -> None:
     from shared.storage import location
 
     location(path).delete()
+
+
+_OS_CODE = re.compile(r"code: (\d+)")
+
+
+def save_tensors(tensors: dict[str, Any], path: Path) -> None:
+    """`safetensors.torch.save_file`, with its I/O failures as the OSError they are.
+
+    Why: safetensors reports a full disk as `SafetensorError: ... IoError(Os { code: 28, ...
+    "No space left on device" })`, which the commands would call an internal error; as an
+    OSError (and with the half-written file removed) it gets the documented one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        Path(path).unlink(missing_ok=True)
+        code = _OS_CODE.search(str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number) if number in errno.errorcode else str(e), str(path)) from None

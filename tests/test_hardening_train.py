@@ -535,3 +535,30 @@ def test_a_checkpoint_index_with_an_impossible_step_is_damaged(tmp_path, step):
         read_checkpoint_index(tmp_path)
     (tmp_path / CHECKPOINT_INDEX).write_text(json.dumps([{"folder": "512", "step": 4, "tokens": 512}]))
     assert read_checkpoint_index(tmp_path)[0]["step"] == 4
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_leaves_no_temporary_folder(tmp_path, dump,
+                                                                                        monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError: it must read as the disk-full line, not an
+    internal error, and the half-written checkpoint must not stay behind (as `.512.tmp/`)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, path, *args, **kwargs):
+        if "trainer_state" in str(path):
+            Path(path).write_bytes(b"half")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    run = tmp_path / "r"
+    got = invoke("--shards", str(dump), "--checkpoint-path", str(run), "--total-training-tokens", "1024",
+                 "--n-checkpoints", "1", *TINY)
+    line = one_error_line(got)
+    assert got.exit_code == 1 and "the disk is full" in line and "--resume-from" in line, got.output
+    assert "internal error" not in got.output
+    assert [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".train.lock"] == []
+    assert not (run / "512").exists() and not (run / "final").exists()

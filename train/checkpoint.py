@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from shared import atomic
 from shared.errors import UserError
@@ -52,19 +52,23 @@ def save_checkpoint(folder: Path, trainer: SAETrainer, dump_info: dict[str, Any]
     tmp = atomic.temp_path(folder)
     atomic.remove(tmp)
     # Saved weights work on raw activations: fold the input and target scaling into a copy.
-    exported = copy.deepcopy(trainer.sae)
-    if trainer.input_scale != 1.0 or trainer.target_scale != 1.0:
-        exported.fold_scaling_(trainer.input_scale, trainer.target_scale)
-    exported.save(tmp, sae_cfg_dict(trainer, dump_info))
-    save_file({"sparsity": trainer.log10_density().cpu().contiguous()}, str(tmp / SPARSITY))
-    save_file(_state_tensors(trainer), str(tmp / STATE_TENSORS))
-    state = {"counters": asdict(trainer.counters), "scheduler_last_epoch": trainer.scheduler.last_epoch,
-             "metric_sum_steps": trainer.pending_metrics()[1],
-             "input_scale": trainer.input_scale,
-             **({"target_scale": trainer.target_scale} if trainer.target_scale != trainer.input_scale else {}),
-             "total_steps": trainer.total_steps,
-             "dump": dump_info, "config": trainer.cfg.to_dict()}
-    (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
+    try:  # a failed save (a full disk) leaves no temporary folder behind
+        exported = copy.deepcopy(trainer.sae)
+        if trainer.input_scale != 1.0 or trainer.target_scale != 1.0:
+            exported.fold_scaling_(trainer.input_scale, trainer.target_scale)
+        exported.save(tmp, sae_cfg_dict(trainer, dump_info))
+        atomic.save_tensors({"sparsity": trainer.log10_density().cpu().contiguous()}, tmp / SPARSITY)
+        atomic.save_tensors(_state_tensors(trainer), tmp / STATE_TENSORS)
+        state = {"counters": asdict(trainer.counters), "scheduler_last_epoch": trainer.scheduler.last_epoch,
+                 "metric_sum_steps": trainer.pending_metrics()[1],
+                 "input_scale": trainer.input_scale,
+                 **({"target_scale": trainer.target_scale} if trainer.target_scale != trainer.input_scale else {}),
+                 "total_steps": trainer.total_steps,
+                 "dump": dump_info, "config": trainer.cfg.to_dict()}
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
+    except BaseException:
+        atomic.remove(tmp)
+        raise
     atomic.commit(tmp, folder)
     run_layout.record_checkpoint(folder, trainer.counters.step, trainer.counters.tokens_seen)
     return folder

@@ -134,9 +134,23 @@ def main(shards, config_file, resume_from, sweeps, verify, quiet, parallel, over
     process uses its own GPU (cuda:LOCAL_RANK) when there are GPUs, and process 0 writes the run.
     """
     with one_line_errors("train", interrupted="interrupted before a checkpoint was saved: continue from "
-                                              "the run's newest checkpoint with --resume-from, if it has one"):
+                                              "the run's newest checkpoint with --resume-from, if it has one",
+                         os_hint=_os_line):
         for final in _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags, parallel):
             click.echo(str(final))
+
+
+def _os_line(e: OSError) -> str:
+    """The machine's fault in one line; a full disk says how a run continues (not harvest's --resume)."""
+    import errno
+
+    from shared.cli_errors import os_error_line
+
+    if e.errno == errno.ENOSPC:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return (f"the disk is full{where}: nothing half-written was kept; free some space, then continue "
+                "from the run's newest checkpoint with --resume-from (or rerun the same command if it has none)")
+    return os_error_line(e)
 
 
 def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, flags,

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
-from shared.atomic import commit, temp_path, write_json
+from shared.atomic import commit, save_tensors, temp_path, write_json
 from shared.errors import UserError
 from shared.saes.settings_base import BaseSettings, SAEConfig
 
@@ -266,7 +265,7 @@ class SAE(torch.nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
         tmp = temp_path(folder / WEIGHTS_NAME)
-        save_file(tensors, str(tmp))
+        save_tensors(tensors, tmp)
         commit(tmp, folder / WEIGHTS_NAME)
         write_json(folder / CFG_NAME, cfg)
         return folder

@@ -150,6 +150,23 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
         click.echo(f"{final}: {shown}")
 
 
+def _os_line(e: OSError) -> str:
+    """The machine's fault in one line. A full disk names the file being written (never one of the
+    package's own dashboard assets, which are only read) and says to rerun: evaluate has no --resume,
+    and whatever it was writing was not put in place."""
+    import errno
+    from pathlib import Path
+
+    from shared.cli_errors import os_error_line
+
+    if e.errno != errno.ENOSPC:
+        return os_error_line(e)
+    name = getattr(e, "filename2", None) or getattr(e, "filename", None)
+    assets = Path(__file__).parent / "dashboard" / "assets"
+    where = f" ({name})" if name and assets not in Path(name).parents else ""
+    return f"the disk is full{where}: free some space, then rerun the same command (nothing half-written was kept)"
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--shards", default=None, help="Dump to read [the one the SAE was trained on]; for a moved dump.")
@@ -186,7 +203,7 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
     from shared.device import pick_device
     from train.evaluation.run_eval import EvalConfig
 
-    with one_line_errors("evaluate"):
+    with one_line_errors("evaluate", os_hint=_os_line):
         for name, value in (("max-eval-contexts", max_eval_contexts), ("batch-contexts", batch_contexts)):
             if value <= 0:
                 raise UserError(f"--{name} must be positive, got {value}")
