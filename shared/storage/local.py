@@ -39,8 +39,12 @@ class LocalPath(_PathBase, Location):
 
     def put_bytes(self, data: bytes) -> None:
         tmp = atomic.temp_path(self)
-        tmp.write_bytes(data)
-        atomic.commit(tmp, self)
+        try:
+            tmp.write_bytes(data)
+            atomic.commit(tmp, self)
+        except BaseException:  # a full disk, Ctrl-C: the old file stays, no half-written temp beside it
+            tmp.unlink(missing_ok=True)
+            raise
 
     def list_names(self, limit: int | None = None) -> list[str]:
         if not self.is_dir():

@@ -13,14 +13,16 @@ TABLES = {"test_corruption": "corruptions", "test_run_corruption": "run_folder_c
           "test_bad_cli": "bad_inputs", "test_disk_full": "disk_full",
           "test_run_ownership": "run_folder_ownership", "test_run_symlinks": "run_folder_symlinks",
           "test_data_identity": "data_identity", "test_dump_symlinks": "dump_symlinks",
-          "test_state_corruption": "trainer_state", "test_eval_refusals": "evaluate_refusals"}
+          "test_state_corruption": "trainer_state", "test_eval_refusals": "evaluate_refusals",
+          "test_disk_full_saves": "disk_full_saves"}
 _LABELS = {"corruptions": "refused", "run_folder_corruptions": "refused", "bad_inputs": "one-line errors",
            "disk_full": "one-line error, then resumed identical",
            "kill_windows": "resumed or told to restart in one line",
            "run_folder_ownership": "refused in one line, nothing changed",
            "run_folder_symlinks": "refused by name in one line, nothing changed",
            "data_identity": "refused", "dump_symlinks": "refused, naming what the entry is",
-           "trainer_state": "refused", "evaluate_refusals": "refused"}
+           "trainer_state": "refused", "evaluate_refusals": "refused",
+           "disk_full_saves": "one line, nothing half-written left"}
 
 
 def table_of(item) -> str | None:
