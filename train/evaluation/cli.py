@@ -161,9 +161,10 @@ def _os_line(e: OSError) -> str:
 
     if e.errno != errno.ENOSPC:
         return os_error_line(e)
+    from train.evaluation.dashboard import ASSETS
+
     name = getattr(e, "filename2", None) or getattr(e, "filename", None)
-    assets = Path(__file__).parent / "dashboard" / "assets"
-    where = f" ({name})" if name and assets not in Path(name).parents else ""
+    where = f" ({name})" if name and ASSETS not in Path(name).parents else ""
     return f"the disk is full{where}: free some space, then rerun the same command (nothing half-written was kept)"
 
 
