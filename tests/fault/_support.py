@@ -117,6 +117,22 @@ def ok(prog: str, args: Sequence[Any]) -> Outcome:
     return got
 
 
+def tiny_checkpointed_run(root: Path, name: str, seed: int, *extra: str) -> Path:
+    """`root/name`: a finished run of a standard SAE (16 steps of 64 random rows, d_in 16, d_sae
+    32, 8 held-out contexts) with one checkpoint at step 8, trained from `root/dump`; `extra`
+    flags make it a sweep or change its settings."""
+    import torch
+
+    from shared.dump_writer import write_dump
+
+    g = torch.Generator().manual_seed(seed)
+    write_dump(root / "dump", torch.randn(2048, 16, generator=g), context_size=16, shard_rows=512)
+    ok("train", ["--shards", root / "dump", "--checkpoint-path", root / name, "--expansion-factor", "2",
+                 "--train-batch-size", "64", "--total-training-tokens", "1024", "--n-checkpoints", "1",
+                 "--device", "cpu", "--eval-holdout-contexts", "8", "--quiet", *extra])
+    return root / name
+
+
 _CLICK_BANNER = ("Usage: ", "Try '")
 _PROGRESS = re.compile(r"\d+%\||^\S.* \.\.\.$|^\s*\.\.\. still ")
 """What a command prints while it works (a tqdm bar's redraws, "loading model X ...", "... still

@@ -9,10 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
-from fault._support import error_line, invoke, ok
-from shared.dump_writer import write_dump
+from fault._support import error_line, invoke, tiny_checkpointed_run
 
 # Slow tier: the fault suite (tests/README.md); the fast tier keeps a sample of its checks.
 pytestmark = pytest.mark.slow
@@ -23,14 +21,8 @@ SAES = ["l1_coefficient_0.05", "l1_coefficient_0.2"]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A finished two-SAE sweep with one checkpoint each before final/, 8 held-out contexts."""
-    root = tmp_path_factory.mktemp("run_corruption")
-    g = torch.Generator().manual_seed(2)
-    write_dump(root / "dump", torch.randn(2048, 16, generator=g), context_size=16, shard_rows=512)
-    ok("train", ["--shards", root / "dump", "--checkpoint-path", root / "sweep", "--expansion-factor", "2",
-                 "--train-batch-size", "64", "--total-training-tokens", "1024", "--n-checkpoints", "1",
-                 "--device", "cpu", "--eval-holdout-contexts", "8", "--quiet",
-                 "--sweep", "l1_coefficient=0.05,0.2"])
-    return root / "sweep"
+    return tiny_checkpointed_run(tmp_path_factory.mktemp("run_corruption"), "sweep", 2,
+                                 "--sweep", "l1_coefficient=0.05,0.2")
 
 
 def unfinish(root: Path) -> None:

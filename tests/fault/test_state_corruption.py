@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fault._support import error_line, invoke, ok
-from shared.dump_writer import write_dump
+from fault._support import error_line, invoke, tiny_checkpointed_run
 
 # Slow tier: the fault suite (tests/README.md); test_hardening_train.py keeps a fast sample.
 pytestmark = pytest.mark.slow
@@ -27,14 +26,9 @@ STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A finished standard run (16 x 64 rows, d_in 16, d_sae 32) with one checkpoint at step 8."""
-    root = tmp_path_factory.mktemp("state_corruption")
-    g = torch.Generator().manual_seed(3)
-    write_dump(root / "dump", torch.randn(2048, 16, generator=g), context_size=16, shard_rows=512)
-    ok("train", ["--shards", root / "dump", "--checkpoint-path", root / "run", "--expansion-factor", "2",
-                 "--train-batch-size", "64", "--total-training-tokens", "1024", "--n-checkpoints", "1",
-                 "--device", "cpu", "--eval-holdout-contexts", "8", "--quiet"])
-    assert (root / "run" / CHECKPOINT / STATE_TENSORS).is_file()
-    return root / "run"
+    run = tiny_checkpointed_run(tmp_path_factory.mktemp("state_corruption"), "run", 3)
+    assert (run / CHECKPOINT / STATE_TENSORS).is_file()
+    return run
 
 
 def _tensor_names() -> list[str]:
