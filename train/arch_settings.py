@@ -40,7 +40,8 @@ def check_settings_used(configs: list[LanguageModelSAERunnerConfig]) -> None:
                             f"{', '.join(architectures)}: drop {name} or set architecture")
 
 
-def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: int) -> None:
+def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: int, d_out: int | None = None,
+                 transcoder: bool = False) -> None:
     """Each SAE's settings against its shape (k <= d_sae, matryoshka widths...), before any trains:
     a sweep builds its later memory groups only after the first ones finished training."""
     for name, cfg in named:
@@ -50,7 +51,8 @@ def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: in
             raise UserError(f"{prefix}d_sae must be at least {MIN_D_SAE}, got {width} "
                             f"(expansion_factor {cfg.expansion_factor} x d_in {d_in})")
         try:
-            architecture_class(cfg.architecture).settings_from(cfg.to_dict()).validate(SAEConfig(d_in, width))
+            architecture_class(cfg.architecture).settings_from(cfg.to_dict()).validate(
+                SAEConfig(d_in, width, d_out, apply_b_dec_to_input=not transcoder))
         except UserError as e:
             raise UserError(f"{prefix}{e}") from None
 

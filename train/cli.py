@@ -210,5 +210,8 @@ def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
     raw = dict(state["config"])
     raw["checkpoint_path"] = str(checkpoint.resolve().parent)
     if find_dump:
-        raw["shards"] = str(dump_path_for(checkpoint, state.get("dump") or raw))
+        ident = state.get("dump") or raw
+        raw["shards"] = str(dump_path_for(checkpoint, ident))
+        if isinstance(ident.get("target"), dict):  # a transcoder: its target dump too
+            raw["target_shards"] = str(dump_path_for(checkpoint, ident["target"]))
     return raw

@@ -52,20 +52,31 @@ def sample_by_loss_squared(losses: torch.Tensor, n: int, generator: torch.Genera
 
 @torch.no_grad()
 def reinit_features_(sae: SparseAutoencoder, dead: torch.Tensor, replacement_inputs: torch.Tensor,
-                     feature_reinit_scale: float) -> None:
+                     feature_reinit_scale: float, replacement_targets: torch.Tensor | None = None) -> None:
     """Point the features `dead` (indices [n_dead]) at `replacement_inputs` [n_dead, d_in].
 
+    An SAE's feature reads and writes the input's direction x - b_dec. A transcoder's
+    (`replacement_targets` [n_dead, d_out] given) reads the input's direction x and writes what
+    the features must explain of its target, t - b_dec - skip(x).
     The encoder scale is relative to the alive features' mean encoder-column norm (1.0 if none is
     alive), so a reborn feature starts weak and does not grab inputs from established features.
     """
     alive = torch.ones(sae.cfg.d_sae, dtype=torch.bool, device=dead.device)
     alive[dead] = False
-    directions = replacement_inputs.to(sae.W_dec.dtype) - sae.b_dec  # [n_dead, d_in]
-    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    x = replacement_inputs.to(sae.W_dec.dtype)
+    reads = _unit_rows(sae.encoder_input(x))  # [n_dead, d_in]
+    if sae.cfg.transcoder and replacement_targets is not None:
+        writes = _unit_rows(replacement_targets.to(sae.W_dec.dtype) - sae.b_dec - sae.skip(x))  # [n_dead, d_out]
+    else:
+        writes = reads
     alive_norm = sae.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else 1.0
-    sae.W_dec[dead] = directions
-    sae.W_enc[:, dead] = (directions * (feature_reinit_scale * alive_norm)).T
+    sae.W_dec[dead] = writes
+    sae.W_enc[:, dead] = (reads * (feature_reinit_scale * alive_norm)).T
     sae.b_enc[dead] = 0.0
+
+
+def _unit_rows(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
 @torch.no_grad()
@@ -102,8 +113,10 @@ def _resample_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, dead_ma
         return 0
     losses = per_row_reconstruction_loss(sae, inputs, targets=targets)
     rows = sample_by_loss_squared(losses, n_dead, generator, replacement)
-    chosen = inputs[rows.to(inputs.device)].to(sae.W_dec.device)
-    reinit_features_(sae, dead, chosen, feature_reinit_scale)
+    picked = rows.to(inputs.device)
+    chosen = inputs[picked].to(sae.W_dec.device)
+    chosen_targets = None if targets is None else targets[picked].to(sae.W_dec.device)
+    reinit_features_(sae, dead, chosen, feature_reinit_scale, chosen_targets)
     reset_adam_moments_(optimizer, sae, dead)
     return n_dead
 

@@ -81,10 +81,10 @@ class DataPlan:
         return Batch.of(raw).scaled(self.input_scale, self.target_scale)
 
     def init_sample(self, seed: int) -> torch.Tensor:
-        """Random training rows of the input for b_dec's geometric median, read once for a whole
-        sweep: [rows, d_in], raw."""
+        """Random training rows of the target (the input, for an SAE) for b_dec's geometric
+        median, read once for a whole sweep: [rows, d_out], raw."""
         if self._init_sample is None:
-            self._init_sample = random_rows(self.loader, B_DEC_SAMPLE_ROWS, seed, 0).input
+            self._init_sample = random_rows(self.loader, B_DEC_SAMPLE_ROWS, seed, 0).target
         return self._init_sample
 
 
@@ -218,7 +218,7 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
     device = pick_device(cfg.device)
     progress = progress and distributed.current().lead  # one bar, not one per process
     dump = open_training_dump(cfg, verify, progress)
-    target = open_target_dump(target_shards, dump, verify, progress)
+    target = open_target_dump(cfg.target_shards if target_shards is None else target_shards, dump, verify, progress)
     try:
         train_rows, _ = split_rows(dump, cfg.eval_holdout_contexts)
     except ValueError as e:
@@ -245,7 +245,7 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
     device = pick_device(cfg.device)
     parallel = distributed.current()
     trainer = SAETrainer(cfg, data.dump.d_in, data.input_scale, data.total_steps, device,
-                         target_scale=data.target_scale, d_out=data.target_dump.d_in)
+                         target_scale=data.target_scale, d_out=data.target_dump.d_in, transcoder=data.paired)
     trainer.shard = parallel.shard
     if trainer.shard is not None:
         distributed.check_data_parallel(trainer, data.loader.n_rows, cfg.train_batch_size,
@@ -254,7 +254,8 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
         check_resume(read_state(resume_from), data.ident, resume_from)
         load_trainer_state_(trainer, resume_from)
     else:
-        mean = torch.tensor((data.dump.manifest.stats or {}).get("mean", [0.0] * data.dump.d_in))
+        side = data.target_dump  # b_dec lives in the target's space (the input's, for an SAE)
+        mean = torch.tensor((side.manifest.stats or {}).get("mean", [0.0] * side.d_in))
         if cfg.b_dec_init_method == "geometric_median":
             say(f"b_dec of {name}: geometric median of {min(B_DEC_SAMPLE_ROWS, data.loader.n_rows):,} "
                 "training rows ...", progress)
@@ -276,6 +277,8 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
 def with_absolute_dump(cfg: LanguageModelSAERunnerConfig) -> LanguageModelSAERunnerConfig:
     """The config with its dump path absolute: configs saved in run folders must not depend on
     the directory training ran from."""
+    if cfg.target_shards:
+        cfg = replace(cfg, target_shards=absolute(cfg.target_shards))
     return replace(cfg, shards=absolute(cfg.shards)) if cfg.shards else cfg
 
 
@@ -340,7 +343,7 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     cfg = with_absolute_dump(cfg)
     data = plan_data(cfg, verify, progress=progress)
     name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
-    check_shapes([(name, cfg)], data.dump.d_in)
+    check_shapes([(name, cfg)], data.dump.d_in, data.target_dump.d_in, data.paired)
     run_dir = run_folder(cfg, name)
     cfg = replace(cfg, checkpoint_path=str(run_dir))
     resume = Path(resume_from) if resume_from else None
@@ -398,7 +401,9 @@ def _start_sweep(job: Job, data: DataPlan, log: Callable[[str], None]) -> None:
 def _announce_run(slot: Slot, data: DataPlan, log: Callable[[str], None]) -> None:
     """What a single run trains, once its SAE is built (or restored)."""
     sae = slot.trainer.sae.cfg
-    log(f"training {sae.d_in} -> {sae.d_sae} SAE on {data.loader.n_rows:,} rows of {data.dump.path} "
+    what = (f"{sae.d_in} -> {sae.d_sae} -> {sae.d_out} transcoder (writing {data.target_dump.path.name})"
+            if sae.transcoder else f"{sae.d_in} -> {sae.d_sae} SAE")
+    log(f"training {what} on {data.loader.n_rows:,} rows of {data.dump.path} "
         f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
         f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {slot.run_dir}"
         + (f"; data-parallel over {distributed.current().ranks.world} processes" if slot.trainer.shard else ""))

@@ -40,7 +40,7 @@ class Counters:
 class SAETrainer:
     def __init__(self, cfg: LanguageModelSAERunnerConfig, d_in: int, input_scale: float,
                  total_steps: int, device: torch.device, target_scale: float | None = None,
-                 d_out: int | None = None):
+                 d_out: int | None = None, transcoder: bool = False):
         self.cfg = cfg
         self.d_in = d_in
         self.d_out = d_in if d_out is None else d_out
@@ -54,7 +54,7 @@ class SAETrainer:
         """Effective run-level settings of this SAE (resampling, warm-ups, lr decay)."""
         cls = architecture_class(cfg.architecture)
         torch.manual_seed(cfg.seed)  # the SAE init is a pure function of the seed
-        shape = SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in), d_out=self.d_out)
+        shape = SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in), d_out=self.d_out, apply_b_dec_to_input=not transcoder)
         self.sae: SAE = cls(shape, cls.settings_from(cfg.to_dict()), device=device)
         self.optimizer = make_optimizer(self.sae, cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -81,12 +81,13 @@ class SAETrainer:
     # ---- initialisation --------------------------------------------------------------------
     @torch.no_grad()
     def init_b_dec_(self, mean: torch.Tensor, sample: Callable[[], torch.Tensor]) -> None:
-        """b_dec from the dump: geometric median of a sample, the dump's mean, or zeros."""
+        """b_dec from the target's dump (the input's, for an SAE): geometric median of a sample
+        of its raw rows, its mean (raw, [d_out]), or zeros."""
         method = self.cfg.b_dec_init_method
         if method == "mean":
-            self.sae.b_dec.copy_(mean.to(self.device) * self.input_scale)
+            self.sae.b_dec.copy_(mean.to(self.device) * self.target_scale)
         elif method == "geometric_median":
-            points = sample().to(self.device, torch.float32) * self.input_scale
+            points = sample().to(self.device, torch.float32) * self.target_scale
             self.sae.b_dec.copy_(geometric_median(points).to(self.sae.b_dec.dtype))
 
     # ---- the step --------------------------------------------------------------------------

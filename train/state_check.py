@@ -186,7 +186,8 @@ def loss_terms(trainer: SAETrainer) -> list[str]:
     sae = trainer.sae
     notes = dict(vars(sae))
     try:
-        out = sae.training_forward(torch.zeros(2, trainer.d_in, device=sae.W_enc.device, dtype=sae.W_enc.dtype))
+        zeros = lambda width: torch.zeros(2, width, device=sae.W_enc.device, dtype=sae.W_enc.dtype)  # noqa: E731
+        out = sae.training_forward(zeros(trainer.d_in), target=zeros(trainer.d_out))
     finally:
         for key in set(vars(sae)) - set(notes):
             delattr(sae, key)

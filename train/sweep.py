@@ -152,7 +152,7 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
         log = lambda s: None  # noqa: E731
     runs = grid(base, sweep)
     data = plan_data(base, verify, progress=progress)
-    check_shapes(runs, data.dump.d_in)  # every SAE, before any trains
+    check_shapes(runs, data.dump.d_in, data.target_dump.d_in, data.paired)  # every SAE, before any trains
     root = run_folder(base, _sweep_name(base, data))
     runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
     job = Job(root, base, runs, list(sweep), wandb_group=_sweep_name(base, data))
@@ -194,6 +194,8 @@ def _sweep_state(root: Path, shards: str | None = None) -> tuple[list[tuple[str,
         # its outputs go where it is now.
         dump = absolute(shards) if shards else str(dump_path_for(e.run_dir, raw))
         raw = raw | {"shards": dump, "checkpoint_path": str(root)}
+        if raw.get("target_shards"):  # a transcoder sweep: its target dump, found the same way
+            raw["target_shards"] = str(dump_path_for(e.run_dir, {"shards": raw["target_shards"]}))
         runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(layout.sweep_index_path(root)))))
     indexes = [{c["step"]: c["folder"] for c in layout.read_checkpoint_index(e.run_dir) if c["folder"] != layout.FINAL}
                for e in entries]

@@ -9,16 +9,22 @@ training step, checkpoints, evaluation) talks only to this interface:
     training_forward(x, step, target) -> TrainOutput   named loss terms whose sum is the loss;
                                         target: [batch, d_out], x itself when omitted
     before_optimizer_step_() / after_optimizer_step_(out)   constraints and running estimates
-    inference_form() -> (architecture, tensors, cfg)        what `save` writes (SAELens' layout)
+    inference_form() -> (architecture, tensors, cfg)        what `save` writes (SAELens' layout;
+                                        `saved_form` names it as a transcoder where it is one)
 
 The input is what the dictionary reads, the target what it writes: for an SAE both are the same
-activations (d_out = d_in), for a transcoder or crosscoder they come from different hooks of one
-harvest pass. Every reconstruction term is measured against the target (`reconstruction_error`).
-The architectures here reconstruct their own input and refuse d_out != d_in (`check_shape`).
+activations (d_out = d_in), for a transcoder they come from different hooks of one harvest pass
+(the MLP's input and output). Every reconstruction term is measured against the target
+(`reconstruction_error`).
 
-All architectures read `s = x - b_dec` (the pre-encoder bias of Towards Monosemanticity), so input
-and target scaling fold into W_enc, W_dec, b_dec and the encoder bias the same way for every one
-of them (`fold_scaling_`).
+Every architecture is also a transcoder (`SAEConfig.apply_b_dec_to_input` False): an SAE's encoder
+reads `s = x - b_dec` (the pre-encoder bias of Towards Monosemanticity), a transcoder's reads x
+itself, its b_dec living in the target's space (`encoder_input`); so input and target scaling fold
+into W_enc, W_dec, b_dec and the encoder bias the same way for every one of them (`fold_scaling_`).
+A transcoder may add a linear skip path, out = decode(f) + x @ W_skip.T (`skip_connection`, Paulo
+et al. 2025, "Transcoders Beat Sparse Autoencoders for Interpretability"); every loss term then
+reconstructs the target minus the skip path's output, which is the same loss as the skip path's
+sum reconstructing the target (`training_forward`).
 Parameters and buffers (thresholds, running estimates) are all a resume needs: the trainer saves
 `named_parameters()` and `named_buffers()` with their Adam state.
 """
@@ -34,6 +40,7 @@ import torch
 from shared.atomic import commit, save_tensors, temp_path, write_json
 from shared.errors import UserError
 from shared.saes.settings_base import BaseSettings, SAEConfig
+from shared.saes.transcoder_names import saved_name
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -76,8 +83,8 @@ def sum_sq_err(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 class SAE(torch.nn.Module):
-    """Base of every architecture: W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_dec [d_out]
-    (d_out = d_in for every architecture here)."""
+    """Base of every architecture: W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_dec [d_out], and
+    for a skip transcoder W_skip [d_out, d_in]."""
 
     architecture: ClassVar[str]
     Settings: ClassVar[type[BaseSettings]] = BaseSettings
@@ -93,7 +100,7 @@ class SAE(torch.nn.Module):
     """How run names write `sparsity_setting` ('L1' -> '...-L1-1.2-...')."""
     sparsity_warm_up: ClassVar[str | None] = None
     """The training setting (steps) over which the sparsity coefficient ramps up from 0, if it does."""
-    shape_settings: ClassVar[tuple[str, ...]] = ()
+    shape_settings: ClassVar[tuple[str, ...]] = ("skip_connection",)
     """Settings beyond d_in and d_sae that make a trained SAE the one it is (its tensors mean
     something else under other values): a resume may not change them."""
 
@@ -114,25 +121,29 @@ class SAE(torch.nn.Module):
         """Product of the input scales passed to `fold_scaling_` (recorded in cfg.json on save)."""
         self.target_scale_folded = 1.0
         """Product of the target scales passed to `fold_scaling_` (recorded where it differs)."""
-        directions = _kaiming_unit_rows(cfg.d_sae, cfg.d_in, device)  # [d_sae, d_in]
         init_norm = self.settings.decoder_init_norm
+        directions = _kaiming_unit_rows(cfg.d_sae, cfg.d_in, device)  # [d_sae, d_in]
         # Encoder tied to the decoder's directions but small (see BaseSettings.decoder_init_norm).
         self.W_enc = torch.nn.Parameter((directions * init_norm).T.contiguous())  # row-major, like a loaded one
+        if cfg.transcoder:  # the target is another space: the decoder's directions are its own draw
+            directions = _kaiming_unit_rows(cfg.d_sae, cfg.d_out, device)
         self.W_dec = torch.nn.Parameter(directions if self.unit_norm_decoder else directions * init_norm)
-        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, device=device))
+        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_out, device=device))
         self.init_extra_(device)
+        if self.settings.skip_connection:  # zero: training starts as the plain transcoder
+            self.W_skip = torch.nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, device=device))
 
     def init_extra_(self, device: str | torch.device) -> None:
         """Create the architecture's other parameters and buffers (called by __init__)."""
 
     def check_shape(self, cfg: SAEConfig) -> None:
-        """Refuse shapes the architecture cannot have: every one here reconstructs its input
-        through the one bias b_dec, subtracted before the encoder and added after the decoder, so
-        it writes the width it reads (a transcoder, reading one hook and writing another of
-        another width, overrides this)."""
-        if cfg.d_out != cfg.d_in:
+        """Refuse shapes the architecture cannot have: an SAE subtracts b_dec before the encoder
+        and adds it after the decoder, so it writes the width it reads; a transcoder
+        (apply_b_dec_to_input False) writes any width."""
+        if cfg.d_out != cfg.d_in and cfg.apply_b_dec_to_input:
             raise UserError(f"a {self.architecture} SAE reconstructs its input: d_out ({cfg.d_out}) must equal "
-                            f"d_in ({cfg.d_in}); pick a target of the input's width")
+                            f"d_in ({cfg.d_in}); to write another hook's activations, train a transcoder "
+                            "(--target-shards)")
 
     # ---- the interface ---------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,13 +155,29 @@ class SAE(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         feature_acts = self.encode(x)
-        return SAEOutput(sae_out=self.decode(feature_acts), feature_acts=feature_acts)
+        return SAEOutput(sae_out=self.decode(feature_acts) + self.skip(x), feature_acts=feature_acts)
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """The skip path's output x @ W_skip.T ([..., d_out]); 0.0 without one."""
+        if not self.settings.skip_connection:
+            return 0.0
+        return x @ self.W_skip.T
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: x - b_dec for an SAE, x for a transcoder."""
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def training_forward(self, x: torch.Tensor, step: StepContext = StepContext(),
                          target: torch.Tensor | None = None) -> TrainOutput:
         """The loss terms of one batch: x [batch, d_in] read, target [batch, d_out] reconstructed
-        (x itself when None, as for an SAE)."""
-        return self.training_losses(x, self.checked_target(x, target), step)
+        (x itself when None, as for an SAE). With a skip path, the architecture reconstructs
+        target - skip(x) (the gradient reaching W_skip through it) and sae_out adds skip(x) back."""
+        target = self.checked_target(x, target)
+        if not self.settings.skip_connection:
+            return self.training_losses(x, target, step)
+        skip = self.skip(x)
+        out = self.training_losses(x, target - skip, step)
+        return out._replace(sae_out=out.sae_out + skip)
 
     def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         """The architecture's loss terms, every reconstruction term against `target`."""
@@ -159,6 +186,8 @@ class SAE(torch.nn.Module):
     def checked_target(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """The target of a batch: x when None, else `target` once its shape is checked."""
         if target is None:
+            if self.cfg.transcoder:
+                raise ValueError("a transcoder's training_forward needs its target (another hook's activations)")
             return x
         if target.shape[:-1] != x.shape[:-1] or target.shape[-1] != self.cfg.d_out:
             raise UserError(f"target of shape {tuple(target.shape)} does not fit an input of shape "
@@ -173,7 +202,7 @@ class SAE(torch.nn.Module):
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations (x - b_dec) @ W_enc + b_enc: [..., d_in] -> [..., d_sae] (architectures with b_enc)."""
-        s = (x - self.b_dec).reshape(-1, self.cfg.d_in)  # any leading dims ([batch, pos, d_in] in evaluation)
+        s = self.encoder_input(x).reshape(-1, self.cfg.d_in)  # any leading dims ([batch, pos, d_in] in evaluation)
         h = torch.addmm(self.b_enc, s, self.W_enc)  # bias fused: one pass fewer over [batch, d_sae]
         return h.reshape(*x.shape[:-1], self.cfg.d_sae)
 
@@ -188,8 +217,19 @@ class SAE(torch.nn.Module):
             self.set_decoder_norm_to_unit_norm_()
 
     def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-        """(architecture name SAELens loads, its tensors, extra cfg.json keys)."""
+        """(architecture name SAELens loads, its tensors, extra cfg.json keys), as an SAE: what
+        the architecture computes at inference (`saved_form` adds the transcoder's part)."""
         return self.architecture, dict(self.named_parameters()), {}
+
+    def saved_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        """What `save` writes: `inference_form`, named as a transcoder where this is one
+        (`shared.saes.transcoder_names`), with W_skip where it has a skip path."""
+        architecture, tensors, extra = self.inference_form()
+        if not self.cfg.transcoder:
+            return architecture, tensors, extra
+        if self.settings.skip_connection:
+            tensors = {**tensors, "W_skip": self.W_skip}
+        return saved_name(architecture, True, self.settings.skip_connection), tensors, extra
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; an architecture may give a parameter its own rate
@@ -234,6 +274,8 @@ class SAE(torch.nn.Module):
             f W_dec' + b_dec' = (f W_dec + b_dec) / b = t_hat' / b            (raw target's scale)
         The encoder-bias shift (`shift_encoder_bias_`) is zero when a = b, and skipped then, so an
         SAE's fold is the plain one: W_enc' = a W_enc, b_dec' = b_dec / a, W_dec' = W_dec / a.
+        A transcoder's encoder reads x itself, h = a x W_enc + b_enc: no shift at all; its skip
+        path a x W_skip^T ~ b t folds as W_skip' = W_skip a / b.
         Unit-norm decoder rows then have norm 1/b: `input_scale_folded` and `target_scale_folded`
         record the scales.
         """
@@ -241,8 +283,10 @@ class SAE(torch.nn.Module):
         for name, scale in (("input", input_scale), ("target", target_scale)):
             if not scale > 0:
                 raise UserError(f"{name} scale to fold must be positive, got {scale}")
-        if input_scale != target_scale:
+        if input_scale != target_scale and self.cfg.apply_b_dec_to_input:
             self.shift_encoder_bias_((input_scale / target_scale - 1.0) * (self.b_dec @ self.W_enc))
+        if self.settings.skip_connection:
+            self.W_skip *= input_scale / target_scale
         self.W_enc *= input_scale
         self.b_dec /= target_scale
         self.W_dec /= target_scale
@@ -260,7 +304,7 @@ class SAE(torch.nn.Module):
         in the inference form SAELens loads. Weights first, each file renamed into place, so a
         crash never leaves a cfg.json describing weights that are not there."""
         folder = Path(folder)
-        architecture, tensors, extra = self.inference_form()
+        architecture, tensors, extra = self.saved_form()
         cfg = self._cfg_for_saving(cfg_dict or {}, architecture, extra)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
@@ -281,7 +325,7 @@ class SAE(torch.nn.Module):
                 metadata.setdefault(key, cfg_dict[key])
         cfg = {**cfg_dict, **asdict(self.settings), **extra, **shape,
                "architecture": architecture, "trained_architecture": self.architecture,
-               "apply_b_dec_to_input": True, "dtype": "float32", "normalize_activations": "none",
+               "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input, "dtype": "float32", "normalize_activations": "none",
                "reshape_activations": "none", "metadata": metadata}
         if self.input_scale_folded != 1.0:
             cfg["input_scale_folded"] = self.input_scale_folded

@@ -57,7 +57,7 @@ class GatedSAE(SAE):
 
     def gate_and_magnitude(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pi, magnitude): the gate pre-activations and relu'd magnitudes, each [batch, d_sae]."""
-        s = x - self.b_dec
+        s = self.encoder_input(x)
         pi = s @ self.W_enc + self.b_gate
         magnitude = torch.relu(s @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag)
         return pi, magnitude

@@ -24,7 +24,7 @@ from shared.saes.topk import Selection
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
     Settings = MatryoshkaBatchTopKSettings
-    shape_settings = ("matryoshka_widths",)  # each prefix's reconstruction is trained into the weights
+    shape_settings = (*BatchTopKSAE.shape_settings, "matryoshka_widths")  # each prefix's reconstruction is trained into the weights
     settings: MatryoshkaBatchTopKSettings
 
     @property

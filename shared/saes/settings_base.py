@@ -22,6 +22,9 @@ class SAEConfig:
     """Number of features (dictionary size)."""
     d_out: int | None = None
     """Width of the target it writes; None means d_in (an SAE reconstructs its input)."""
+    apply_b_dec_to_input: bool = True
+    """Whether the encoder reads x - b_dec (an SAE: b_dec lives in the input's space) or x itself
+    (a transcoder, whose b_dec lives in the target's space; SAELens' name for the switch)."""
 
     def __post_init__(self) -> None:
         if self.d_out is None:
@@ -30,6 +33,13 @@ class SAEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"SAE {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise UserError(f"apply_b_dec_to_input must be true or false, got {self.apply_b_dec_to_input!r}")
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether it writes another space than it reads (input and target from different hooks)."""
+        return not self.apply_b_dec_to_input
 
     def saved_shape(self) -> dict[str, int]:
         """The shape keys cfg.json holds: d_in and d_sae, plus d_out only where it differs from
@@ -44,6 +54,10 @@ class SAEConfig:
 class BaseSettings:
     """Settings every architecture has. Subclasses add their own, named as in SAELens."""
 
+    skip_connection: bool = setting(False)
+    """Transcoders only: add a linear path from input to target, out = decode(f) + x @ W_skip.T,
+    with W_skip [d_out, d_in] starting at zero (the skip transcoder of Paulo et al. 2025). Needs a
+    target dump (--target-shards)."""
     decoder_init_norm: float = setting(0.1, POSITIVE)
     """Initial norm of each feature's encoder column (W_enc = decoder_init_norm x the feature's
     direction), and of its decoder row where the decoder is not held at unit norm. A small encoder
@@ -54,3 +68,6 @@ class BaseSettings:
         """Every setting of its type and in its declared range; subclasses add what depends on the
         shape (k <= d_sae)."""
         check_fields(self)
+        if self.skip_connection and not cfg.transcoder:
+            raise UserError("skip_connection adds a path from the input to another hook's activations: it needs "
+                            "a target dump (--target-shards); an SAE reconstructs its own input")

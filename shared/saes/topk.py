@@ -159,7 +159,7 @@ class TopKSAE(SAE):
     def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         sparse = self.sparse_decode
         batch = x.shape[0]
-        s = x - self.b_dec
+        s = self.encoder_input(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):
             # Sparse: no graph; the gradient comes from _GatheredPreacts, at the chosen pairs only.
             h = torch.addmm(self.b_enc, s, self.W_enc)  # [batch, d_sae]

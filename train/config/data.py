@@ -12,6 +12,9 @@ NORMALIZE = ("none", "expected_norm")
 class DataPart:
     shards: str | None = setting(None)
     """Dump folder written by `harvest` (e.g. data/gelu2l_l0)."""
+    target_shards: str | None = setting(None)
+    """Dump to write instead of the input: another hook of the same harvest pass, such as the MLP's
+    output (--shards its input) for a transcoder. None: the input itself (an SAE)."""
     d_in: int | None = setting(None, POSITIVE)
     """Activation width; checked against the dump when given."""
     train_batch_size: int = setting(4096, POSITIVE)
