@@ -131,11 +131,11 @@ def check_hook(model: Any, hook: str) -> None:
             return
         m = re.fullmatch(r"blocks\.(\d+)\.hook_mlp_in", hook)
         if m:
-            raise UserError(f"hook '{hook}' is off on this model (and, on, holds the residual before ln2): "
-                            f"record blocks.{m.group(1)}.mlp.hook_in for the MLP's input, or "
-                            f"blocks.{m.group(1)}.hook_resid_mid for the residual before it")
-        raise UserError(f"hook '{hook}' is off on this model (TransformerLens' {reason} is False), so it "
-                        "never fires; record another hook point")
+            raise UserError(f"hook '{hook}' never fires on this model unless enabled, and then holds the "
+                            f"residual before ln2: record blocks.{m.group(1)}.mlp.hook_in for the MLP's "
+                            f"input (or blocks.{m.group(1)}.hook_resid_mid for the residual before ln2)")
+        raise UserError(f"hook '{hook}' never fires on this model (TransformerLens' {reason} is off); "
+                        "record another hook point")
     near = difflib.get_close_matches(hook, names, n=5, cutoff=0.5)
     hint = f"nearest: {', '.join(near)}" if near else f"e.g. {', '.join(names[:5])}"
     raise UserError(f"unknown hook '{hook}' for this model; {hint}")

