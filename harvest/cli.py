@@ -7,9 +7,9 @@ import click
 
 from harvest.config import DEFAULT_HOOK, HarvestConfig
 from harvest.mlp_pairs import DEFAULT_INPUT, MLP_INPUTS, hook_role
-from shared.errors import UserError
 from shared.cli_errors import one_line_errors
 from shared.cli_options import ENDPOINT_HELP, endpoint_option
+from shared.errors import UserError
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
@@ -65,8 +65,8 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever dump --out holds.")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
-def main(hooks, mlp_pairs, mlp_pairs_input, model, dataset, split, text_column, context_size, batch_size, tokens, prepend_bos,
-         skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
+def main(hooks, mlp_pairs, mlp_pairs_input, model, dataset, split, text_column, context_size, batch_size,
+         tokens, prepend_bos, skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
          shuffle_documents, shuffle_buffer_docs, resume, overwrite, quiet) -> None:
     """Run a language model over a token dataset once and write the activations at one or more
     hook points to disk as sharded, resumable dumps that `train` reads.
@@ -84,8 +84,9 @@ def main(hooks, mlp_pairs, mlp_pairs_input, model, dataset, split, text_column, 
         if fmt is None and where is not None and where.capabilities.formats[0] != "safetensors":
             click.echo(f"note: dumps in {where.kind} are written as {where.capabilities.formats[0]}", err=True)
         cfg = HarvestConfig(
-            hooks=list(hooks) if hooks or mlp_pairs is not None else [DEFAULT_HOOK], mlp_pairs=mlp_pairs,
-            mlp_pairs_input=mlp_pairs_input or DEFAULT_INPUT, model=model, dataset=dataset, split=split, text_column=text_column,
+            hooks=list(hooks) or None,  # None: the default hook, or none besides --mlp-pairs
+            mlp_pairs=mlp_pairs, mlp_pairs_input=mlp_pairs_input or DEFAULT_INPUT,
+            model=model, dataset=dataset, split=split, text_column=text_column,
             context_size=context_size, batch_size=batch_size, tokens=tokens, prepend_bos=prepend_bos,
             skip_bos=skip_bos, dtype=dtype, model_dtype=model_dtype, format=fmt,
             compression=None if compression == "none" else compression, shard_rows=shard_rows,
