@@ -5,16 +5,26 @@ import os
 
 import click
 
-from harvest.config import HarvestConfig
+from harvest.config import DEFAULT_HOOK, HarvestConfig
+from harvest.mlp_pairs import DEFAULT_INPUT, MLP_INPUTS, hook_role
 from shared.cli_errors import one_line_errors
 from shared.cli_options import ENDPOINT_HELP, endpoint_option
+from shared.errors import UserError
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--hook", "hooks", multiple=True, default=("blocks.0.hook_mlp_out",), show_default=True,
-              help="Hook point to record; repeat for several (one model pass, one dump each).")
+@click.option("--hook", "hooks", multiple=True,
+              help="Hook point to record; repeat for several (one model pass, one dump each) "
+                   f"[{DEFAULT_HOOK}, unless --mlp-pairs is given].")
+@click.option("--mlp-pairs", metavar="LAYERS", default=None,
+              help="Also record, for transcoders, each layer's MLP input and MLP output "
+                   "(blocks.L.mlp.hook_in, blocks.L.hook_mlp_out) in the same pass: a layer (3), "
+                   "a range with both ends included (0..5), a list (0,2,4), or all.")
+@click.option("--mlp-pairs-input", type=click.Choice(list(MLP_INPUTS)), default=None,
+              help="Where --mlp-pairs reads each MLP's input: mlp-in, what the MLP reads (after ln2), or "
+                   "resid-mid, the residual stream before ln2 (blocks.L.hook_resid_mid) [mlp-in].")
 @click.option("--model", default="gelu-2l", show_default=True,
               help="TransformerLens alias, Hugging Face name, local HF folder, or smollm2-135m "
                    "(packaged, offline).")
@@ -55,23 +65,28 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
 @click.option("--resume", is_flag=True, help="Continue an interrupted harvest with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever dump --out holds.")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
-def main(hooks, model, dataset, split, text_column, context_size, batch_size, tokens, prepend_bos,
-         skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
+def main(hooks, mlp_pairs, mlp_pairs_input, model, dataset, split, text_column, context_size, batch_size,
+         tokens, prepend_bos, skip_bos, dtype, model_dtype, fmt, compression, shard_rows, out, device, seed,
          shuffle_documents, shuffle_buffer_docs, resume, overwrite, quiet) -> None:
     """Run a language model over a token dataset once and write the activations at one or more
     hook points to disk as sharded, resumable dumps that `train` reads.
 
-    Example: harvest --hook blocks.0.hook_mlp_out --tokens 1000000
+    Examples: harvest --hook blocks.0.hook_mlp_out --tokens 1000000;
+    harvest --mlp-pairs all --tokens 1000000 (every layer's MLP input and output, for transcoders)
     """
     with one_line_errors("harvest", interrupted=INTERRUPTED):
         from harvest.run import harvest
         from shared.storage import location
 
+        if mlp_pairs_input is not None and mlp_pairs is None:
+            raise UserError("--mlp-pairs-input applies with --mlp-pairs only: add --mlp-pairs LAYERS")
         where = location(out) if out is not None else None
         if fmt is None and where is not None and where.capabilities.formats[0] != "safetensors":
             click.echo(f"note: dumps in {where.kind} are written as {where.capabilities.formats[0]}", err=True)
         cfg = HarvestConfig(
-            hooks=list(hooks), model=model, dataset=dataset, split=split, text_column=text_column,
+            hooks=list(hooks) or None,  # None: the default hook, or none besides --mlp-pairs
+            mlp_pairs=mlp_pairs, mlp_pairs_input=mlp_pairs_input or DEFAULT_INPUT,
+            model=model, dataset=dataset, split=split, text_column=text_column,
             context_size=context_size, batch_size=batch_size, tokens=tokens, prepend_bos=prepend_bos,
             skip_bos=skip_bos, dtype=dtype, model_dtype=model_dtype, format=fmt,
             compression=None if compression == "none" else compression, shard_rows=shard_rows,
@@ -81,4 +96,5 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports the dumps
         return
     for hook, folder in result.folders.items():
-        click.echo(f"{hook}: {folder}")
+        role = hook_role(hook) if mlp_pairs is not None else None
+        click.echo(f"{hook}: {folder}" + (f"  ({role})" if role else ""))

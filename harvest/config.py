@@ -1,20 +1,29 @@
 """The harvest configuration: one typed dataclass, validated on construction."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from harvest.mlp_pairs import DEFAULT_INPUT, layers_for, pair_hooks, parse_layers
 from shared.errors import UserError
 from shared.manifest import FORMATS, STORAGE_DTYPES
 from shared.storage import location
 
 SHARD_BYTES = 1 << 30  # default shard size: about 1 GiB of activations
+DEFAULT_HOOK = "blocks.0.hook_mlp_out"
 
 
 @dataclass
 class HarvestConfig:
-    hooks: list[str] = field(default_factory=lambda: ["blocks.0.hook_mlp_out"])
-    """Hook points to record; all come from one model pass, each into its own dump."""
+    hooks: list[str] | None = None
+    """Hook points to record; all come from one model pass, each into its own dump. None ->
+    blocks.0.hook_mlp_out, or none besides the pairs when `mlp_pairs` is set."""
+    mlp_pairs: str | None = None
+    """Layers whose MLP input and output to record too (harvest.mlp_pairs): '3', '0..5', '0,2,4'
+    or 'all'; expanded to hooks once the model (and so its number of layers) is known."""
+    mlp_pairs_input: str = DEFAULT_INPUT
+    """Where a pair's input is read: 'mlp-in' (blocks.{l}.mlp.hook_in, what the MLP reads, after
+    ln2) or 'resid-mid' (blocks.{l}.hook_resid_mid, the residual stream before ln2)."""
     model: str = "gelu-2l"
     """TransformerLens alias, Hugging Face name, local HF folder, or a packaged alias (smollm2-135m)."""
     dataset: str = "NeelNanda/c4-tokenized-2b"
@@ -55,9 +64,15 @@ class HarvestConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.hooks is None:
+            self.hooks = [] if self.mlp_pairs is not None else [DEFAULT_HOOK]
         self.hooks = list(dict.fromkeys(self.hooks))  # keep order, drop repeats
-        if not self.hooks:
-            raise UserError("give at least one --hook, e.g. --hook blocks.0.hook_mlp_out")
+        if self.mlp_pairs is not None:
+            parse_layers(self.mlp_pairs)  # a bad spec fails here, before the model loads
+            pair_hooks([], self.mlp_pairs_input)  # and so does a bad input choice
+        elif not self.hooks:
+            raise UserError("give at least one --hook, e.g. --hook blocks.0.hook_mlp_out "
+                            "(or --mlp-pairs LAYERS)")
         for name in ("context_size", "batch_size", "tokens", "shuffle_buffer_docs"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -87,6 +102,15 @@ class HarvestConfig:
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
 
+    def with_pairs(self, n_layers: int) -> "HarvestConfig":
+        """This config with `mlp_pairs` expanded into hooks (the pairs first, layer by layer, then
+        the other hooks) for a model of `n_layers` blocks; itself when there are no pairs."""
+        if self.mlp_pairs is None:
+            return self
+        assert self.hooks is not None
+        pairs = pair_hooks(layers_for(self.mlp_pairs, n_layers), self.mlp_pairs_input)
+        return replace(self, hooks=pairs + self.hooks, mlp_pairs=None)
+
     @property
     def rows_per_context(self) -> int:
         return self.context_size - 1 if self.skip_bos else self.context_size
@@ -99,7 +123,9 @@ class HarvestConfig:
     def data_fields(self, hook: str, device_type: str) -> dict[str, Any]:
         """What determines the bytes of one hook's dump: its fingerprint, checked on resume."""
         d = asdict(self)
-        for k in ("hooks", "out", "device", "resume", "overwrite"):
+        # Not the pair fields: a dump's bytes are the same whether its hook came by --hook or
+        # --mlp-pairs, and fingerprints stay those of dumps written before the fields existed.
+        for k in ("hooks", "mlp_pairs", "mlp_pairs_input", "out", "device", "resume", "overwrite"):
             d.pop(k)
         d["hook"] = hook
         d["device_type"] = device_type

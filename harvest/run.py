@@ -23,7 +23,8 @@ from shared import atomic
 from shared.errors import UserError
 from shared.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, fingerprint, read_manifest
 from shared.models import (
-    bos_token_id, check_hook, hook_layer, load_model, model_fingerprint, model_n_ctx, stop_at_layer,
+    bos_token_id, check_hook, hook_layer, load_model, model_fingerprint, model_n_ctx, model_n_layers,
+    stop_at_layer,
 )
 from shared.process_group import Ranks, agree, end_group, rank_device, ranks_from_env, start_group, with_rank
 from shared.shard_files import TORCH_DTYPE
@@ -134,6 +135,7 @@ def _harvest(cfg: HarvestConfig, ranks: Ranks, device: str, log: Callable[[str],
     if progress and ranks.lead:
         log(f"loading model {cfg.model} on {device} ...")
     model = load_model(cfg.model, device, cfg.model_dtype, progress=progress and ranks.lead)
+    cfg = cfg.with_pairs(model_n_layers(model))  # --mlp-pairs -> hooks, now that the layers are known
     source = open_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed,
                             cfg.shuffle_documents, cfg.shuffle_buffer_docs)
     log(f"dataset {source.description}")

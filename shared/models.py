@@ -121,10 +121,21 @@ def hook_names(model: Any) -> list[str]:
 
 
 def check_hook(model: Any, hook: str) -> None:
-    """UserError naming the nearest valid hook points when `hook` does not exist."""
+    """UserError naming the nearest valid hook points when `hook` does not exist, or saying how
+    to get the activations when it exists but is gated off on the bridge (it would never fire)."""
     names = hook_names(model)
     if hook in names:
-        return
+        gated = getattr(model, "_gated_hook_reason", None)  # TransformerBridge's own check
+        reason = gated(model.hook_dict[hook].name or hook) if callable(gated) else None
+        if reason is None:
+            return
+        m = re.fullmatch(r"blocks\.(\d+)\.hook_mlp_in", hook)
+        if m:
+            raise UserError(f"hook '{hook}' never fires on this model unless enabled, and then holds the "
+                            f"residual before ln2: record blocks.{m.group(1)}.mlp.hook_in for the MLP's "
+                            f"input (or blocks.{m.group(1)}.hook_resid_mid for the residual before ln2)")
+        raise UserError(f"hook '{hook}' never fires on this model (TransformerLens' {reason} is off); "
+                        "record another hook point")
     near = difflib.get_close_matches(hook, names, n=5, cutoff=0.5)
     hint = f"nearest: {', '.join(near)}" if near else f"e.g. {', '.join(names[:5])}"
     raise UserError(f"unknown hook '{hook}' for this model; {hint}")
@@ -147,6 +158,11 @@ def stop_at_layer(hooks: list[str]) -> int | None:
         return None
     # stop_at_layer=k runs blocks 0..k-1; at least one block keeps the bridge's code path simple.
     return max(1, max(layers) + 1)  # type: ignore[type-var]
+
+
+def model_n_layers(model: Any) -> int:
+    """Transformer blocks in the model."""
+    return int(getattr(model.cfg, "n_layers", None) or len(model.blocks))
 
 
 def model_n_ctx(model: Any) -> int | None:
