@@ -3,18 +3,24 @@
     python check.py [--rtol 1e-5] [--atol 1e-5] FOLDER [FOLDER ...]
 
 Runs inside the sae-lens venv (scripts/saelens_interop.sh builds it); it must not import our
-project. Each FOLDER holds cfg.json + sae_weights.safetensors (an SAE as our `train` writes it)
-and interop_expected.safetensors with tensors x [n, d_in], feature_acts [n, d_sae] and
-sae_out [n, d_in] computed by our code. For each folder:
+project. Each FOLDER holds cfg.json + sae_weights.safetensors (an SAE or a transcoder as our
+`train` writes it) and interop_expected.safetensors with tensors x [n, d_in], feature_acts
+[n, d_sae], sae_out [n, d_out] (our forward; d_out = d_in for an SAE) and optionally decoded
+[n, d_out] (our decode(feature_acts); sae_out when absent) computed by our code. A skip
+transcoder's forward adds x @ W_skip.T to the decoder's output, in SAELens as in ours, but
+SAELens' `decode` leaves it out (it takes only the features), so decode is compared with
+`decoded` and forward with `sae_out`. For each folder:
 
   * sae = sae_lens.SAE.load_from_disk(folder, device="cpu")
   * the loaded architecture must equal cfg.json's `architecture`, and sae.cfg.metadata.hook_name
-    must equal cfg.json's metadata.hook_name when that is present
-  * sae.encode(x) ~ feature_acts, sae.decode(sae.encode(x)) ~ sae_out, sae.decode(feature_acts)
-    ~ sae_out and sae(x) ~ sae_out, each with torch.testing.assert_close(rtol, atol)
-    (default 1e-5 relative and 1e-5 absolute)
+    must equal cfg.json's metadata.hook_name when that is present; the loaded d_in, d_sae (and
+    d_out, for a transcoder) must be x's, feature_acts' and sae_out's widths
+  * sae.encode(x) ~ feature_acts, sae.decode(sae.encode(x)) ~ decoded, sae.decode(feature_acts)
+    ~ decoded and sae(x) ~ sae_out (SAELens' transcoders return only sae_out from forward), each
+    with torch.testing.assert_close(rtol, atol) (default 1e-5 relative and 1e-5 absolute)
 
-Prints one line per folder, `ok   <arch> <Class> <folder> max|df|=... max|dx|=...` or
+Prints one line per folder, `ok   <arch> <Class> <d_in>-><d_sae>-><d_out> <folder> max|df|=...
+max|dx|=... max|dy|=...` (features, decode, forward) or
 `FAIL <folder>: <reason>`, and exits 1 if any folder failed (2 on bad usage).
 """
 
@@ -66,6 +72,7 @@ def check_folder(folder: Path, rtol: float, atol: float) -> str:
     if missing:
         raise CheckFailed(f"{EXPECTED_FILE} lacks {sorted(missing)}")
     x, f_ours, out_ours = expected["x"], expected["feature_acts"], expected["sae_out"]
+    decoded_ours = expected.get("decoded", out_ours)
 
     try:
         sae = SAE.load_from_disk(str(folder), device="cpu")
@@ -80,8 +87,11 @@ def check_folder(folder: Path, rtol: float, atol: float) -> str:
     want_hook = (cfg.get("metadata") or {}).get("hook_name")
     if want_hook is not None and sae.cfg.metadata.hook_name != want_hook:
         raise CheckFailed(f"metadata.hook_name {sae.cfg.metadata.hook_name!r} != cfg.json's {want_hook!r}")
-    if x.shape[-1] != sae.cfg.d_in:
-        raise CheckFailed(f"x has d_in {x.shape[-1]} but the SAE has d_in {sae.cfg.d_in}")
+    d_out = getattr(sae.cfg, "d_out", sae.cfg.d_in)  # only SAELens' transcoders have d_out
+    for name, width, want in (("x", x.shape[-1], sae.cfg.d_in), ("feature_acts", f_ours.shape[-1], sae.cfg.d_sae),
+                              ("sae_out", out_ours.shape[-1], d_out), ("decoded", decoded_ours.shape[-1], d_out)):
+        if width != want:
+            raise CheckFailed(f"{name} is {width} wide but the loaded {cls} has {want} there")
 
     x = x.to(sae.dtype)
     with torch.no_grad():
@@ -89,10 +99,14 @@ def check_folder(folder: Path, rtol: float, atol: float) -> str:
         if f_lens.is_sparse:
             f_lens = f_lens.to_dense()
         df = _close("encode(x) vs feature_acts", f_lens, f_ours, rtol, atol)
-        dx = _close("decode(encode(x)) vs sae_out", sae.decode(f_lens), out_ours, rtol, atol)
-        _close("decode(feature_acts) vs sae_out", sae.decode(f_ours.to(sae.dtype)), out_ours, rtol, atol)
-        _close("sae(x) vs sae_out", sae(x), out_ours, rtol, atol)
-    return f"ok   {arch} {cls} {folder} max|df|={df:.2e} max|dx|={dx:.2e}"
+        dx = _close("decode(encode(x)) vs decoded", sae.decode(f_lens), decoded_ours, rtol, atol)
+        _close("decode(feature_acts) vs decoded", sae.decode(f_ours.to(sae.dtype)), decoded_ours, rtol, atol)
+        out_lens = sae(x)
+        if isinstance(out_lens, tuple):  # not in 6.54 (sae_out alone), but say so if a release changes it
+            raise CheckFailed(f"{cls}.forward returned a {type(out_lens).__name__}, not a tensor")
+        dy = _close("sae(x) vs sae_out", out_lens, out_ours, rtol, atol)
+    shape = f"{sae.cfg.d_in}->{sae.cfg.d_sae}->{d_out}"
+    return f"ok   {arch} {cls} {shape} {folder} max|df|={df:.2e} max|dx|={dx:.2e} max|dy|={dy:.2e}"
 
 
 def main(argv: list[str] | None = None) -> int:
