@@ -237,6 +237,7 @@ def test_train_a_skip_transcoder_from_the_cli_and_resume_it_bit_for_bit(mlp_pair
     cfg = json.loads((final / "cfg.json").read_text())
     assert cfg["architecture"] == "topk_skip_transcoder" and (cfg["d_in"], cfg["d_out"]) == (128, 32)
     assert cfg["metadata"]["hook_name"] == WIDE and cfg["target"]["hook_point"] == NARROW
+    assert cfg["metadata"]["hook_name_out"] == NARROW  # where SAELens reads a transcoder's output hook
     # The saved transcoder maps raw MLP hidden activations to raw MLP outputs.
     sae = load_sae(final)
     x, t = open_dump(hidden).activations(0, 400).float(), open_dump(out).activations(0, 400).float()

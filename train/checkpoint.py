@@ -44,6 +44,10 @@ def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, An
         "normalize_activations": "none",
         "trained_with_normalize_activations": trainer.cfg.normalize_activations,
     })
+    target = dump_info.get("target")
+    if isinstance(target, dict):  # a transcoder: SAELens reads the hook it writes as metadata.hook_name_out
+        cfg["metadata"] = {**cfg.get("metadata", {}), "hook_name_out": target["hook_point"],
+                           "hook_head_index_out": None}
     return cfg
 
 

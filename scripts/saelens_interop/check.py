@@ -13,7 +13,8 @@ SAELens' `decode` leaves it out (it takes only the features), so decode is compa
 
   * sae = sae_lens.SAE.load_from_disk(folder, device="cpu")
   * the loaded architecture must equal cfg.json's `architecture`, and sae.cfg.metadata.hook_name
-    must equal cfg.json's metadata.hook_name when that is present; the loaded d_in, d_sae (and
+    (and hook_name_out, a transcoder's output hook, which its cfg.json must name where d_out !=
+    d_in) must equal cfg.json's metadata values when present; the loaded d_in, d_sae (and
     d_out, for a transcoder) must be x's, feature_acts' and sae_out's widths
   * sae.encode(x) ~ feature_acts, sae.decode(sae.encode(x)) ~ decoded, sae.decode(feature_acts)
     ~ decoded and sae(x) ~ sae_out (SAELens' transcoders return only sae_out from forward), each
@@ -84,9 +85,12 @@ def check_folder(folder: Path, rtol: float, atol: float) -> str:
 
     if "architecture" in cfg and cfg["architecture"] != arch:
         raise CheckFailed(f"cfg.json architecture {cfg['architecture']!r} but SAELens loaded {arch!r} ({cls})")
-    want_hook = (cfg.get("metadata") or {}).get("hook_name")
-    if want_hook is not None and sae.cfg.metadata.hook_name != want_hook:
-        raise CheckFailed(f"metadata.hook_name {sae.cfg.metadata.hook_name!r} != cfg.json's {want_hook!r}")
+    for key in ("hook_name", "hook_name_out"):  # the hook read, and a transcoder's hook written
+        want_hook = (cfg.get("metadata") or {}).get(key)
+        if want_hook is not None and sae.cfg.metadata[key] != want_hook:
+            raise CheckFailed(f"metadata.{key} {sae.cfg.metadata[key]!r} != cfg.json's {want_hook!r}")
+    if "d_out" in cfg and cfg["d_out"] != cfg.get("d_in") and not (cfg.get("metadata") or {}).get("hook_name_out"):
+        raise CheckFailed("a transcoder's cfg.json names no metadata.hook_name_out (the hook it writes)")
     d_out = getattr(sae.cfg, "d_out", sae.cfg.d_in)  # only SAELens' transcoders have d_out
     for name, width, want in (("x", x.shape[-1], sae.cfg.d_in), ("feature_acts", f_ours.shape[-1], sae.cfg.d_sae),
                               ("sae_out", out_ours.shape[-1], d_out), ("decoded", decoded_ours.shape[-1], d_out)):
