@@ -4,6 +4,7 @@ separate runs.
     python benchmarks/transcoders.py                 # both parts, sized for 2 CPU cores
     python benchmarks/transcoders.py --part step --d-out 512 --d-sae 16384 --batch 4096
     python benchmarks/transcoders.py --part sweep --n 8
+    python benchmarks/transcoders.py --part step --threads 1 --steps 8   # BENCHMARKS.md's, on a loaded machine
 
 Prints, in one run:
   1. (`step`) tokens/s of `train_step_` (forward, backward, constraints, fused Adam, metrics) for
