@@ -45,3 +45,19 @@ def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Location:
             return candidate.resolve() if not candidate.is_absolute() else candidate
     raise UserError(f"the dump {recorded} that {sae_folder} was trained on was not found (moved or "
                     "deleted?): pass --shards DUMP_FOLDER")
+
+
+def dump_list(value: str | None) -> list[str]:
+    """The dumps a `shards` or `target_shards` value names: one path, or several separated by
+    commas (the hooks a crosscoder or a cross-layer transcoder concatenates, in order)."""
+    if not value:
+        return []
+    parts = [p.strip() for p in str(value).split(",")]
+    if any(not p for p in parts):
+        raise UserError(f"{value!r}: an empty dump path in the list; separate dump folders with single commas")
+    return parts
+
+
+def dump_list_for(sae_folder: Path, recorded: str) -> str:
+    """`dump_path_for` for each dump of a recorded list, joined again by commas."""
+    return ",".join(str(dump_path_for(sae_folder, {"shards": p})) for p in dump_list(recorded))

@@ -41,7 +41,7 @@ def check_settings_used(configs: list[LanguageModelSAERunnerConfig]) -> None:
 
 
 def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: int, d_out: int | None = None,
-                 transcoder: bool = False) -> None:
+                 transcoder: bool = False, n_hooks: int = 1) -> None:
     """Each SAE's settings against its shape (k <= d_sae, matryoshka widths...), before any trains:
     a sweep builds its later memory groups only after the first ones finished training."""
     for name, cfg in named:
@@ -52,7 +52,7 @@ def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: in
                             f"(expansion_factor {cfg.expansion_factor} x d_in {d_in})")
         try:
             architecture_class(cfg.architecture).settings_from(cfg.to_dict()).validate(
-                SAEConfig(d_in, width, d_out, apply_b_dec_to_input=not transcoder))
+                SAEConfig(d_in, width, d_out, apply_b_dec_to_input=not transcoder, n_hooks=n_hooks))
         except UserError as e:
             raise UserError(f"{prefix}{e}") from None
 

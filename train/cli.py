@@ -211,7 +211,9 @@ def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
     raw["checkpoint_path"] = str(checkpoint.resolve().parent)
     if find_dump:
         ident = state.get("dump") or raw
-        raw["shards"] = str(dump_path_for(checkpoint, ident))
-        if isinstance(ident.get("target"), dict):  # a transcoder: its target dump too
-            raw["target_shards"] = str(dump_path_for(checkpoint, ident["target"]))
+        inputs = [ident, *(ident.get("more_inputs") or [])]
+        raw["shards"] = ",".join(str(dump_path_for(checkpoint, i)) for i in inputs)
+        if isinstance(ident.get("target"), dict):  # a transcoder: its target dumps too
+            targets = [ident["target"], *(ident.get("more_targets") or [])]
+            raw["target_shards"] = ",".join(str(dump_path_for(checkpoint, t)) for t in targets)
     return raw

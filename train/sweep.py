@@ -17,7 +17,7 @@ import torch
 
 from shared.device import pick_device
 from shared.errors import UserError
-from shared.run_paths import dump_path_for, plain_name
+from shared.run_paths import dump_list, dump_list_for, dump_path_for, plain_name
 from shared.storage import absolute
 from train import distributed
 from train import run_layout as layout
@@ -131,7 +131,7 @@ def plan_groups(runs: list[tuple[str, LanguageModelSAERunnerConfig]], base: Lang
     groups trained in lockstep one after the other, each within the memory free now."""
     device = pick_device(base.device)
     parallel = distributed.current()
-    d_in = data.dump.d_in
+    d_in = data.d_in
     mine = parallel.my_runs(len(runs))
     sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size) for i in mine]
     budget = int(free_bytes(device) * MEMORY_HEADROOM) - 3 * data.loader.buffer_rows * d_in * 4
@@ -152,7 +152,7 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
         log = lambda s: None  # noqa: E731
     runs = grid(base, sweep)
     data = plan_data(base, verify, progress=progress)
-    check_shapes(runs, data.dump.d_in, data.target_dump.d_in, data.paired)  # every SAE, before any trains
+    check_shapes(runs, data.d_in, data.d_out, data.paired, data.n_hooks)  # every SAE, before any trains
     root = run_folder(base, _sweep_name(base, data))
     runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
     job = Job(root, base, runs, list(sweep), wandb_group=_sweep_name(base, data))
@@ -192,10 +192,11 @@ def _sweep_state(root: Path, shards: str | None = None) -> tuple[list[tuple[str,
                             "sweep again with its original command (and --overwrite)")
         # The sweep folder may have moved since: its dump is found from the recorded path, and
         # its outputs go where it is now.
-        dump = absolute(shards) if shards else str(dump_path_for(e.run_dir, raw))
+        dump = ",".join(absolute(p) for p in dump_list(shards)) if shards else (
+            dump_list_for(e.run_dir, raw["shards"]) if raw.get("shards") else str(dump_path_for(e.run_dir, raw)))
         raw = raw | {"shards": dump, "checkpoint_path": str(root)}
-        if raw.get("target_shards"):  # a transcoder sweep: its target dump, found the same way
-            raw["target_shards"] = str(dump_path_for(e.run_dir, {"shards": raw["target_shards"]}))
+        if raw.get("target_shards"):  # a transcoder sweep: its target dumps, found the same way
+            raw["target_shards"] = dump_list_for(e.run_dir, raw["target_shards"])
         runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(layout.sweep_index_path(root)))))
     indexes = [{c["step"]: c["folder"] for c in layout.read_checkpoint_index(e.run_dir) if c["folder"] != layout.FINAL}
                for e in entries]
