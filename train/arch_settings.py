@@ -85,3 +85,21 @@ def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, A
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def check_fits(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: int, d_out: int, n_hooks: int,
+               device: Any) -> None:
+    """Refuse, before anything trains, an SAE whose training alone needs more memory than the whole
+    device has (a cross-layer transcoder's decoders grow with the square of its layers)."""
+    from shared.device import total_bytes
+
+    have = total_bytes(device)
+    for name, cfg in named:
+        width = cfg.sae_width(d_in)
+        need = architecture_class(cfg.architecture).training_bytes(d_in, d_out, width, n_hooks, cfg.train_batch_size)
+        if need > have:
+            prefix = f"{name}: " if len(named) > 1 else ""
+            raise UserError(f"{prefix}training this {cfg.architecture} ({d_in} -> {width} -> {d_out}"
+                            + (f" over {n_hooks} hooks" if n_hooks > 1 else "") + f") needs about {need / 1e9:.1f} GB, "
+                            f"more than the {have / 1e9:.1f} GB of {device}: use fewer features, fewer layers, a "
+                            "smaller train_batch_size, or a larger device")

@@ -25,7 +25,7 @@ from shared.reader import Dump, open_dump
 from shared.storage import absolute
 from shared.run_paths import dump_list, plain_name
 from shared.saes import SAE
-from train.arch_settings import check_settings_used, check_shapes
+from train.arch_settings import check_fits, check_settings_used, check_shapes
 from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
 from train.data_digest import DIGEST_KEY
@@ -443,6 +443,7 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
     data = plan_data(cfg, verify, progress=progress)
     name = cfg.run_name or cfg.default_run_name(data.d_in, data.dump.path.name)
     check_shapes([(name, cfg)], data.d_in, data.d_out, data.paired, data.n_hooks)
+    check_fits([(name, cfg)], data.d_in, data.d_out, data.n_hooks, pick_device(cfg.device))
     run_dir = run_folder(cfg, name)
     cfg = replace(cfg, checkpoint_path=str(run_dir))
     resume = Path(resume_from) if resume_from else None

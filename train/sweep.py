@@ -17,11 +17,12 @@ import torch
 
 from shared.device import pick_device
 from shared.errors import UserError
+from shared.saes import architecture_class
 from shared.run_paths import dump_list, dump_list_for, dump_path_for, plain_name
 from shared.storage import absolute
 from train import distributed
 from train import run_layout as layout
-from train.arch_settings import check_settings_used, check_shapes, without_unused
+from train.arch_settings import check_fits, check_settings_used, check_shapes, without_unused
 from train.config import SWEEPABLE_GROUPS, LanguageModelSAERunnerConfig
 from train.run import DataPlan, Job, TrainResult, plan_data, run_folder, train_job, with_absolute_dump
 from train.run_folder import hold_run_folder
@@ -94,11 +95,11 @@ def grid(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]]) -> lis
     return out
 
 
-def sae_bytes(d_in: int, d_sae: int, batch: int) -> int:
-    """Rough peak memory of one SAE in training (float32): weights, grads and two Adam moments
-    (16 bytes per parameter), a checkpoint copy, and about five [batch, d_sae] activations."""
-    params = 2 * d_in * d_sae + d_sae + d_in
-    return 20 * params + 5 * 4 * batch * d_sae
+def sae_bytes(d_in: int, d_sae: int, batch: int, architecture: str = "standard", d_out: int | None = None,
+              n_hooks: int = 1) -> int:
+    """Rough peak memory of one SAE in training (its architecture's `training_bytes`)."""
+    return architecture_class(architecture).training_bytes(d_in, d_in if d_out is None else d_out, d_sae,
+                                                           n_hooks, batch)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -133,7 +134,8 @@ def plan_groups(runs: list[tuple[str, LanguageModelSAERunnerConfig]], base: Lang
     parallel = distributed.current()
     d_in = data.d_in
     mine = parallel.my_runs(len(runs))
-    sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size) for i in mine]
+    sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size, runs[i][1].architecture,
+                       data.d_out, data.n_hooks) for i in mine]
     budget = int(free_bytes(device) * MEMORY_HEADROOM) - 3 * data.loader.buffer_rows * d_in * 4
     groups = [[mine[j] for j in g] for g in groups_that_fit(sizes, max(budget, 1))] if mine else []
     if len(groups) > 1:
@@ -153,6 +155,7 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
     runs = grid(base, sweep)
     data = plan_data(base, verify, progress=progress)
     check_shapes(runs, data.d_in, data.d_out, data.paired, data.n_hooks)  # every SAE, before any trains
+    check_fits(runs, data.d_in, data.d_out, data.n_hooks, pick_device(base.device))
     root = run_folder(base, _sweep_name(base, data))
     runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
     job = Job(root, base, runs, list(sweep), wandb_group=_sweep_name(base, data))
