@@ -117,8 +117,8 @@ class SAE(torch.nn.Module):
         self.settings = settings if settings is not None else self.Settings()
         if not isinstance(self.settings, self.Settings):
             raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__}, got {type(self.settings).__name__}")
+        self.settings.validate(cfg)  # first: a bad value is named whatever the shape
         self.check_shape(cfg)
-        self.settings.validate(cfg)
         self.input_scale_folded = 1.0
         """Product of the input scales passed to `fold_scaling_` (recorded in cfg.json on save)."""
         self.target_scale_folded = 1.0
