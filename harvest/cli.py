@@ -1,13 +1,17 @@
 """`harvest`: the command line over `harvest.run.harvest`."""
 from __future__ import annotations
 
-import os
+from shared.interrupts import exit_while_starting, started
 
-import click
+exit_while_starting("harvest", "harvest")  # first: a Ctrl-C while Python imports is one line too
 
-from harvest.config import HarvestConfig
-from shared.cli_errors import one_line_errors
-from shared.cli_options import ENDPOINT_HELP, endpoint_option
+import os  # noqa: E402
+
+import click  # noqa: E402
+
+from harvest.config import HarvestConfig  # noqa: E402
+from shared.cli_errors import one_line_errors  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, endpoint_option  # noqa: E402
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
@@ -67,6 +71,7 @@ def main(hooks, model, dataset, split, text_column, context_size, batch_size, to
         from harvest.run import harvest
         from shared.storage import location
 
+        started()  # the heavy imports are done; from here Ctrl-C is INTERRUPTED's line
         where = location(out) if out is not None else None
         if fmt is None and where is not None and where.capabilities.formats[0] != "safetensors":
             click.echo(f"note: dumps in {where.kind} are written as {where.capabilities.formats[0]}", err=True)

@@ -1,14 +1,18 @@
 """`evaluate`: held-out metrics and CE loss recovered for trained SAEs, top examples, dashboards."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from shared.interrupts import exit_while_starting, started
 
-import click
+exit_while_starting("evaluate")  # first: a Ctrl-C while Python imports is one line too
 
-from shared.cli_errors import one_line_errors
-from shared.cli_options import ENDPOINT_HELP, endpoint_option
-from shared.errors import UserError
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from shared.cli_errors import one_line_errors  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, endpoint_option  # noqa: E402
+from shared.errors import UserError  # noqa: E402
 
 
 def _targets(path: Path) -> tuple[list[Path], Path | None]:
@@ -201,10 +205,11 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
     Examples: evaluate data/runs/quickstart --dashboard;
     evaluate data/runs/quickstart --top-examples 5 --features 0,1,2
     """
-    from shared.device import pick_device
-    from train.evaluation.run_eval import EvalConfig
-
     with one_line_errors("evaluate", os_hint=_os_line):
+        from shared.device import pick_device
+        from train.evaluation.run_eval import EvalConfig
+
+        started()  # the heavy imports are done; from here Ctrl-C is `one_line_errors`' line
         for name, value in (("max-eval-contexts", max_eval_contexts), ("batch-contexts", batch_contexts)):
             if value <= 0:
                 raise UserError(f"--{name} must be positive, got {value}")
