@@ -11,7 +11,7 @@ import click  # noqa: E402
 
 from harvest.config import HarvestConfig  # noqa: E402
 from shared.cli_errors import one_line_errors  # noqa: E402
-from shared.cli_options import ENDPOINT_HELP, endpoint_option  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
@@ -50,6 +50,7 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
               help="Output folder, or object storage as s3://bucket/prefix "
                    "[data/{model}_l{layer}; several hooks: data/{model}/{hook}].")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--device", default=None, help="Device [cuda if available, else cpu].")
 @click.option("--seed", default=42, show_default=True, type=int, help="Seed for document shuffling.")
 @click.option("--shuffle-documents/--no-shuffle-documents", default=False, show_default=True,

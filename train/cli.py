@@ -20,7 +20,7 @@ from typing import Any  # noqa: E402
 import click  # noqa: E402
 
 from shared.cli_errors import one_line_errors  # noqa: E402
-from shared.cli_options import ENDPOINT_HELP, endpoint_option  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 from shared.run_paths import dump_path_for  # noqa: E402
 from shared.settings import kind_of  # noqa: E402
@@ -113,6 +113,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 @click.option("--parallel", type=click.Choice(["data", "sweep"]), default=None,
               help="Under torchrun (torchrun --nproc-per-node N -m train ...): 'data' splits every global "

@@ -13,6 +13,7 @@ from shared.errors import UserError
 from shared.storage.base import Capabilities, FreeSpace, Location
 from shared.storage.errors import client_error, explain, missing_object, translated
 from shared.storage.s3_client import store_for
+from shared.storage.waits import request
 
 SCHEME = "s3://"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
@@ -88,7 +89,8 @@ class ObjectStorePath(Location):
         import obstore
 
         try:
-            return bytes(obstore.get(self.parent._store(), self.name).bytes())
+            with request(self.url):
+                return bytes(obstore.get(self.parent._store(), self.name).bytes())
         except UserError:
             raise
         except Exception as e:
@@ -99,14 +101,14 @@ class ObjectStorePath(Location):
     def put_bytes(self, data: bytes) -> None:
         import obstore
 
-        with self._translated(every=True):
+        with self._translated(every=True), request(self.url):
             obstore.put(self.parent._store(), self.name, data)
 
     def list_names(self, limit: int | None = None) -> list[str]:
         import obstore
 
         out: list[str] = []
-        with self._translated(every=True):
+        with self._translated(every=True), request(f"{self.url}/ (a listing)"):
             for batch in obstore.list(self._store(), chunk_size=limit or 1000):
                 out.extend(meta["path"] for meta in batch)
                 if limit is not None and len(out) >= limit:
@@ -120,7 +122,8 @@ class ObjectStorePath(Location):
             return True
         with self._translated(every=True):
             try:
-                obstore.head(self.parent._store(), self.name)
+                with request(self.url):
+                    obstore.head(self.parent._store(), self.name)
             except Exception as e:
                 if missing_object(e):
                     return False
@@ -138,7 +141,7 @@ class ObjectStorePath(Location):
         import obstore
 
         store = self._store()
-        with self._translated():
+        with self._translated(), request(f"{self.url}/ (a delete)"):
             for start in range(0, len(names), _DELETE_BATCH):
                 obstore.delete(store, names[start : start + _DELETE_BATCH])
 
@@ -158,12 +161,66 @@ class ObjectStorePath(Location):
     # ---- zarr and failures ----------------------------------------------------------------
     def zarr_store(self, read_only: bool) -> Any:
         """A zarr v3 store over the objects below `self/`."""
-        from zarr.storage import ObjectStore
-
-        return ObjectStore(self._store(), read_only=read_only)
+        return _watched_zarr_store()(self._store(), read_only=read_only, where=self.url)
 
     def errors(self) -> Any:
         return self._translated()
 
     def failure(self, e: BaseException) -> UserError | None:
         return explain(self, f"{SCHEME}{self.bucket}", e) if client_error(e) else None
+
+
+_ZARR_STORE: Any = None
+
+
+def _watched_zarr_store() -> Any:
+    """zarr's store over obstore, each request of it watched (`waits.request`): a chunk read or
+    written with no answer says so on stderr too."""
+    global _ZARR_STORE
+    if _ZARR_STORE is not None:
+        return _ZARR_STORE
+    from zarr.storage import ObjectStore
+
+    class Watched(ObjectStore):
+        def __init__(self, store: Any, *, read_only: bool = False, where: str = "") -> None:
+            super().__init__(store, read_only=read_only)
+            self.where = where
+
+        def with_read_only(self, read_only: bool = False) -> Any:
+            return type(self)(self.store, read_only=read_only, where=self.where)
+
+        def _url(self, key: str) -> str:
+            return f"{self.where}/{key}" if self.where else key
+
+        async def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
+            with request(self._url(key)):
+                return await super().get(key, *args, **kwargs)
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+            key_ranges = list(key_ranges)
+            first = key_ranges[0][0] if key_ranges else ""
+            with request(self._url(first) + (f" and {len(key_ranges) - 1} more" if len(key_ranges) > 1 else "")):
+                return await super().get_partial_values(prototype, key_ranges)
+
+        async def exists(self, key: str) -> bool:
+            with request(self._url(key)):
+                return await super().exists(key)
+
+        async def set(self, key: str, value: Any) -> None:
+            with request(self._url(key)):
+                return await super().set(key, value)
+
+        async def set_if_not_exists(self, key: str, value: Any) -> None:
+            with request(self._url(key)):
+                return await super().set_if_not_exists(key, value)
+
+        async def delete(self, key: str) -> None:
+            with request(self._url(key)):
+                return await super().delete(key)
+
+        async def getsize(self, key: str) -> int:
+            with request(self._url(key)):
+                return await super().getsize(key)
+
+    _ZARR_STORE = Watched
+    return Watched

@@ -11,7 +11,7 @@ from typing import Any  # noqa: E402
 import click  # noqa: E402
 
 from shared.cli_errors import one_line_errors  # noqa: E402
-from shared.cli_options import ENDPOINT_HELP, endpoint_option  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
 from shared.errors import UserError  # noqa: E402
 
 
@@ -193,6 +193,7 @@ def _os_line(e: OSError) -> str:
               help="Only show the N contexts where each of --features fires most (no model run).")
 @click.option("--features", default="", help="Comma-separated feature indices for --top-examples.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
          verify, dashboard, top_n, features, quiet) -> None:
