@@ -31,6 +31,44 @@ def _targets(path: Path) -> tuple[list[Path], Path | None]:
                     "(expected cfg.json, final/cfg.json or sweep.json)")
 
 
+def _linked(path: Path) -> list[str]:
+    """`path` if it is a symlink, else the symlinks below it (a folder's, not followed)."""
+    import os
+
+    if path.is_symlink():
+        return [path.name]
+    if not path.is_dir():
+        return []
+    return sorted((Path(root) / n).relative_to(path.parent).as_posix() for root, dirs, files in os.walk(path)
+                  for n in dirs + files if (Path(root) / n).is_symlink())
+
+
+def check_outputs_not_linked(finals: list[Path], sweep_root: Path | None, metrics: bool, dashboard: bool) -> None:
+    """What evaluate writes in a run (or sweep) folder is written there, never through a link: a run
+    folder holds only the files its run wrote (as `train` refuses links in it), and replacing a
+    link would write, or remove, what it points to elsewhere. Checked before any work."""
+    from train import run_layout
+
+    for final in finals:
+        run = final.parent
+        names = ([run_layout.EVAL] if metrics else []) + ([run_layout.DASHBOARD] if dashboard else [])
+        for name in names:
+            links = _linked(run / name)
+            if links == [name]:
+                raise UserError(f"{run / name} is a symlink (to {(run / name).readlink()}): evaluate writes "
+                                f"{name} in the run folder itself, never through a link; remove the link "
+                                "(or replace it with what it points to), then rerun")
+            if links:
+                raise UserError(f"{run / name} holds symlinks ({', '.join(links[:3])}"
+                                f"{', ...' if len(links) > 3 else ''}): evaluate replaces the dashboard "
+                                "whole and never removes what a link points to; remove the links, then rerun")
+    if sweep_root is not None and metrics:
+        for name in (run_layout.SUMMARY_CSV, run_layout.SUMMARY_JSON, run_layout.PLOTS_INDEX, *run_layout.PLOTS):
+            if (sweep_root / name).is_symlink():
+                raise UserError(f"{sweep_root / name} is a symlink (to {(sweep_root / name).readlink()}): evaluate "
+                                "rewrites the sweep's summary in the sweep folder itself; remove the link, then rerun")
+
+
 class _Dumps:
     """Each dump opened (and its checksums verified) once, however many SAEs read it."""
 
@@ -219,6 +257,8 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
         if not (with_metrics or dashboard or top_n):
             raise UserError("nothing to do: --no-metrics without --dashboard or --top-examples")
         finals, sweep_root = _targets(path)
+        if not top_n:
+            check_outputs_not_linked(finals, sweep_root, with_metrics, dashboard)
         dev = str(pick_device(device))
         dumps = _Dumps(shards, verify, progress=not quiet)
         if top_n:
