@@ -13,7 +13,7 @@ from shared.errors import UserError
 from shared.storage.base import Capabilities, FreeSpace, Location
 from shared.storage.errors import client_error, explain, missing_object, translated
 from shared.storage.s3_client import store_for
-from shared.storage.waits import request
+from shared.storage.waits import call, request
 
 SCHEME = "s3://"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
@@ -89,8 +89,8 @@ class ObjectStorePath(Location):
         import obstore
 
         try:
-            with request(self.url):
-                return bytes(obstore.get(self.parent._store(), self.name).bytes())
+            store = self.parent._store()
+            return call(self.url, lambda: bytes(obstore.get(store, self.name).bytes()))
         except UserError:
             raise
         except Exception as e:
@@ -101,19 +101,24 @@ class ObjectStorePath(Location):
     def put_bytes(self, data: bytes) -> None:
         import obstore
 
-        with self._translated(every=True), request(self.url):
-            obstore.put(self.parent._store(), self.name, data)
+        with self._translated(every=True):
+            store = self.parent._store()
+            call(self.url, lambda: obstore.put(store, self.name, data))
 
     def list_names(self, limit: int | None = None) -> list[str]:
         import obstore
 
-        out: list[str] = []
-        with self._translated(every=True), request(f"{self.url}/ (a listing)"):
-            for batch in obstore.list(self._store(), chunk_size=limit or 1000):
+        def listing(store: Any) -> list[str]:
+            out: list[str] = []
+            for batch in obstore.list(store, chunk_size=limit or 1000):
                 out.extend(meta["path"] for meta in batch)
                 if limit is not None and len(out) >= limit:
                     return sorted(out)[:limit]
-        return sorted(out)
+            return sorted(out)
+
+        with self._translated(every=True):
+            store = self._store()
+            return call(f"{self.url}/ (a listing)", lambda: listing(store))
 
     def exists(self) -> bool:
         import obstore
@@ -122,8 +127,8 @@ class ObjectStorePath(Location):
             return True
         with self._translated(every=True):
             try:
-                with request(self.url):
-                    obstore.head(self.parent._store(), self.name)
+                store = self.parent._store()
+                call(self.url, lambda: obstore.head(store, self.name))
             except Exception as e:
                 if missing_object(e):
                     return False
@@ -141,9 +146,10 @@ class ObjectStorePath(Location):
         import obstore
 
         store = self._store()
-        with self._translated(), request(f"{self.url}/ (a delete)"):
+        with self._translated():
             for start in range(0, len(names), _DELETE_BATCH):
-                obstore.delete(store, names[start : start + _DELETE_BATCH])
+                batch = names[start : start + _DELETE_BATCH]
+                call(f"{self.url}/ (a delete)", lambda: obstore.delete(store, batch))
 
     @contextmanager
     def staged(self) -> Iterator[Location]:

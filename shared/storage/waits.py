@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from shared.errors import UserError
 
@@ -28,6 +29,7 @@ FLAG = "--s3-timeout"
 DEFAULT_S = 60.0
 ATTEMPTS = 5
 _override: float | None = None
+T = TypeVar("T")
 
 
 def set_bound(seconds: float | None) -> None:
@@ -140,6 +142,30 @@ class _Watch:
 
 
 WATCH = _Watch()
+
+
+def call(what: str, fn: Callable[[], T]) -> T:
+    """`fn()`, one blocking request (or a listing) for `what`, watched as `request` watches it.
+    In the main thread it runs in a helper thread: the client's call blocks outside Python, where
+    a Ctrl-C would wait for the request's end (up to the bound); the main thread's join is
+    interrupted at once instead (the abandoned request ends with the process)."""
+    with request(what):
+        if threading.current_thread() is not threading.main_thread():
+            return fn()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # handed to the caller as it was raised
+                box["error"] = e
+
+        helper = threading.Thread(target=run, name="object-storage-request", daemon=True)
+        helper.start()
+        helper.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
 
 def request(what: str) -> AbstractContextManager[None]:
