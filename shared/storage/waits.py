@@ -72,8 +72,9 @@ class Plan:
 
     @property
     def retry_window(self) -> float:
-        """No new attempt starts later than this after the first: the last one ends by `total`."""
-        return max(0.0, self.total - self.per_attempt)
+        """No new attempt starts later than this after the first (half an attempt before the last
+        one would be due to end): the last one ends by `total`, backoffs aside."""
+        return max(0.0, self.total - self.per_attempt / 2)
 
 
 def plan() -> Plan:
