@@ -8,20 +8,24 @@ the seed's ignored names (dtype, n_batches_in_buffer, is_dataset_tokenized) are 
 """
 from __future__ import annotations
 
-import json
-from dataclasses import Field
-from pathlib import Path
-from typing import Any
+from shared.interrupts import exit_while_starting, started
 
-import click
+exit_while_starting("train", "train")  # first: a Ctrl-C while Python imports is one line too
 
-from shared.cli_errors import one_line_errors
-from shared.cli_options import ENDPOINT_HELP, endpoint_option
-from shared.errors import UserError
-from shared.run_paths import dump_path_for
-from shared.settings import kind_of
-from train.config import LanguageModelSAERunnerConfig, flat_fields
-from train.config.architectures import show
+import json  # noqa: E402
+from dataclasses import Field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from shared.cli_errors import one_line_errors  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
+from shared.errors import UserError  # noqa: E402
+from shared.run_paths import dump_path_for  # noqa: E402
+from shared.settings import kind_of  # noqa: E402
+from train.config import LanguageModelSAERunnerConfig, flat_fields  # noqa: E402
+from train.config.architectures import show  # noqa: E402
 
 _OWN_OPTION = {"shards"}  # given as its own option below
 
@@ -109,6 +113,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 @click.option("--parallel", type=click.Choice(["data", "sweep"]), default=None,
               help="Under torchrun (torchrun --nproc-per-node N -m train ...): 'data' splits every global "
@@ -161,6 +166,7 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
     from train.run_layout import is_sweep, read_sweep_configs
     from train.sweep import parse_sweep_flags, resume_sweep, train_sweep
 
+    started()  # the heavy imports are done; from here Ctrl-C is `one_line_errors`' line
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if resume_from and is_sweep(Path(resume_from)):
         if sweeps or config_file or overwrite or any(v is not None for v in flags.values()):

@@ -1,14 +1,18 @@
 """`evaluate`: held-out metrics and CE loss recovered for trained SAEs, top examples, dashboards."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from shared.interrupts import exit_while_starting, started
 
-import click
+exit_while_starting("evaluate")  # first: a Ctrl-C while Python imports is one line too
 
-from shared.cli_errors import one_line_errors
-from shared.cli_options import ENDPOINT_HELP, endpoint_option
-from shared.errors import UserError
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from shared.cli_errors import one_line_errors  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
+from shared.errors import UserError  # noqa: E402
 
 
 def _targets(path: Path) -> tuple[list[Path], Path | None]:
@@ -25,6 +29,44 @@ def _targets(path: Path) -> tuple[list[Path], Path | None]:
         return [run_layout.final_folder(path)], None
     raise UserError(f"{path} is not an SAE checkpoint, run folder or sweep folder "
                     "(expected cfg.json, final/cfg.json or sweep.json)")
+
+
+def _linked(path: Path) -> list[str]:
+    """`path` if it is a symlink, else the symlinks below it (a folder's, not followed)."""
+    import os
+
+    if path.is_symlink():
+        return [path.name]
+    if not path.is_dir():
+        return []
+    return sorted((Path(root) / n).relative_to(path.parent).as_posix() for root, dirs, files in os.walk(path)
+                  for n in dirs + files if (Path(root) / n).is_symlink())
+
+
+def check_outputs_not_linked(finals: list[Path], sweep_root: Path | None, metrics: bool, dashboard: bool) -> None:
+    """What evaluate writes in a run (or sweep) folder is written there, never through a link: a run
+    folder holds only the files its run wrote (as `train` refuses links in it), and replacing a
+    link would write, or remove, what it points to elsewhere. Checked before any work."""
+    from train import run_layout
+
+    for final in finals:
+        run = final.parent
+        names = ([run_layout.EVAL] if metrics else []) + ([run_layout.DASHBOARD] if dashboard else [])
+        for name in names:
+            links = _linked(run / name)
+            if links == [name]:
+                raise UserError(f"{run / name} is a symlink (to {(run / name).readlink()}): evaluate writes "
+                                f"{name} in the run folder itself, never through a link; remove the link "
+                                "(or replace it with what it points to), then rerun")
+            if links:
+                raise UserError(f"{run / name} holds symlinks ({', '.join(links[:3])}"
+                                f"{', ...' if len(links) > 3 else ''}): evaluate replaces the dashboard "
+                                "whole and never removes what a link points to; remove the links, then rerun")
+    if sweep_root is not None and metrics:
+        for name in (run_layout.SUMMARY_CSV, run_layout.SUMMARY_JSON, run_layout.PLOTS_INDEX, *run_layout.PLOTS):
+            if (sweep_root / name).is_symlink():
+                raise UserError(f"{sweep_root / name} is a symlink (to {(sweep_root / name).readlink()}): evaluate "
+                                "rewrites the sweep's summary in the sweep folder itself; remove the link, then rerun")
 
 
 class _Dumps:
@@ -189,6 +231,7 @@ def _os_line(e: OSError) -> str:
               help="Only show the N contexts where each of --features fires most (no model run).")
 @click.option("--features", default="", help="Comma-separated feature indices for --top-examples.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
          verify, dashboard, top_n, features, quiet) -> None:
@@ -201,10 +244,11 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
     Examples: evaluate data/runs/quickstart --dashboard;
     evaluate data/runs/quickstart --top-examples 5 --features 0,1,2
     """
-    from shared.device import pick_device
-    from train.evaluation.run_eval import EvalConfig
-
     with one_line_errors("evaluate", os_hint=_os_line):
+        from shared.device import pick_device
+        from train.evaluation.run_eval import EvalConfig
+
+        started()  # the heavy imports are done; from here Ctrl-C is `one_line_errors`' line
         for name, value in (("max-eval-contexts", max_eval_contexts), ("batch-contexts", batch_contexts)):
             if value <= 0:
                 raise UserError(f"--{name} must be positive, got {value}")
@@ -213,6 +257,8 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
         if not (with_metrics or dashboard or top_n):
             raise UserError("nothing to do: --no-metrics without --dashboard or --top-examples")
         finals, sweep_root = _targets(path)
+        if not top_n:
+            check_outputs_not_linked(finals, sweep_root, with_metrics, dashboard)
         dev = str(pick_device(device))
         dumps = _Dumps(shards, verify, progress=not quiet)
         if top_n:
