@@ -163,10 +163,9 @@ def check_target_fits(sae_folder: Path, sae_cfg: dict[str, Any], dump: Dump, tar
     """A one-line error unless `target` is of `dump`'s harvest pass (its rows pair up with the
     input's) and holds what the transcoder writes: its width, the hook it was trained on and, where
     cfg.json records it, the very data (train.data_digest)."""
-    if target is dump:
-        if is_transcoder(sae_cfg):
-            raise UserError(f"{sae_folder} is a transcoder: its target dump cannot be its input dump "
-                            f"{dump.path}; pass --target-shards DUMP_FOLDER")
+    if not is_transcoder(sae_cfg):
+        if target is not dump:
+            raise UserError(f"{sae_folder} is an SAE (it reconstructs its input): it has no target dump")
         return
     fix = "pass the target dump it was trained on (--target-shards DUMP_FOLDER)"
     d_out = sae_cfg.get("d_out", sae_cfg["d_in"])
