@@ -277,6 +277,12 @@ def test_a_target_hook_that_runs_before_the_input_hook_is_refused(trained, bridg
     with pytest.raises(UserError, match="runs before") as e:
         ce_metrics(bridge, backwards, NARROW, ce_tokens, torch.zeros(128), False, 2, "cpu", target_hook=WIDE)
     assert "\n" not in str(e.value)
+    # The pairs `harvest --mlp-pairs` records (the MLP's input, or the residual before ln2, to its
+    # output) splice in: the input hook fires first in the block.
+    forward = cls(SAEConfig(32, 16, 32, apply_b_dec_to_input=False))
+    for read in ("blocks.0.mlp.hook_in", "blocks.0.hook_resid_mid"):
+        got = ce_metrics(bridge, forward, read, ce_tokens[:2], torch.zeros(32), False, 2, "cpu", target_hook=NARROW)
+        assert got["ce_with_sae"] != got["ce_clean"]
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -79,7 +79,8 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
         dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify, progress=cfg.progress)
     check_dump_fits(sae_folder, sae_cfg, dump)
     if target is None:
-        target = open_target_dump(sae_folder, dump, target_path, verify=cfg.verify, progress=cfg.progress)
+        target = open_target_dump(sae_folder, dump, target_path, verify=cfg.verify, progress=cfg.progress,
+                                  sae_cfg=sae_cfg)
     else:
         check_target_fits(sae_folder, sae_cfg, dump, target)
     requested = cfg.holdout_contexts
