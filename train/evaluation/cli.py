@@ -48,9 +48,10 @@ class _Dumps:
         from shared.run_paths import dump_path_for
         from shared.saes.base import read_cfg
         from shared.storage import location
-        from train.evaluation.run_eval import check_dump_fits
+        from train.evaluation.run_eval import check_dump_fits, check_one_hook_a_side
 
         cfg = read_cfg(final)
+        check_one_hook_a_side(final, cfg)
         dump = self._open(location(self.shards) if self.shards else dump_path_for(final, cfg))
         check_dump_fits(final, cfg, dump)
         return dump

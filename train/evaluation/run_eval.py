@@ -74,6 +74,7 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     """
     sae_folder = Path(sae_folder)
     sae_cfg = read_cfg(sae_folder)
+    check_one_hook_a_side(sae_folder, sae_cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dump is None:
         dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify, progress=cfg.progress)
@@ -128,6 +129,16 @@ def check_dump_fits(sae_folder: Path, sae_cfg: dict[str, Any], dump: Dump) -> No
                         f"'{dump.manifest.hook}'")
     check_same_data(sae_cfg, dump, f"the SAE in {sae_folder}",
                     "evaluate it on the dump it was trained on (--shards DUMP_FOLDER)")
+
+
+def check_one_hook_a_side(sae_folder: Path, sae_cfg: dict[str, Any]) -> None:
+    """A one-line error for an SAE that reads or writes several hooks concatenated (a crosscoder,
+    a cross-layer transcoder: `n_hooks` > 1, or `more_inputs`/`more_targets` recorded): evaluate
+    measures one input dump against one target dump."""
+    n_hooks = sae_cfg.get("n_hooks", 1)
+    if n_hooks != 1 or sae_cfg.get("more_inputs") or sae_cfg.get("more_targets"):
+        raise UserError(f"{sae_folder} reads or writes several hooks (n_hooks {n_hooks}): evaluate measures SAEs "
+                        "and transcoders of one hook a side only")
 
 
 def is_transcoder(sae_cfg: dict[str, Any]) -> bool:
