@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import click
 
 from shared import interrupts
-from shared.errors import UserError
+from shared.errors import Interrupted, UserError
 
 DEBUG_ENV = "MATS_SAE_DEBUG"
 USAGE_EXIT = 2
@@ -55,6 +55,8 @@ def one_line_errors(prog: str, interrupted: str = "interrupted",
         finally:
             if interrupts.interrupted_meanwhile():
                 raise KeyboardInterrupt  # replaces whatever the body raised: the user stopped it first
+    except Interrupted as e:
+        _fail(prog, str(e), INTERRUPT_EXIT, label="")
     except UserError as e:
         _fail(prog, str(e), USAGE_EXIT)
     except KeyboardInterrupt:

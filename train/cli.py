@@ -179,7 +179,8 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
         with parallel_training(parallel, True, device):
             return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify,
                                                     shards=shards)]
-    raw = checkpoint_config(Path(resume_from), find_dump=shards is None) if resume_from else {}
+    raw = checkpoint_config(Path(resume_from), find_dump=shards is None,
+                            find_target=flags.get("target_shards") is None) if resume_from else {}
     from_file = read_config_file(config_file) if config_file else {}
     refuse_harvest_settings(flags, True, "flags")
     refuse_harvest_settings(from_file, shards is not None or from_file.get("shards") is not None, config_file)
@@ -204,10 +205,11 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
         return [final] if ranks.lead else []  # data-parallel: rank 0 wrote it
 
 
-def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
+def checkpoint_config(checkpoint: Path, find_dump: bool, find_target: bool | None = None) -> dict[str, Any]:
     """A checkpoint's run config, for flags to override: it continues in the run folder holding
     the checkpoint (wherever that is now) and, unless --shards says otherwise (`find_dump`
-    False), on the dump it was trained on."""
+    False), on the dump it was trained on; likewise a transcoder's target dumps unless
+    --target-shards says otherwise (`find_target` False; None: as `find_dump`)."""
     from train.checkpoint import read_state
     from train.run_folder import check_checkpoint_not_linked
 
@@ -215,11 +217,14 @@ def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
     state = read_state(checkpoint)
     raw = dict(state["config"])
     raw["checkpoint_path"] = str(checkpoint.resolve().parent)
-    if find_dump:
+    find_target = find_dump if find_target is None else find_target
+    if find_dump or find_target:
         ident = state.get("dump") or raw
         inputs = [ident, *(ident.get("more_inputs") or [])]
-        raw["shards"] = ",".join(str(dump_path_for(checkpoint, i)) for i in inputs)
-        if isinstance(ident.get("target"), dict):  # a transcoder: its target dumps too
+        if find_dump:
+            raw["shards"] = ",".join(str(dump_path_for(checkpoint, i)) for i in inputs)
+        if find_target and isinstance(ident.get("target"), dict):  # a transcoder: its target dumps too
             targets = [ident["target"], *(ident.get("more_targets") or [])]
-            raw["target_shards"] = ",".join(str(dump_path_for(checkpoint, t)) for t in targets)
+            raw["target_shards"] = ",".join(str(dump_path_for(checkpoint, t, "--target-shards", "target dump"))
+                                            for t in targets)
     return raw

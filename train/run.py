@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from shared.device import pick_device
-from shared.errors import UserError
+from shared.errors import Interrupted, UserError
 from shared.progress import say
 from shared.reader import Dump, open_dump
 from shared.storage import absolute
@@ -561,7 +561,7 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Pa
             saved = [run_layout.checkpoint_folder(s.run_dir, s.trainer.counters.tokens_seen) for s in slots]
             saved = [save_checkpoint(folder, s.trainer, data.ident) if s.writes else folder
                      for s, folder in zip(slots, saved)]
-            raise UserError(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
+            raise Interrupted(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
         for s in slots:  # every SAE is checked before any final is saved
             check_finite(s, weights=True)
         return [save_checkpoint(run_layout.final_folder(s.run_dir), s.trainer, data.ident) if s.writes

@@ -199,7 +199,7 @@ def _sweep_state(root: Path, shards: str | None = None) -> tuple[list[tuple[str,
             dump_list_for(e.run_dir, raw["shards"]) if raw.get("shards") else str(dump_path_for(e.run_dir, raw)))
         raw = raw | {"shards": dump, "checkpoint_path": str(root)}
         if raw.get("target_shards"):  # a transcoder sweep: its target dumps, found the same way
-            raw["target_shards"] = dump_list_for(e.run_dir, raw["target_shards"])
+            raw["target_shards"] = dump_list_for(e.run_dir, raw["target_shards"], "--target-shards", "target dump")
         runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(layout.sweep_index_path(root)))))
     indexes = [{c["step"]: c["folder"] for c in layout.read_checkpoint_index(e.run_dir) if c["folder"] != layout.FINAL}
                for e in entries]
