@@ -1,15 +1,19 @@
 """`harvest`: the command line over `harvest.run.harvest`."""
 from __future__ import annotations
 
-import os
+from shared.interrupts import exit_while_starting, started
 
-import click
+exit_while_starting("harvest", "harvest")  # first: a Ctrl-C while Python imports is one line too
 
-from harvest.config import DEFAULT_HOOK, HarvestConfig
-from harvest.mlp_pairs import DEFAULT_INPUT, MLP_INPUTS, hook_role
-from shared.cli_errors import one_line_errors
-from shared.cli_options import ENDPOINT_HELP, endpoint_option
-from shared.errors import UserError
+import os  # noqa: E402
+
+import click  # noqa: E402
+
+from harvest.config import DEFAULT_HOOK, HarvestConfig  # noqa: E402
+from harvest.mlp_pairs import DEFAULT_INPUT, MLP_INPUTS, hook_role  # noqa: E402
+from shared.cli_errors import one_line_errors  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
+from shared.errors import UserError  # noqa: E402
 
 INTERRUPTED = "interrupted; finished shards are kept: rerun the same command with --resume to continue"
 
@@ -56,6 +60,7 @@ INTERRUPTED = "interrupted; finished shards are kept: rerun the same command wit
               help="Output folder, or object storage as s3://bucket/prefix "
                    "[data/{model}_l{layer}; several hooks: data/{model}/{hook}].")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--device", default=None, help="Device [cuda if available, else cpu].")
 @click.option("--seed", default=42, show_default=True, type=int, help="Seed for document shuffling.")
 @click.option("--shuffle-documents/--no-shuffle-documents", default=False, show_default=True,
@@ -78,6 +83,7 @@ def main(hooks, mlp_pairs, mlp_pairs_input, model, dataset, split, text_column, 
         from harvest.run import harvest
         from shared.storage import location
 
+        started()  # the heavy imports are done; from here Ctrl-C is INTERRUPTED's line
         if mlp_pairs_input is not None and mlp_pairs is None:
             raise UserError("--mlp-pairs-input applies with --mlp-pairs only: add --mlp-pairs LAYERS")
         where = location(out) if out is not None else None

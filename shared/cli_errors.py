@@ -16,12 +16,13 @@ from contextlib import contextmanager
 
 import click
 
-from shared.errors import UserError
+from shared import interrupts
+from shared.errors import Interrupted, UserError
 
 DEBUG_ENV = "MATS_SAE_DEBUG"
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
-INTERRUPT_EXIT = 130
+INTERRUPT_EXIT = interrupts.INTERRUPT_EXIT
 
 
 def debugging() -> bool:
@@ -43,9 +44,19 @@ def os_error_line(e: OSError) -> str:
 @contextmanager
 def one_line_errors(prog: str, interrupted: str = "interrupted",
                     os_hint: Callable[[OSError], str] = os_error_line) -> Iterator[None]:
-    """Run a command's body; turn any exception into one line on stderr and an exit code."""
+    """Run a command's body; turn any exception into one line on stderr and an exit code.
+
+    A Ctrl-C is `interrupted`'s line and exit 130 wherever it comes, even in an import (see
+    `shared.interrupts`: it is held until the import is done, and raised here if the body ends
+    first, whichever way)."""
     try:
-        yield
+        try:
+            yield
+        finally:
+            if interrupts.interrupted_meanwhile():
+                raise KeyboardInterrupt  # replaces whatever the body raised: the user stopped it first
+    except Interrupted as e:
+        _fail(prog, str(e), INTERRUPT_EXIT, label="")
     except UserError as e:
         _fail(prog, str(e), USAGE_EXIT)
     except KeyboardInterrupt:
@@ -57,6 +68,8 @@ def one_line_errors(prog: str, interrupted: str = "interrupted",
     except Exception as e:  # a bug: say so in one line, keep the traceback for whoever asks
         _fail(prog, f"internal error ({type(e).__name__}: {e}); rerun with {DEBUG_ENV}=1 for the "
                     "traceback and report it", FAILURE_EXIT)
+    finally:
+        interrupts.finished()
 
 
 def _fail(prog: str, message: str, code: int, label: str = "error: ") -> None:

@@ -23,3 +23,19 @@ def pick_device(device: str | None) -> torch.device:
     elif dev.type not in ("cpu", "mps"):
         raise UserError(f"device '{device}' is not supported; use cpu or cuda")
     return dev
+
+
+def total_bytes(device: torch.device) -> int:
+    """All the memory of `device` (GPU memory, or the machine's RAM): what no model may exceed."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -26,16 +26,18 @@ def plain_name(name: Any, where: str) -> str:
     return name
 
 
-def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Location:
-    """The dump an SAE folder was trained on, from its cfg.json (`cfg`).
+def dump_path_for(sae_folder: Path, cfg: dict[str, Any], flag: str = "--shards",
+                  what: str = "dump") -> Location:
+    """The dump an SAE folder was trained on, from its cfg.json (`cfg`; or a transcoder's target
+    dump, from the record `cfg["target"]` with flag="--target-shards", what="target dump").
 
     Absolute paths are used as they are; a relative one is tried against the SAE folder, then
     against the working directory (folders written before paths were recorded absolute). A dump
-    that is not found is a one-line error asking for `--shards`.
+    that is not found is a one-line error asking for `flag`.
     """
     recorded = cfg.get("shards")
     if not recorded:
-        raise UserError(f"{sae_folder}/cfg.json names no dump: pass --shards DUMP_FOLDER")
+        raise UserError(f"{sae_folder}/cfg.json names no {what}: pass {flag} DUMP_FOLDER")
     path = location(recorded)
     if not path.capabilities.folders:  # no folder to look for (a bucket prefix): used as recorded
         return path
@@ -43,5 +45,21 @@ def dump_path_for(sae_folder: Path, cfg: dict[str, Any]) -> Location:
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve() if not candidate.is_absolute() else candidate
-    raise UserError(f"the dump {recorded} that {sae_folder} was trained on was not found (moved or "
-                    "deleted?): pass --shards DUMP_FOLDER")
+    raise UserError(f"the {what} {recorded} that {sae_folder} was trained on was not found (moved or "
+                    f"deleted?): pass {flag} DUMP_FOLDER")
+
+
+def dump_list(value: str | None) -> list[str]:
+    """The dumps a `shards` or `target_shards` value names: one path, or several separated by
+    commas (the hooks a crosscoder or a cross-layer transcoder concatenates, in order)."""
+    if not value:
+        return []
+    parts = [p.strip() for p in str(value).split(",")]
+    if any(not p for p in parts):
+        raise UserError(f"{value!r}: an empty dump path in the list; separate dump folders with single commas")
+    return parts
+
+
+def dump_list_for(sae_folder: Path, recorded: str, flag: str = "--shards", what: str = "dump") -> str:
+    """`dump_path_for` for each dump of a recorded list, joined again by commas."""
+    return ",".join(str(dump_path_for(sae_folder, {"shards": p}, flag, what)) for p in dump_list(recorded))

@@ -25,8 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"standard": dict(l1_coefficient=0.05), "gated": dict(l1_coefficient=0.05),
             "topk": dict(k=4, aux_k=8), "batchtopk": dict(k=4, aux_k=8),
             "matryoshka_batchtopk": dict(k=4, aux_k=8, matryoshka_widths=[16, 64]),
-            "jumprelu": dict(l0_coefficient=0.01, jumprelu_init_threshold=0.05)}
+            "jumprelu": dict(l0_coefficient=0.01, jumprelu_init_threshold=0.05),
+            "crosscoder": dict(l1_coefficient=0.05)}
 ALL = sorted(SETTINGS)
+LAYERED = ["jumprelu_clt", "topk_clt"]
+"""Cross-layer transcoders read one dump per layer and write another: tests/test_clt_crosscoder.py."""
 
 
 def cfg_for(tmp_path, arch: str, run: str, **kw) -> LanguageModelSAERunnerConfig:
@@ -43,8 +46,8 @@ def dump(tmp_path):
 
 def test_the_registry_holds_exactly_the_tested_architectures():
     """A new architecture needs its test settings here; a lost or miswired entry fails."""
-    assert sorted(ARCHITECTURES) == ALL
-    for name in ALL:
+    assert sorted(ARCHITECTURES) == sorted(ALL + LAYERED)
+    for name in ALL + LAYERED:
         cls = ARCHITECTURES[name]
         assert isinstance(cls, type) and issubclass(cls, SAE) and cls.architecture == name, (name, cls)
 

@@ -193,7 +193,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()
-    assert proc.returncode == 2 and "--resume-from" in err, err
+    assert proc.returncode == 130 and "--resume-from" in err, err
     saved = Path(err.strip().split("--resume-from ")[-1].strip())
     assert (saved / "trainer_state.json").is_file() and "Traceback" not in err
     resumed = CliRunner().invoke(train_main, ["--resume-from", str(saved), "--quiet", "--no-verify"])
@@ -232,10 +232,10 @@ def test_ctrl_c_in_this_process_saves_a_checkpoint_that_resumes_exactly(tmp_path
     finally:
         signal.signal(signal.SIGINT, previous)
     assert not unhandled, "train did not handle the SIGINT"
-    assert stopped.exit_code == 2 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert stopped.exit_code == 130 and "Traceback" not in stopped.stderr, stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]  # after the run's one-line description
     saved = tmp_path / "a" / str(13 * 64)  # the step the signal came in, not a later one
-    assert last.startswith("train: error: interrupted") and last.endswith(f"--resume-from {saved}"), last
+    assert last.startswith("train: interrupted; state saved") and last.endswith(f"--resume-from {saved}"), last
     assert not (tmp_path / "a" / "final").exists()
     resumed = CliRunner().invoke(train_main, ["--resume-from", str(saved), "--quiet", "--no-verify"])
     assert resumed.exit_code == 0, resumed.output

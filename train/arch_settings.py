@@ -41,7 +41,7 @@ def check_settings_used(configs: list[LanguageModelSAERunnerConfig]) -> None:
 
 
 def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: int, d_out: int | None = None,
-                 transcoder: bool = False) -> None:
+                 transcoder: bool = False, n_hooks: int = 1) -> None:
     """Each SAE's settings against its shape (k <= d_sae, matryoshka widths...), before any trains:
     a sweep builds its later memory groups only after the first ones finished training."""
     for name, cfg in named:
@@ -52,7 +52,7 @@ def check_shapes(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: in
                             f"(expansion_factor {cfg.expansion_factor} x d_in {d_in})")
         try:
             architecture_class(cfg.architecture).settings_from(cfg.to_dict()).validate(
-                SAEConfig(d_in, width, d_out, apply_b_dec_to_input=not transcoder))
+                SAEConfig(d_in, width, d_out, apply_b_dec_to_input=not transcoder, n_hooks=n_hooks))
         except UserError as e:
             raise UserError(f"{prefix}{e}") from None
 
@@ -85,3 +85,21 @@ def resolved(cfg: LanguageModelSAERunnerConfig, total_steps: int) -> dict[str, A
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def check_fits(named: list[tuple[str, LanguageModelSAERunnerConfig]], d_in: int, d_out: int, n_hooks: int,
+               device: Any) -> None:
+    """Refuse, before anything trains, an SAE whose training alone needs more memory than the whole
+    device has (a cross-layer transcoder's decoders grow with the square of its layers)."""
+    from shared.device import total_bytes
+
+    have = total_bytes(device)
+    for name, cfg in named:
+        width = cfg.sae_width(d_in)
+        need = architecture_class(cfg.architecture).training_bytes(d_in, d_out, width, n_hooks, cfg.train_batch_size)
+        if need > have:
+            prefix = f"{name}: " if len(named) > 1 else ""
+            raise UserError(f"{prefix}training this {cfg.architecture} ({d_in} -> {width} -> {d_out}"
+                            + (f" over {n_hooks} hooks" if n_hooks > 1 else "") + f") needs about {need / 1e9:.1f} GB, "
+                            f"more than the {have / 1e9:.1f} GB of {device}: use fewer features, fewer layers, a "
+                            "smaller train_batch_size, or a larger device")

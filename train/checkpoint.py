@@ -114,6 +114,11 @@ def read_state(folder: Path) -> dict[str, Any]:
 def _not_a_checkpoint(folder: Path) -> str:
     """Why `folder` cannot be resumed from, and what to do instead."""
     entries = run_layout.read_checkpoint_index(folder)
+    sweep = folder.parent
+    if run_layout.is_sweep(sweep):  # one SAE of a sweep: the sweep, or its checkpoint in a new folder
+        alone = (f", or this SAE alone in a new folder: --resume-from {folder / entries[-1]['folder']} "
+                 "--checkpoint-path NEW_FOLDER") if entries else ""
+        return f"{folder} is an SAE folder of the sweep {sweep}: continue the whole sweep with --resume-from {sweep}{alone}"
     if entries:
         return (f"{folder} is a run folder, not a checkpoint: resume from its latest checkpoint, "
                 f"--resume-from {folder / entries[-1]['folder']}")

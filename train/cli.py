@@ -8,20 +8,24 @@ the seed's ignored names (dtype, n_batches_in_buffer, is_dataset_tokenized) are 
 """
 from __future__ import annotations
 
-import json
-from dataclasses import Field
-from pathlib import Path
-from typing import Any
+from shared.interrupts import exit_while_starting, started
 
-import click
+exit_while_starting("train", "train")  # first: a Ctrl-C while Python imports is one line too
 
-from shared.cli_errors import one_line_errors
-from shared.cli_options import ENDPOINT_HELP, endpoint_option
-from shared.errors import UserError
-from shared.run_paths import dump_path_for
-from shared.settings import kind_of
-from train.config import LanguageModelSAERunnerConfig, flat_fields
-from train.config.architectures import show
+import json  # noqa: E402
+from dataclasses import Field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from shared.cli_errors import one_line_errors  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
+from shared.errors import UserError  # noqa: E402
+from shared.run_paths import dump_path_for  # noqa: E402
+from shared.settings import kind_of  # noqa: E402
+from train.config import LanguageModelSAERunnerConfig, flat_fields  # noqa: E402
+from train.config.architectures import show  # noqa: E402
 
 _OWN_OPTION = {"shards"}  # given as its own option below
 
@@ -109,6 +113,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksum before training.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 @click.option("--parallel", type=click.Choice(["data", "sweep"]), default=None,
               help="Under torchrun (torchrun --nproc-per-node N -m train ...): 'data' splits every global "
@@ -161,6 +166,7 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
     from train.run_layout import is_sweep, read_sweep_configs
     from train.sweep import parse_sweep_flags, resume_sweep, train_sweep
 
+    started()  # the heavy imports are done; from here Ctrl-C is `one_line_errors`' line
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     if resume_from and is_sweep(Path(resume_from)):
         if sweeps or config_file or overwrite or any(v is not None for v in flags.values()):
@@ -173,7 +179,8 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
         with parallel_training(parallel, True, device):
             return [r.final for r in resume_sweep(Path(resume_from), log=log, progress=not quiet, verify=verify,
                                                     shards=shards)]
-    raw = checkpoint_config(Path(resume_from), find_dump=shards is None) if resume_from else {}
+    raw = checkpoint_config(Path(resume_from), find_dump=shards is None,
+                            find_target=flags.get("target_shards") is None) if resume_from else {}
     from_file = read_config_file(config_file) if config_file else {}
     refuse_harvest_settings(flags, True, "flags")
     refuse_harvest_settings(from_file, shards is not None or from_file.get("shards") is not None, config_file)
@@ -198,10 +205,11 @@ def _run(shards, config_file, resume_from, sweeps, verify, quiet, overwrite, fla
         return [final] if ranks.lead else []  # data-parallel: rank 0 wrote it
 
 
-def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
+def checkpoint_config(checkpoint: Path, find_dump: bool, find_target: bool | None = None) -> dict[str, Any]:
     """A checkpoint's run config, for flags to override: it continues in the run folder holding
     the checkpoint (wherever that is now) and, unless --shards says otherwise (`find_dump`
-    False), on the dump it was trained on."""
+    False), on the dump it was trained on; likewise a transcoder's target dumps unless
+    --target-shards says otherwise (`find_target` False; None: as `find_dump`)."""
     from train.checkpoint import read_state
     from train.run_folder import check_checkpoint_not_linked
 
@@ -209,9 +217,14 @@ def checkpoint_config(checkpoint: Path, find_dump: bool) -> dict[str, Any]:
     state = read_state(checkpoint)
     raw = dict(state["config"])
     raw["checkpoint_path"] = str(checkpoint.resolve().parent)
-    if find_dump:
+    find_target = find_dump if find_target is None else find_target
+    if find_dump or find_target:
         ident = state.get("dump") or raw
-        raw["shards"] = str(dump_path_for(checkpoint, ident))
-        if isinstance(ident.get("target"), dict):  # a transcoder: its target dump too
-            raw["target_shards"] = str(dump_path_for(checkpoint, ident["target"]))
+        inputs = [ident, *(ident.get("more_inputs") or [])]
+        if find_dump:
+            raw["shards"] = ",".join(str(dump_path_for(checkpoint, i)) for i in inputs)
+        if find_target and isinstance(ident.get("target"), dict):  # a transcoder: its target dumps too
+            targets = [ident["target"], *(ident.get("more_targets") or [])]
+            raw["target_shards"] = ",".join(str(dump_path_for(checkpoint, t, "--target-shards", "target dump"))
+                                            for t in targets)
     return raw

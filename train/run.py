@@ -19,13 +19,13 @@ import torch
 from tqdm import tqdm
 
 from shared.device import pick_device
-from shared.errors import UserError
+from shared.errors import Interrupted, UserError
 from shared.progress import say
 from shared.reader import Dump, open_dump
 from shared.storage import absolute
-from shared.run_paths import plain_name
+from shared.run_paths import dump_list, plain_name
 from shared.saes import SAE
-from train.arch_settings import check_settings_used, check_shapes
+from train.arch_settings import check_fits, check_settings_used, check_shapes
 from train.checkpoint import load_trainer_state_, read_state, save_checkpoint
 from train.config import LanguageModelSAERunnerConfig
 from train.data_digest import DIGEST_KEY
@@ -70,22 +70,67 @@ class DataPlan:
     total_steps: int
     ident: dict[str, Any]
     _init_sample: torch.Tensor | None = None
+    inputs: list[Dump] = field(default_factory=list)
+    """Every input dump, in order (several: hooks whose rows are concatenated, a crosscoder's or a
+    cross-layer transcoder's layers); [dump] when empty."""
+    targets: list[Dump] = field(default_factory=list)
+    """Every target dump, in order; [target_dump] when empty."""
+
+    def __post_init__(self) -> None:
+        self.inputs = self.inputs or [self.dump]
+        self.targets = self.targets or [self.target_dump]
+        served = loader_dumps(self.inputs, self.targets)
+        self._in = [served.index(d) for d in self.inputs]
+        self._out = [served.index(d) for d in self.targets]
 
     @property
     def paired(self) -> bool:
-        """Whether input and target are two dumps (of one harvest pass)."""
-        return self.target_dump is not self.dump
+        """Whether the target is another hook than the input (a transcoder)."""
+        return self._out != self._in
+
+    @property
+    def d_in(self) -> int:
+        return sum(d.d_in for d in self.inputs)
+
+    @property
+    def d_out(self) -> int:
+        return sum(d.d_in for d in self.targets)
+
+    @property
+    def n_hooks(self) -> int:
+        """Input hooks concatenated (1 but for crosscoders and cross-layer transcoders)."""
+        return len(self.inputs)
+
+    def assemble(self, raw: Any) -> Batch:
+        """A loader batch (a tensor, or one tensor per served dump) as an unscaled Batch: each
+        side the concatenation of its dumps' rows, an SAE's one tensor."""
+        parts = (raw,) if isinstance(raw, torch.Tensor) else tuple(raw)
+        x = _concat([parts[i] for i in self._in])
+        return Batch(x, x) if not self.paired else Batch(x, _concat([parts[i] for i in self._out]))
 
     def batch(self, raw: Any) -> Batch:
-        """A loader batch (a tensor, or an (input, target) tuple) as a scaled training Batch."""
-        return Batch.of(raw).scaled(self.input_scale, self.target_scale)
+        """A loader batch as a scaled training Batch."""
+        return self.assemble(raw).scaled(self.input_scale, self.target_scale)
 
     def init_sample(self, seed: int) -> torch.Tensor:
         """Random training rows of the target (the input, for an SAE) for b_dec's geometric
         median, read once for a whole sweep: [rows, d_out], raw."""
         if self._init_sample is None:
-            self._init_sample = random_rows(self.loader, B_DEC_SAMPLE_ROWS, seed, 0).target
+            self._init_sample = self.assemble(random_rows(self.loader, B_DEC_SAMPLE_ROWS, seed, 0)).target
         return self._init_sample
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def loader_dumps(inputs: list[Dump], targets: list[Dump]) -> list[Dump]:
+    """The dumps the loader serves, each once, inputs first."""
+    served: list[Dump] = []
+    for d in [*inputs, *targets]:
+        if not any(d is s for s in served):
+            served.append(d)
+    return served
 
 
 @dataclass
@@ -126,10 +171,26 @@ def dump_identity(dump: Dump, train_rows: tuple[int, int], target: Dump | None =
              "eval_holdout_contexts": (dump.n_rows - train_rows[1]) // m.rows_per_context,
              DIGEST_KEY: m.data_digest()}
     if target is not None and target is not dump:
-        t = target.manifest
-        ident["target"] = {"shards": absolute(target.path), "dump_fingerprint": t.config_fingerprint,
-                           "hook_point": t.hook, "hook_point_layer": t.layer, "d_out_dump": t.d_in,
-                           DIGEST_KEY: t.data_digest()}
+        ident["target"] = hook_identity(target, "d_out_dump")
+    return ident
+
+
+def hook_identity(dump: Dump, width_key: str = "d_in_dump") -> dict[str, Any]:
+    """What a resume must match of one more dump than the input: path, fingerprint, hook, width
+    and data digest."""
+    m = dump.manifest
+    return {"shards": absolute(dump.path), "dump_fingerprint": m.config_fingerprint, "hook_point": m.hook,
+            "hook_point_layer": m.layer, width_key: m.d_in, DIGEST_KEY: m.data_digest()}
+
+
+def plan_identity(inputs: list[Dump], targets: list[Dump], train_rows: tuple[int, int]) -> dict[str, Any]:
+    """`dump_identity` of the first input and target, plus `more_inputs` / `more_targets` (the
+    other hooks, in order) where a side concatenates several dumps."""
+    ident = dump_identity(inputs[0], train_rows, targets[0])
+    if len(inputs) > 1:
+        ident["more_inputs"] = [hook_identity(d) for d in inputs[1:]]
+    if len(targets) > 1 and targets != inputs:
+        ident["more_targets"] = [hook_identity(d, "d_out_dump") for d in targets[1:]]
     return ident
 
 
@@ -141,16 +202,30 @@ def _target_key(ident: dict[str, Any]) -> tuple[Any, ...] | None:
     return target.get("dump_fingerprint"), target.get("hook_point"), target.get("d_out_dump")
 
 
-def open_training_dump(cfg: LanguageModelSAERunnerConfig, verify: bool, progress: bool = False) -> Dump:
-    if not cfg.shards:
+def _more_keys(ident: dict[str, Any]) -> tuple[Any, ...]:
+    """What a resume must match of the further hooks of each side (none for one hook a side)."""
+    def keys(entries: Any) -> tuple[Any, ...]:
+        if not isinstance(entries, list):
+            return ()
+        return tuple((e.get("dump_fingerprint"), e.get("hook_point"), e.get(DIGEST_KEY)) if isinstance(e, dict)
+                     else None for e in entries)
+    return keys(ident.get("more_inputs")), keys(ident.get("more_targets"))
+
+
+def open_training_dumps(cfg: LanguageModelSAERunnerConfig, verify: bool, progress: bool = False) -> list[Dump]:
+    """The input dumps `cfg.shards` names (one, or several separated by commas)."""
+    paths = dump_list(cfg.shards)
+    if not paths:
         raise UserError("no dump given: pass --shards DUMP_FOLDER (write one with `harvest`)")
-    dump = open_dump(cfg.shards, verify=verify, progress=progress)
-    if cfg.d_in is not None and cfg.d_in != dump.d_in:
-        raise UserError(f"d_in {cfg.d_in} does not match the dump's d_in {dump.d_in} ({dump.path}); "
+    dumps = [open_dump(p, verify=verify, progress=progress) for p in paths]
+    d_in = sum(d.d_in for d in dumps)
+    if cfg.d_in is not None and cfg.d_in != d_in:
+        raise UserError(f"d_in {cfg.d_in} does not match the dump's d_in {d_in} ({cfg.shards}); "
                         "drop d_in or pick the matching dump")
-    if dump.n_rows == 0:
-        raise UserError(f"{dump.path} holds no rows")
-    return dump
+    for dump in dumps:
+        if dump.n_rows == 0:
+            raise UserError(f"{dump.path} holds no rows")
+    return dumps
 
 
 def check_resume(state: dict[str, Any], ident: dict[str, Any], folder: Path) -> None:
@@ -171,6 +246,9 @@ def check_resume(state: dict[str, Any], ident: dict[str, Any], folder: Path) -> 
                         f"({shown(ident)}); resume with the run's own dumps and settings")
     if isinstance(saved.get("target"), dict):
         _check_digest(saved["target"], ident["target"], folder, "target dump")
+    if _more_keys(saved) != _more_keys(ident):
+        raise UserError(f"{folder} was trained on other hooks (or other data at them) than this run's dumps: "
+                        "resume with the run's own dumps, in the same order")
 
 
 def _check_digest(saved: dict[str, Any], ident: dict[str, Any], folder: Path, what: str) -> None:
@@ -182,32 +260,47 @@ def _check_digest(saved: dict[str, Any], ident: dict[str, Any], folder: Path, wh
                         "trained on, or start a new run")
 
 
-def input_scale(cfg: LanguageModelSAERunnerConfig, dump: Dump) -> float:
-    """The scale of one side's activations (input or target, each from its own dump):
-    expected_norm: scale so E||x|| = sqrt(width), from the dump manifest's statistics."""
+def input_scale(cfg: LanguageModelSAERunnerConfig, dump: Dump | list[Dump]) -> float:
+    """The scale of one side's activations (input or target, each from its own dumps):
+    expected_norm: scale so E||x|| = sqrt(width), from the dump manifests' statistics. A side of
+    several hooks gets one scale, for their concatenation: sqrt(total width / sum of E||x_k||^2)."""
     if cfg.normalize_activations != "expected_norm":
         return 1.0
-    stats = dump.manifest.stats or {}
-    mean_norm = stats.get("mean_norm") or math.sqrt(stats.get("mean_sq_norm", 0.0))
-    if not mean_norm > 0:
-        raise UserError(f"{dump.path}: the manifest has no activation norm statistics to normalize with")
-    return math.sqrt(dump.d_in) / mean_norm
+    dumps = dump if isinstance(dump, list) else [dump]
+    if len(dumps) == 1:
+        stats = dumps[0].manifest.stats or {}
+        mean_norm = stats.get("mean_norm") or math.sqrt(stats.get("mean_sq_norm", 0.0))
+        if not mean_norm > 0:
+            raise UserError(f"{dumps[0].path}: the manifest has no activation norm statistics to normalize with")
+        return math.sqrt(dumps[0].d_in) / mean_norm
+    mean_sq = 0.0
+    for d in dumps:
+        stats = d.manifest.stats or {}
+        value = stats.get("mean_sq_norm") or (stats.get("mean_norm") or 0.0) ** 2
+        if not value > 0:
+            raise UserError(f"{d.path}: the manifest has no activation norm statistics to normalize with")
+        mean_sq += value
+    return math.sqrt(sum(d.d_in for d in dumps) / mean_sq)
 
 
-def random_rows(loader: ActivationLoader, n: int, seed: int, salt: int) -> Batch:
-    """n distinct random training rows (all of them if there are fewer), raw: input and target."""
+def random_rows(loader: ActivationLoader, n: int, seed: int, salt: int) -> Any:
+    """n distinct random training rows (all of them if there are fewer), raw, as the loader
+    serves them (`DataPlan.assemble` makes them a Batch)."""
     rng = np.random.default_rng([seed, salt, 1])
     n = min(n, loader.n_rows)
     rows = np.sort(rng.choice(loader.n_rows, size=n, replace=False)) + loader.lo
-    return Batch.of(loader.gather(rows))
+    return loader.gather(rows)
 
 
-def open_target_dump(target_shards: str | Path | None, dump: Dump, verify: bool, progress: bool = False) -> Dump:
-    """The target dump: `dump` itself unless another one is named (the same path counts as the
-    same dump: an SAE)."""
-    if target_shards is None or absolute(target_shards) == absolute(dump.path):
-        return dump
-    return open_dump(target_shards, verify=verify, progress=progress)
+def open_target_dumps(target_shards: str | Path | None, inputs: list[Dump], verify: bool,
+                      progress: bool = False) -> list[Dump]:
+    """The target dumps: the inputs themselves unless others are named; a path that is an
+    input's is that input's dump (the same object: an SAE's target is its input)."""
+    paths = dump_list(str(target_shards)) if target_shards is not None else []
+    if not paths:
+        return list(inputs)
+    by_path = {absolute(d.path): d for d in inputs}
+    return [by_path.get(absolute(p)) or open_dump(p, verify=verify, progress=progress) for p in paths]
 
 
 def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
@@ -217,8 +310,10 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
     the checksum verification as a bar."""
     device = pick_device(cfg.device)
     progress = progress and distributed.current().lead  # one bar, not one per process
-    dump = open_training_dump(cfg, verify, progress)
-    target = open_target_dump(cfg.target_shards if target_shards is None else target_shards, dump, verify, progress)
+    inputs = open_training_dumps(cfg, verify, progress)
+    targets = open_target_dumps(cfg.target_shards if target_shards is None else target_shards, inputs, verify,
+                                progress)
+    dump, target = inputs[0], targets[0]
     try:
         train_rows, _ = split_rows(dump, cfg.eval_holdout_contexts)
     except ValueError as e:
@@ -228,14 +323,15 @@ def plan_data(cfg: LanguageModelSAERunnerConfig, verify: bool,
     shard = distributed.current().shard  # data-parallel: each rank reads only its rows of a batch
     options = dict(rows=train_rows, buffer_rows=cfg.shuffle_buffer_rows, block_rows=cfg.shuffle_block_rows,
                    share=(shard.rank, shard.world) if shard is not None else None)
-    if target is dump:
+    served = loader_dumps(inputs, targets)
+    if len(served) == 1:
         loader = ActivationLoader(dump, cfg.train_batch_size, cfg.seed, device, **options)
-    else:  # checks that the two dumps are of one pass, so that their rows pair up
-        loader = AlignedLoader([dump, target], cfg.train_batch_size, cfg.seed, device, **options)
-    scale = input_scale(cfg, dump)
-    return DataPlan(dump, target, loader, scale, scale if target is dump else input_scale(cfg, target),
+    else:  # checks that the dumps are of one pass, so that their rows pair up
+        loader = AlignedLoader(served, cfg.train_batch_size, cfg.seed, device, **options)
+    scale = input_scale(cfg, inputs)
+    return DataPlan(dump, target, loader, scale, scale if targets == inputs else input_scale(cfg, targets),
                     total_tokens, steps_for_tokens(total_tokens, n_train, cfg.train_batch_size),
-                    dump_identity(dump, train_rows, target))
+                    plan_identity(inputs, targets, train_rows), inputs=inputs, targets=targets)
 
 
 def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, name: str,
@@ -244,8 +340,8 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
     when b_dec's geometric median is computed, which reads and iterates over a sample)."""
     device = pick_device(cfg.device)
     parallel = distributed.current()
-    trainer = SAETrainer(cfg, data.dump.d_in, data.input_scale, data.total_steps, device,
-                         target_scale=data.target_scale, d_out=data.target_dump.d_in, transcoder=data.paired)
+    trainer = SAETrainer(cfg, data.d_in, data.input_scale, data.total_steps, device, target_scale=data.target_scale,
+                         d_out=data.d_out, transcoder=data.paired, n_hooks=data.n_hooks)
     trainer.shard = parallel.shard
     if trainer.shard is not None:
         distributed.check_data_parallel(trainer, data.loader.n_rows, cfg.train_batch_size,
@@ -254,8 +350,9 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
         check_resume(read_state(resume_from), data.ident, resume_from)
         load_trainer_state_(trainer, resume_from)
     else:
-        side = data.target_dump  # b_dec lives in the target's space (the input's, for an SAE)
-        mean = torch.tensor((side.manifest.stats or {}).get("mean", [0.0] * side.d_in))
+        # b_dec lives in the target's space (the input's, for an SAE): the targets' means, joined.
+        mean = torch.tensor([v for side in data.targets
+                             for v in (side.manifest.stats or {}).get("mean", [0.0] * side.d_in)])
         if cfg.b_dec_init_method == "geometric_median":
             say(f"b_dec of {name}: geometric median of {min(B_DEC_SAMPLE_ROWS, data.loader.n_rows):,} "
                 "training rows ...", progress)
@@ -277,9 +374,11 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
 def with_absolute_dump(cfg: LanguageModelSAERunnerConfig) -> LanguageModelSAERunnerConfig:
     """The config with its dump path absolute: configs saved in run folders must not depend on
     the directory training ran from."""
+    def each(value: str) -> str:
+        return ",".join(absolute(p) for p in dump_list(value))
     if cfg.target_shards:
-        cfg = replace(cfg, target_shards=absolute(cfg.target_shards))
-    return replace(cfg, shards=absolute(cfg.shards)) if cfg.shards else cfg
+        cfg = replace(cfg, target_shards=each(cfg.target_shards))
+    return replace(cfg, shards=each(cfg.shards)) if cfg.shards else cfg
 
 
 def run_folder(cfg: LanguageModelSAERunnerConfig, default_name: str) -> Path:
@@ -342,8 +441,9 @@ def train(cfg: LanguageModelSAERunnerConfig, resume_from: str | Path | None = No
         log, progress = (lambda s: None), False
     cfg = with_absolute_dump(cfg)
     data = plan_data(cfg, verify, progress=progress)
-    name = cfg.run_name or cfg.default_run_name(data.dump.d_in, data.dump.path.name)
-    check_shapes([(name, cfg)], data.dump.d_in, data.target_dump.d_in, data.paired)
+    name = cfg.run_name or cfg.default_run_name(data.d_in, data.dump.path.name)
+    check_shapes([(name, cfg)], data.d_in, data.d_out, data.paired, data.n_hooks)
+    check_fits([(name, cfg)], data.d_in, data.d_out, data.n_hooks, pick_device(cfg.device))
     run_dir = run_folder(cfg, name)
     cfg = replace(cfg, checkpoint_path=str(run_dir))
     resume = Path(resume_from) if resume_from else None
@@ -461,7 +561,7 @@ def run_slots(slots: list[Slot], data: DataPlan, progress: bool, resume_hint: Pa
             saved = [run_layout.checkpoint_folder(s.run_dir, s.trainer.counters.tokens_seen) for s in slots]
             saved = [save_checkpoint(folder, s.trainer, data.ident) if s.writes else folder
                      for s, folder in zip(slots, saved)]
-            raise UserError(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
+            raise Interrupted(f"interrupted; state saved: continue with --resume-from {resume_hint or saved[0]}") from None
         for s in slots:  # every SAE is checked before any final is saved
             check_finite(s, weights=True)
         return [save_checkpoint(run_layout.final_folder(s.run_dir), s.trainer, data.ident) if s.writes
@@ -528,7 +628,7 @@ def _loop(slots: list[Slot], data: DataPlan, progress: bool, stop: StopOnCtrlC |
         if (n, step, seed) not in samples:
             bar.set_postfix_str(f"{text}, resampling dead features from {n:,} rows ..." if text else
                                 f"resampling dead features from {n:,} rows ...", refresh=True)
-            samples[(n, step, seed)] = random_rows(data.loader, n, seed, step)
+            samples[(n, step, seed)] = data.assemble(random_rows(data.loader, n, seed, step))
         return samples[(n, step, seed)]
 
     try:

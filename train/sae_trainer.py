@@ -40,7 +40,7 @@ class Counters:
 class SAETrainer:
     def __init__(self, cfg: LanguageModelSAERunnerConfig, d_in: int, input_scale: float,
                  total_steps: int, device: torch.device, target_scale: float | None = None,
-                 d_out: int | None = None, transcoder: bool = False):
+                 d_out: int | None = None, transcoder: bool = False, n_hooks: int = 1):
         self.cfg = cfg
         self.d_in = d_in
         self.d_out = d_in if d_out is None else d_out
@@ -54,7 +54,8 @@ class SAETrainer:
         """Effective run-level settings of this SAE (resampling, warm-ups, lr decay)."""
         cls = architecture_class(cfg.architecture)
         torch.manual_seed(cfg.seed)  # the SAE init is a pure function of the seed
-        shape = SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in), d_out=self.d_out, apply_b_dec_to_input=not transcoder)
+        shape = SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in), d_out=self.d_out, apply_b_dec_to_input=not transcoder,
+                          n_hooks=n_hooks)
         self.sae: SAE = cls(shape, cls.settings_from(cfg.to_dict()), device=device)
         self.optimizer = make_optimizer(self.sae, cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -17,11 +17,12 @@ import torch
 
 from shared.device import pick_device
 from shared.errors import UserError
-from shared.run_paths import dump_path_for, plain_name
+from shared.saes import architecture_class
+from shared.run_paths import dump_list, dump_list_for, dump_path_for, plain_name
 from shared.storage import absolute
 from train import distributed
 from train import run_layout as layout
-from train.arch_settings import check_settings_used, check_shapes, without_unused
+from train.arch_settings import check_fits, check_settings_used, check_shapes, without_unused
 from train.config import SWEEPABLE_GROUPS, LanguageModelSAERunnerConfig
 from train.run import DataPlan, Job, TrainResult, plan_data, run_folder, train_job, with_absolute_dump
 from train.run_folder import hold_run_folder
@@ -94,11 +95,11 @@ def grid(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]]) -> lis
     return out
 
 
-def sae_bytes(d_in: int, d_sae: int, batch: int) -> int:
-    """Rough peak memory of one SAE in training (float32): weights, grads and two Adam moments
-    (16 bytes per parameter), a checkpoint copy, and about five [batch, d_sae] activations."""
-    params = 2 * d_in * d_sae + d_sae + d_in
-    return 20 * params + 5 * 4 * batch * d_sae
+def sae_bytes(d_in: int, d_sae: int, batch: int, architecture: str = "standard", d_out: int | None = None,
+              n_hooks: int = 1) -> int:
+    """Rough peak memory of one SAE in training (its architecture's `training_bytes`)."""
+    return architecture_class(architecture).training_bytes(d_in, d_in if d_out is None else d_out, d_sae,
+                                                           n_hooks, batch)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -131,9 +132,10 @@ def plan_groups(runs: list[tuple[str, LanguageModelSAERunnerConfig]], base: Lang
     groups trained in lockstep one after the other, each within the memory free now."""
     device = pick_device(base.device)
     parallel = distributed.current()
-    d_in = data.dump.d_in
+    d_in = data.d_in
     mine = parallel.my_runs(len(runs))
-    sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size) for i in mine]
+    sizes = [sae_bytes(d_in, runs[i][1].sae_width(d_in), base.train_batch_size, runs[i][1].architecture,
+                       data.d_out, data.n_hooks) for i in mine]
     budget = int(free_bytes(device) * MEMORY_HEADROOM) - 3 * data.loader.buffer_rows * d_in * 4
     groups = [[mine[j] for j in g] for g in groups_that_fit(sizes, max(budget, 1))] if mine else []
     if len(groups) > 1:
@@ -152,7 +154,8 @@ def train_sweep(base: LanguageModelSAERunnerConfig, sweep: dict[str, list[Any]],
         log = lambda s: None  # noqa: E731
     runs = grid(base, sweep)
     data = plan_data(base, verify, progress=progress)
-    check_shapes(runs, data.dump.d_in, data.target_dump.d_in, data.paired)  # every SAE, before any trains
+    check_shapes(runs, data.d_in, data.d_out, data.paired, data.n_hooks)  # every SAE, before any trains
+    check_fits(runs, data.d_in, data.d_out, data.n_hooks, pick_device(base.device))
     root = run_folder(base, _sweep_name(base, data))
     runs = [(name, replace(cfg, checkpoint_path=str(root))) for name, cfg in runs]
     job = Job(root, base, runs, list(sweep), wandb_group=_sweep_name(base, data))
@@ -192,10 +195,11 @@ def _sweep_state(root: Path, shards: str | None = None) -> tuple[list[tuple[str,
                             "sweep again with its original command (and --overwrite)")
         # The sweep folder may have moved since: its dump is found from the recorded path, and
         # its outputs go where it is now.
-        dump = absolute(shards) if shards else str(dump_path_for(e.run_dir, raw))
+        dump = ",".join(absolute(p) for p in dump_list(shards)) if shards else (
+            dump_list_for(e.run_dir, raw["shards"]) if raw.get("shards") else str(dump_path_for(e.run_dir, raw)))
         raw = raw | {"shards": dump, "checkpoint_path": str(root)}
-        if raw.get("target_shards"):  # a transcoder sweep: its target dump, found the same way
-            raw["target_shards"] = str(dump_path_for(e.run_dir, {"shards": raw["target_shards"]}))
+        if raw.get("target_shards"):  # a transcoder sweep: its target dumps, found the same way
+            raw["target_shards"] = dump_list_for(e.run_dir, raw["target_shards"], "--target-shards", "target dump")
         runs.append((e.name, LanguageModelSAERunnerConfig.from_dict(raw, where=str(layout.sweep_index_path(root)))))
     indexes = [{c["step"]: c["folder"] for c in layout.read_checkpoint_index(e.run_dir) if c["folder"] != layout.FINAL}
                for e in entries]

@@ -100,6 +100,8 @@ class SAE(torch.nn.Module):
     """How run names write `sparsity_setting` ('L1' -> '...-L1-1.2-...')."""
     sparsity_warm_up: ClassVar[str | None] = None
     """The training setting (steps) over which the sparsity coefficient ramps up from 0, if it does."""
+    transcoder_only: ClassVar[bool] = False
+    """Always reads other hooks than it writes (a cross-layer transcoder): saved under its own name."""
     shape_settings: ClassVar[tuple[str, ...]] = ("skip_connection",)
     """Settings beyond d_in and d_sae that make a trained SAE the one it is (its tensors mean
     something else under other values): a resume may not change them."""
@@ -115,12 +117,17 @@ class SAE(torch.nn.Module):
         self.settings = settings if settings is not None else self.Settings()
         if not isinstance(self.settings, self.Settings):
             raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__}, got {type(self.settings).__name__}")
+        self.settings.validate(cfg)  # first: a bad value is named whatever the shape
         self.check_shape(cfg)
-        self.settings.validate(cfg)
         self.input_scale_folded = 1.0
         """Product of the input scales passed to `fold_scaling_` (recorded in cfg.json on save)."""
         self.target_scale_folded = 1.0
         """Product of the target scales passed to `fold_scaling_` (recorded where it differs)."""
+        self.init_parameters_(cfg, device)
+
+    def init_parameters_(self, cfg: SAEConfig, device: str | torch.device) -> None:
+        """Create every parameter and buffer: W_enc, W_dec, b_dec here, then the architecture's
+        own (`init_extra_`) and the skip path (an architecture of other tensors overrides this)."""
         init_norm = self.settings.decoder_init_norm
         directions = _kaiming_unit_rows(cfg.d_sae, cfg.d_in, device)  # [d_sae, d_in]
         # Encoder tied to the decoder's directions but small (see BaseSettings.decoder_init_norm).
@@ -132,6 +139,14 @@ class SAE(torch.nn.Module):
         self.init_extra_(device)
         if self.settings.skip_connection:  # zero: training starts as the plain transcoder
             self.W_skip = torch.nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, device=device))
+
+    @staticmethod
+    def training_bytes(d_in: int, d_out: int, d_sae: int, n_layers: int, batch: int) -> int:
+        """Rough peak memory of one in training (float32): weights, gradients and two Adam moments
+        (16 bytes per parameter), a checkpoint copy, and about five [batch, d_sae] activations
+        (`n_layers`, the input's hooks, matters only to architectures whose tensors depend on it)."""
+        params = d_in * d_sae + d_sae * d_out + d_sae + d_out
+        return 20 * params + 5 * 4 * batch * d_sae
 
     def init_extra_(self, device: str | torch.device) -> None:
         """Create the architecture's other parameters and buffers (called by __init__)."""

@@ -24,8 +24,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     tensors = _read_weights(folder / WEIGHTS_NAME, device)
     # Built on the meta device: no memory, and no draw from torch's RNG for an init that the
     # saved weights replace (loading must not change what a seeded run does next).
+    name = name._replace(transcoder=name.transcoder or cls.transcoder_only)
     shape = SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out"),
-                      apply_b_dec_to_input=not name.transcoder)
+                      apply_b_dec_to_input=not name.transcoder, n_hooks=cfg.get("n_hooks", 1))
     _check_transcoder_keys(folder, cfg, name)
     sae = cls(shape, cls.settings_from({**cfg, "skip_connection": name.skip}), device="meta")
     _check_architecture(folder, cfg, sae)

@@ -43,6 +43,9 @@ _BUILT_IN = {
     "batchtopk": Lazy("shared.saes.batchtopk:BatchTopKSAE", "shared.saes.batchtopk_settings:BatchTopKSettings"),
     "matryoshka_batchtopk": Lazy("shared.saes.matryoshka:MatryoshkaBatchTopKSAE",
                                  "shared.saes.matryoshka_settings:MatryoshkaBatchTopKSettings"),
+    "crosscoder": Lazy("shared.saes.crosscoder:CrosscoderSAE", "shared.saes.crosscoder_settings:CrosscoderSettings"),
+    "jumprelu_clt": Lazy("shared.saes.clt:JumpReLUCLT", "shared.saes.clt_settings:JumpReLUCLTSettings"),
+    "topk_clt": Lazy("shared.saes.clt:TopKCLT", "shared.saes.clt_settings:TopKCLTSettings"),
 }
 
 

@@ -22,6 +22,9 @@ class SAEConfig:
     """Number of features (dictionary size)."""
     d_out: int | None = None
     """Width of the target it writes; None means d_in (an SAE reconstructs its input)."""
+    n_hooks: int = 1
+    """Hooks the input concatenates, each of d_in / n_hooks (and the target, of d_out / n_hooks):
+    a crosscoder's hooks or a cross-layer transcoder's layers, in order; 1 for every other."""
     apply_b_dec_to_input: bool = True
     """Whether the encoder reads x - b_dec (an SAE: b_dec lives in the input's space) or x itself
     (a transcoder, whose b_dec lives in the target's space; SAELens' name for the switch)."""
@@ -33,6 +36,12 @@ class SAEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"SAE {name} must be a positive integer, got {value!r}")
+        n = self.n_hooks
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"SAE n_hooks must be a positive integer, got {n!r}")
+        if self.d_in % n or self.d_out % n:
+            raise UserError(f"{n} hooks of equal width cannot make d_in {self.d_in} and d_out {self.d_out}: "
+                            "concatenate hooks of one width a side")
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise UserError(f"apply_b_dec_to_input must be true or false, got {self.apply_b_dec_to_input!r}")
 
@@ -47,6 +56,8 @@ class SAEConfig:
         shape = {"d_in": self.d_in, "d_sae": self.d_sae}
         if self.d_out != self.d_in:
             shape["d_out"] = self.d_out
+        if self.n_hooks != 1:
+            shape["n_hooks"] = self.n_hooks
         return shape
 
 

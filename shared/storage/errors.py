@@ -7,6 +7,7 @@ from typing import Iterator
 
 from shared.errors import UserError
 from shared.storage.s3_client import endpoint
+from shared.storage.waits import gave_up_line
 
 _CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AccessDenied",
@@ -32,6 +33,12 @@ def missing_object(e: BaseException) -> bool:
     return (type(e).__name__ == "NotFoundError" or isinstance(e, FileNotFoundError)) and "NoSuchBucket" not in str(e)
 
 
+def timed_out(e: BaseException) -> bool:
+    """The request (every attempt of it) got no answer in time."""
+    text = str(e)
+    return isinstance(e, TimeoutError) or "kind: Timeout" in text or "operation timed out" in text.lower()
+
+
 def explain(where: object, bucket: str, e: BaseException) -> UserError:
     """One line saying what went wrong with `where` (in the bucket URL `bucket`) and what to do."""
     text = str(e)
@@ -44,6 +51,8 @@ def explain(where: object, bucket: str, e: BaseException) -> UserError:
         why = _WHY.get(code, "access denied")
         return UserError(f"{where}: {why} ({code or type(e).__name__}); check AWS_ACCESS_KEY_ID / "
                          "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket's permissions")
+    if timed_out(e):
+        return UserError(f"{where}: {gave_up_line(endpoint() or 'AWS S3')}")
     if "error sending request" in text or "dns error" in text.lower() or "connect" in text.lower():
         return UserError(f"{where}: cannot reach the object store at {endpoint() or 'AWS S3'} "
                          "(check --s3-endpoint / AWS_ENDPOINT_URL and the network)")

@@ -13,6 +13,7 @@ from shared.errors import UserError
 from shared.storage.base import Capabilities, FreeSpace, Location
 from shared.storage.errors import client_error, explain, missing_object, translated
 from shared.storage.s3_client import store_for
+from shared.storage.waits import call, request
 
 SCHEME = "s3://"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
@@ -88,7 +89,8 @@ class ObjectStorePath(Location):
         import obstore
 
         try:
-            return bytes(obstore.get(self.parent._store(), self.name).bytes())
+            store = self.parent._store()
+            return call(self.url, lambda: bytes(obstore.get(store, self.name).bytes()))
         except UserError:
             raise
         except Exception as e:
@@ -100,18 +102,23 @@ class ObjectStorePath(Location):
         import obstore
 
         with self._translated(every=True):
-            obstore.put(self.parent._store(), self.name, data)
+            store = self.parent._store()
+            call(self.url, lambda: obstore.put(store, self.name, data))
 
     def list_names(self, limit: int | None = None) -> list[str]:
         import obstore
 
-        out: list[str] = []
-        with self._translated(every=True):
-            for batch in obstore.list(self._store(), chunk_size=limit or 1000):
+        def listing(store: Any) -> list[str]:
+            out: list[str] = []
+            for batch in obstore.list(store, chunk_size=limit or 1000):
                 out.extend(meta["path"] for meta in batch)
                 if limit is not None and len(out) >= limit:
                     return sorted(out)[:limit]
-        return sorted(out)
+            return sorted(out)
+
+        with self._translated(every=True):
+            store = self._store()
+            return call(f"{self.url}/ (a listing)", lambda: listing(store))
 
     def exists(self) -> bool:
         import obstore
@@ -120,7 +127,8 @@ class ObjectStorePath(Location):
             return True
         with self._translated(every=True):
             try:
-                obstore.head(self.parent._store(), self.name)
+                store = self.parent._store()
+                call(self.url, lambda: obstore.head(store, self.name))
             except Exception as e:
                 if missing_object(e):
                     return False
@@ -140,7 +148,8 @@ class ObjectStorePath(Location):
         store = self._store()
         with self._translated():
             for start in range(0, len(names), _DELETE_BATCH):
-                obstore.delete(store, names[start : start + _DELETE_BATCH])
+                batch = names[start : start + _DELETE_BATCH]
+                call(f"{self.url}/ (a delete)", lambda: obstore.delete(store, batch))
 
     @contextmanager
     def staged(self) -> Iterator[Location]:
@@ -158,12 +167,66 @@ class ObjectStorePath(Location):
     # ---- zarr and failures ----------------------------------------------------------------
     def zarr_store(self, read_only: bool) -> Any:
         """A zarr v3 store over the objects below `self/`."""
-        from zarr.storage import ObjectStore
-
-        return ObjectStore(self._store(), read_only=read_only)
+        return _watched_zarr_store()(self._store(), read_only=read_only, where=self.url)
 
     def errors(self) -> Any:
         return self._translated()
 
     def failure(self, e: BaseException) -> UserError | None:
         return explain(self, f"{SCHEME}{self.bucket}", e) if client_error(e) else None
+
+
+_ZARR_STORE: Any = None
+
+
+def _watched_zarr_store() -> Any:
+    """zarr's store over obstore, each request of it watched (`waits.request`): a chunk read or
+    written with no answer says so on stderr too."""
+    global _ZARR_STORE
+    if _ZARR_STORE is not None:
+        return _ZARR_STORE
+    from zarr.storage import ObjectStore
+
+    class Watched(ObjectStore):
+        def __init__(self, store: Any, *, read_only: bool = False, where: str = "") -> None:
+            super().__init__(store, read_only=read_only)
+            self.where = where
+
+        def with_read_only(self, read_only: bool = False) -> Any:
+            return type(self)(self.store, read_only=read_only, where=self.where)
+
+        def _url(self, key: str) -> str:
+            return f"{self.where}/{key}" if self.where else key
+
+        async def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
+            with request(self._url(key)):
+                return await super().get(key, *args, **kwargs)
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+            key_ranges = list(key_ranges)
+            first = key_ranges[0][0] if key_ranges else ""
+            with request(self._url(first) + (f" and {len(key_ranges) - 1} more" if len(key_ranges) > 1 else "")):
+                return await super().get_partial_values(prototype, key_ranges)
+
+        async def exists(self, key: str) -> bool:
+            with request(self._url(key)):
+                return await super().exists(key)
+
+        async def set(self, key: str, value: Any) -> None:
+            with request(self._url(key)):
+                return await super().set(key, value)
+
+        async def set_if_not_exists(self, key: str, value: Any) -> None:
+            with request(self._url(key)):
+                return await super().set_if_not_exists(key, value)
+
+        async def delete(self, key: str) -> None:
+            with request(self._url(key)):
+                return await super().delete(key)
+
+        async def getsize(self, key: str) -> int:
+            with request(self._url(key)):
+                return await super().getsize(key)
+
+    _ZARR_STORE = Watched
+    return Watched

@@ -4,7 +4,8 @@ Credentials and region come from the standard AWS environment variables (AWS_ACC
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION) or, without them, from
 boto3's chain (AWS_PROFILE, ~/.aws/config and credentials, SSO, instance roles). The endpoint of an
 S3-compatible service (MinIO, R2, Ceph) comes from `--s3-endpoint` (`set_endpoint`), else
-AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL.
+AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL. How long a request may go unanswered, its retries
+included, is MATS_SAE_S3_TIMEOUT or `--s3-timeout` (`shared.storage.waits`).
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import threading
 from typing import Any
 
 from shared.errors import UserError
+from shared.storage import waits
 
 _endpoint_override: str | None = None
-_stores: dict[tuple[str, str, str | None], Any] = {}
+_stores: dict[tuple[str, str, str | None, float], Any] = {}
 _lock = threading.Lock()
 
 
@@ -66,7 +68,8 @@ def _credentials() -> dict[str, Any]:
 def store_for(bucket: str, prefix: str, url_for_messages: str) -> Any:
     """obstore's S3 client rooted at `prefix` of `bucket` (cached: one connection pool per prefix)."""
     url = endpoint()
-    cache_key = (bucket, prefix, url)
+    bound = waits.plan()
+    cache_key = (bucket, prefix, url, bound.total)
     with _lock:
         if cache_key in _stores:
             return _stores[cache_key]
@@ -78,10 +81,15 @@ def store_for(bucket: str, prefix: str, url_for_messages: str) -> Any:
         kwargs: dict[str, Any] = {"region": _region(), **_credentials()}
         if url:
             kwargs.update(endpoint=url, virtual_hosted_style_request=False)
+        # Each attempt may go `per_attempt` s without an answer (no connection, no byte read: a
+        # large transfer that keeps reading is not cut), and none starts after `retry_window`.
+        per = dt.timedelta(seconds=bound.per_attempt)
         store = S3Store(
             bucket, prefix=prefix or None,
-            client_options={"connect_timeout": "10s", "timeout": "300s", "allow_http": bool(url and url.startswith("http://"))},
-            retry_config={"max_retries": 4, "retry_timeout": dt.timedelta(seconds=60),
+            client_options={"connect_timeout": per, "read_timeout": per,
+                            "timeout": dt.timedelta(seconds=max(300.0, bound.total)),
+                            "allow_http": bool(url and url.startswith("http://"))},
+            retry_config={"max_retries": bound.attempts - 1, "retry_timeout": dt.timedelta(seconds=bound.retry_window),
                           "backoff": {"init_backoff": dt.timedelta(milliseconds=100),
                                       "max_backoff": dt.timedelta(seconds=5), "base": 2}},
             **kwargs)

@@ -282,3 +282,71 @@ def checkpoints_listed(run: Path) -> list[str]:
 def rng(name: str) -> random.Random:
     """A generator for one test, from the suite's seed and the test's name."""
     return random.Random(f"{SEED}:{name}")
+
+
+# ---- the console scripts, and an object store that never answers ---------------------------------
+
+def console_script(prog: str) -> list[str] | None:
+    """The installed console script `prog` (beside this interpreter, else on PATH), run as a user
+    runs it; None where it is not installed."""
+    import shutil
+
+    beside = Path(sys.executable).parent / prog
+    found = str(beside) if beside.is_file() else shutil.which(prog)
+    return [found] if found else None
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment a console script runs this checkout in (PYTHONPATH before the installed
+    package), with dummy AWS keys so that an s3:// location goes straight to its endpoint."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MATS_SAE_DEBUG"):
+        env.pop(key, None)
+    return env | extra
+
+
+class SilentStore:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte: an object
+    store that hangs. `url` is its endpoint; `connections` counts what it accepted."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(128)
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._held: list = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def connections(self) -> int:
+        return len(self._held)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            self._held.append(conn)
+
+    def close(self) -> None:
+        import socket
+
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self._server.close()
+        for conn in self._held:
+            conn.close()
+
+    def __enter__(self) -> "SilentStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

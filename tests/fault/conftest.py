@@ -14,7 +14,8 @@ TABLES = {"test_corruption": "corruptions", "test_run_corruption": "run_folder_c
           "test_run_ownership": "run_folder_ownership", "test_run_symlinks": "run_folder_symlinks",
           "test_data_identity": "data_identity", "test_dump_symlinks": "dump_symlinks",
           "test_state_corruption": "trainer_state", "test_eval_refusals": "evaluate_refusals",
-          "test_disk_full_saves": "disk_full_saves"}
+          "test_disk_full_saves": "disk_full_saves", "test_interrupts": "interrupts",
+          "test_storage_waits": "storage_waits"}
 _LABELS = {"corruptions": "refused", "run_folder_corruptions": "refused", "bad_inputs": "one-line errors",
            "disk_full": "one-line error, then resumed identical",
            "kill_windows": "resumed or told to restart in one line",
@@ -22,7 +23,9 @@ _LABELS = {"corruptions": "refused", "run_folder_corruptions": "refused", "bad_i
            "run_folder_symlinks": "refused by name in one line, nothing changed",
            "data_identity": "refused", "dump_symlinks": "refused, naming what the entry is",
            "trainer_state": "refused", "evaluate_refusals": "refused",
-           "disk_full_saves": "one line, nothing half-written left"}
+           "disk_full_saves": "one line, nothing half-written left",
+           "interrupts": "one line and exit 130, no traceback",
+           "storage_waits": "said while waiting, then one line naming the bound"}
 
 
 def table_of(item) -> str | None:

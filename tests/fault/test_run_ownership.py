@@ -114,6 +114,10 @@ def resume_sae_checkpoint(tmp: Path) -> list:
     return ["--resume-from", checkpoint(tmp / "sweep" / SAES[0]), "--quiet"]
 
 
+def resume_sae_folder(tmp: Path) -> list:
+    return ["--resume-from", tmp / "sweep" / SAES[0], "--quiet"]
+
+
 def sae_folder_overwrite(tmp: Path) -> list:
     return ["--shards", tmp / "dump", "--checkpoint-path", tmp / "sweep" / SAES[0], *TINY, "--overwrite"]
 
@@ -148,6 +152,8 @@ CASES: dict[str, Callable[[Path], tuple[list, Path | None]]] = {
         lambda s: shutil.copytree(s / SAES[0], s / "not_in_sweep_json"))),
     "resume-an-sae-checkpoint-of-a-sweep": in_sweep(resume_sae_checkpoint),
     "resume-an-sae-checkpoint-while-the-sweep-runs": in_sweep(resume_sae_checkpoint, running=True),
+    "resume-an-sae-folder-of-a-sweep": in_sweep(resume_sae_folder),
+    "resume-an-sae-folder-while-the-sweep-runs": in_sweep(resume_sae_folder, running=True),
     "overwrite-an-sae-folder-of-a-sweep": in_sweep(sae_folder_overwrite),
     "overwrite-an-sae-folder-while-the-sweep-runs": in_sweep(sae_folder_overwrite, running=True),
     "train-into-an-unwritten-sae-folder-while-the-sweep-runs": in_sweep(sae_folder_not_yet_written, running=True),
@@ -184,3 +190,17 @@ def test_a_folder_has_one_owner_and_loses_nothing(built, tmp_path, monkeypatch, 
     assert line.startswith("train: error:") and "internal error" not in line, got.describe()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"changed despite the refusal: {changed}\n" + got.describe()
+
+
+def test_an_sae_folder_of_a_sweep_points_at_what_resumes(built, tmp_path):
+    """`--resume-from SWEEP/SAE` is refused with the two ways that work, and each of them does: the
+    whole sweep (--resume-from SWEEP), or that SAE's checkpoint alone in a new folder."""
+    for part in ("dump", "sweep"):
+        shutil.copytree(built / part, tmp_path / part, symlinks=True)
+    line = error_line(invoke("train", resume_sae_folder(tmp_path)), strict=False)
+    ways = [way.split() for way in line.split("--resume-from ")[1:]]
+    assert [way[0].rstrip(",") for way in ways] == [str(tmp_path / "sweep"), str(tmp_path / "sweep" / SAES[0] / "final")], line
+    ok("train", ["--resume-from", tmp_path / "sweep", "--quiet"])
+    assert ways[1][1] == "--checkpoint-path", line
+    ok("train", ["--resume-from", ways[1][0], "--checkpoint-path", tmp_path / "alone", "--quiet"])
+    assert (tmp_path / "alone" / "final" / "cfg.json").is_file()

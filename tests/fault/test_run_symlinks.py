@@ -94,3 +94,70 @@ def test_a_symlink_in_a_run_folder_is_refused_by_name(built, tmp_path, name):  #
     after = snapshot(tmp_path)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"changed despite the refusal: {changed}\n" + got.describe()
+
+
+def outside_copy(tmp: Path, path: Path, make: Callable[[Path], None]) -> None:
+    """`path` a link to `outside/<name>`: what `path` held moved there, or else made there by `make`."""
+    outside = tmp / "outside" / path.name
+    outside.parent.mkdir(exist_ok=True)
+    if path.exists():
+        shutil.move(path, outside)
+    else:
+        make(outside)
+    path.symlink_to(outside, target_is_directory=outside.is_dir())
+
+
+def a_dashboard(folder: Path) -> None:
+    (folder / "data").mkdir(parents=True)
+    (folder / "index.html").write_text("<p>mine</p>\n")
+    (folder / "data" / "meta.js").write_text("DASH.meta = {};\n")
+
+
+def a_page(folder: Path) -> None:
+    folder.write_text("<p>mine</p>\n")
+
+
+def eval_json(folder: Path) -> None:
+    folder.write_text("{}\n")
+
+
+# name -> (the link made in the copies of the built run and sweep, the evaluate arguments); each
+# with --no-model, so that nothing would need the network had the link gone unnoticed.
+EVALUATE: dict[str, tuple[Callable[[Path], None], Callable[[Path], list]]] = {
+    "evaluate-eval-json-a-link": (lambda tmp: outside_copy(tmp, tmp / "run" / "eval.json", eval_json),
+                                  lambda tmp: [tmp / "run", "--no-model", "--quiet"]),
+    "evaluate-sweep-sae-eval-json-a-link": (
+        lambda tmp: outside_copy(tmp, tmp / "sweep" / SAES[1] / "eval.json", eval_json),
+        lambda tmp: [tmp / "sweep", "--no-model", "--quiet"]),
+    "evaluate-sweep-summary-a-link": (lambda tmp: outside_copy(tmp, tmp / "sweep" / "summary.csv", eval_json),
+                                      lambda tmp: [tmp / "sweep", "--no-model", "--quiet"]),
+    "evaluate-dashboard-folder-a-link": (lambda tmp: outside_copy(tmp, tmp / "run" / "dashboard", a_dashboard),
+                                         lambda tmp: [tmp / "run", "--no-model", "--no-metrics", "--dashboard",
+                                                      "--quiet"]),
+    "evaluate-dashboard-page-a-link": (
+        lambda tmp: (a_dashboard(tmp / "run" / "dashboard"), (tmp / "run" / "dashboard" / "index.html").unlink(),
+                     outside_copy(tmp, tmp / "run" / "dashboard" / "index.html", a_page)),
+        lambda tmp: [tmp / "run", "--no-model", "--dashboard", "--quiet"]),
+    "evaluate-dashboard-data-folder-a-link": (
+        lambda tmp: ((tmp / "run" / "dashboard").mkdir(), outside_copy(tmp, tmp / "run" / "dashboard" / "data",
+                                                                       lambda d: a_dashboard(d))),
+        lambda tmp: [tmp / "run", "--no-model", "--no-metrics", "--dashboard", "--quiet"]),
+}
+
+
+@pytest.mark.parametrize("name", list(EVALUATE))
+def test_evaluate_writes_nothing_through_a_symlink(built, tmp_path, name):  # noqa: F811
+    """eval.json, the dashboard (the folder, a page, a folder in it) and a sweep's summary are
+    written in the run or sweep folder itself: a link there is refused by name before any work."""
+    for part in ("dump", "run", "sweep"):
+        shutil.copytree(built / part, tmp_path / part, symlinks=True)
+    damage, args = EVALUATE[name]
+    damage(tmp_path)
+    before = snapshot(tmp_path)
+    got = invoke("evaluate", args(tmp_path))
+    line = error_line(got, strict=False)
+    assert line.startswith("evaluate: error:") and "internal error" not in line, got.describe()
+    assert "symlink" in line, "not refused for the link\n" + got.describe()
+    after = snapshot(tmp_path)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"changed despite the refusal: {changed}\n" + got.describe()

@@ -1,14 +1,18 @@
 """`evaluate`: held-out metrics and CE loss recovered for trained SAEs, top examples, dashboards."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from shared.interrupts import exit_while_starting, started
 
-import click
+exit_while_starting("evaluate")  # first: a Ctrl-C while Python imports is one line too
 
-from shared.cli_errors import one_line_errors
-from shared.cli_options import ENDPOINT_HELP, endpoint_option
-from shared.errors import UserError
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import click  # noqa: E402
+
+from shared.cli_errors import one_line_errors  # noqa: E402
+from shared.cli_options import ENDPOINT_HELP, TIMEOUT_HELP, endpoint_option, timeout_option  # noqa: E402
+from shared.errors import UserError  # noqa: E402
 
 
 def _targets(path: Path) -> tuple[list[Path], Path | None]:
@@ -27,28 +31,89 @@ def _targets(path: Path) -> tuple[list[Path], Path | None]:
                     "(expected cfg.json, final/cfg.json or sweep.json)")
 
 
+def _linked(path: Path) -> list[str]:
+    """`path` if it is a symlink, else the symlinks below it (a folder's, not followed)."""
+    import os
+
+    if path.is_symlink():
+        return [path.name]
+    if not path.is_dir():
+        return []
+    return sorted((Path(root) / n).relative_to(path.parent).as_posix() for root, dirs, files in os.walk(path)
+                  for n in dirs + files if (Path(root) / n).is_symlink())
+
+
+def check_outputs_not_linked(finals: list[Path], sweep_root: Path | None, metrics: bool, dashboard: bool) -> None:
+    """What evaluate writes in a run (or sweep) folder is written there, never through a link: a run
+    folder holds only the files its run wrote (as `train` refuses links in it), and replacing a
+    link would write, or remove, what it points to elsewhere. Checked before any work."""
+    from train import run_layout
+
+    for final in finals:
+        run = final.parent
+        names = ([run_layout.EVAL] if metrics else []) + ([run_layout.DASHBOARD] if dashboard else [])
+        for name in names:
+            links = _linked(run / name)
+            if links == [name]:
+                raise UserError(f"{run / name} is a symlink (to {(run / name).readlink()}): evaluate writes "
+                                f"{name} in the run folder itself, never through a link; remove the link "
+                                "(or replace it with what it points to), then rerun")
+            if links:
+                raise UserError(f"{run / name} holds symlinks ({', '.join(links[:3])}"
+                                f"{', ...' if len(links) > 3 else ''}): evaluate replaces the dashboard "
+                                "whole and never removes what a link points to; remove the links, then rerun")
+    if sweep_root is not None and metrics:
+        for name in (run_layout.SUMMARY_CSV, run_layout.SUMMARY_JSON, run_layout.PLOTS_INDEX, *run_layout.PLOTS):
+            if (sweep_root / name).is_symlink():
+                raise UserError(f"{sweep_root / name} is a symlink (to {(sweep_root / name).readlink()}): evaluate "
+                                "rewrites the sweep's summary in the sweep folder itself; remove the link, then rerun")
+
+
 class _Dumps:
-    """Each dump opened (and its checksums verified) once, however many SAEs read it."""
+    """Each dump opened (and its checksums verified) once, however many SAEs read it: the input
+    dumps, and the target dumps of transcoders."""
 
-    def __init__(self, shards: str | None, verify: bool, progress: bool = False) -> None:
+    def __init__(self, shards: str | None, verify: bool, progress: bool = False,
+                 target_shards: str | None = None) -> None:
         self.shards, self.verify, self.progress, self.opened = shards, verify, progress, {}
+        self.target_shards = target_shards
 
-    def for_sae(self, final: Path) -> Any:
-        from shared.run_paths import dump_path_for
-        from shared.saes.base import read_cfg
-        from train.evaluation.run_eval import check_dump_fits
-
-        cfg = read_cfg(final)
-        from shared.storage import location
-
-        path = location(self.shards) if self.shards else dump_path_for(final, cfg)
+    def _open(self, path: Any) -> Any:
         key = str(path.resolve())
         if key not in self.opened:
             from shared.reader import open_dump
 
             self.opened[key] = open_dump(path, verify=self.verify, progress=self.progress)
-        check_dump_fits(final, cfg, self.opened[key])
         return self.opened[key]
+
+    def for_sae(self, final: Path) -> Any:
+        from shared.run_paths import dump_path_for
+        from shared.saes.base import read_cfg
+        from shared.storage import location
+        from train.evaluation.run_eval import check_dump_fits, check_one_hook_a_side
+
+        cfg = read_cfg(final)
+        check_one_hook_a_side(final, cfg)
+        dump = self._open(location(self.shards) if self.shards else dump_path_for(final, cfg))
+        check_dump_fits(final, cfg, dump)
+        return dump
+
+    def target_for_sae(self, final: Path, dump: Any) -> Any:
+        """What the SAE in `final` is measured against: `dump` itself for an SAE; a transcoder's
+        target dump (--target-shards, or the one it was trained on), checked to fit it."""
+        from shared.saes.base import read_cfg
+        from shared.storage import location
+        from train.evaluation.run_eval import check_target_fits, is_transcoder, target_path_for
+
+        cfg = read_cfg(final)
+        if not is_transcoder(cfg):
+            if self.target_shards:
+                raise UserError(f"{final} is an SAE (it reconstructs its input): --target-shards is for "
+                                "transcoders only")
+            return dump
+        target = self._open(location(self.target_shards) if self.target_shards else target_path_for(final, cfg))
+        check_target_fits(final, cfg, dump, target)
+        return target
 
 
 def _tokenizer(dump: Any) -> Any:
@@ -114,6 +179,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
     tokenizers: dict = {}  # one per model: a sweep's SAEs share it
     for final in finals:
         dump = dumps.for_sae(final)
+        target = dumps.target_for_sae(final, dump)
         key = dump.manifest.model
         if with_model and key not in models:
             models[key] = _model_or_none(dump, device, not quiet)
@@ -122,7 +188,8 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
         run = final.parent
         index = build_dashboard(load_sae(final, device=device), dump, dashboard_folder(run), name=run.name,
                                 model=models.get(key), tokenizer=tokenizers[key], evaluation=read_evaluation(run),
-                                device=device, progress=not quiet, log=lambda s: click.echo(s, err=True))
+                                device=device, progress=not quiet, log=lambda s: click.echo(s, err=True),
+                                target_hook=None if target is dump else target.manifest.hook)
         click.echo(f"dashboard: {index}")
 
 
@@ -142,7 +209,8 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
                 say(f"loading model {dump.manifest.model} on {cfg.device} ...", cfg.progress)
                 models[dump.manifest.model] = load_model(dump.manifest.model, cfg.device, progress=cfg.progress)
             model = models[dump.manifest.model]
-        result = evaluate_checkpoint(final, cfg, model=model, baselines=baselines, dump=dump)
+        result = evaluate_checkpoint(final, cfg, model=model, baselines=baselines, dump=dump,
+                                     target=dumps.target_for_sae(final, dump))
         write_eval(final.parent, result)
         shown = metrics_line(result, ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
                                       "ce_loss_recovered", "kl_clean_sae", "relative_reconstruction_bias",
@@ -171,6 +239,8 @@ def _os_line(e: OSError) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--shards", default=None, help="Dump to read [the one the SAE was trained on]; for a moved dump.")
+@click.option("--target-shards", default=None,
+              help="A transcoder's target dump [the one it was trained on]; for a moved dump.")
 @click.option("--holdout-contexts", type=int, default=None,
               help="Held-out contexts at the dump's end [as in training].")
 @click.option("--metrics/--no-metrics", "with_metrics", default=True, show_default=True,
@@ -189,22 +259,25 @@ def _os_line(e: OSError) -> str:
               help="Only show the N contexts where each of --features fires most (no model run).")
 @click.option("--features", default="", help="Comma-separated feature indices for --top-examples.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
+@click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
-def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
+def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
          verify, dashboard, top_n, features, quiet) -> None:
     """Evaluate SAEs on the contexts their dump held out of training, and show what their features mean.
 
     PATH is a checkpoint (data/runs/<run>/final), a run folder, or a sweep folder (which gets its
     summary table and plots rewritten with the new metrics). Results go to eval.json in each run
     folder; --dashboard writes a browsable page of every feature to each run's dashboard/ folder.
+    A transcoder is measured against its target dump and spliced in at the hook it writes.
 
     Examples: evaluate data/runs/quickstart --dashboard;
     evaluate data/runs/quickstart --top-examples 5 --features 0,1,2
     """
-    from shared.device import pick_device
-    from train.evaluation.run_eval import EvalConfig
-
     with one_line_errors("evaluate", os_hint=_os_line):
+        from shared.device import pick_device
+        from train.evaluation.run_eval import EvalConfig
+
+        started()  # the heavy imports are done; from here Ctrl-C is `one_line_errors`' line
         for name, value in (("max-eval-contexts", max_eval_contexts), ("batch-contexts", batch_contexts)):
             if value <= 0:
                 raise UserError(f"--{name} must be positive, got {value}")
@@ -213,8 +286,10 @@ def main(path, shards, holdout_contexts, with_metrics, with_model, max_eval_cont
         if not (with_metrics or dashboard or top_n):
             raise UserError("nothing to do: --no-metrics without --dashboard or --top-examples")
         finals, sweep_root = _targets(path)
+        if not top_n:
+            check_outputs_not_linked(finals, sweep_root, with_metrics, dashboard)
         dev = str(pick_device(device))
-        dumps = _Dumps(shards, verify, progress=not quiet)
+        dumps = _Dumps(shards, verify, progress=not quiet, target_shards=target_shards)
         if top_n:
             feats = _parse_features(features)
             for final in finals:

@@ -3,7 +3,10 @@
 A feature written at the hook adds W_dec[f] to the residual stream; its direct effect on the logits
 is W_dec[f] @ W_U, ignoring every later layer and the final normalization's scale (which depends
 on the input), with the normalization's learned weight folded into W_U. This is the "logit
-weights" view of feature dashboards (Bricken et al. 2023, "Towards Monosemanticity").
+weights" view of feature dashboards (Bricken et al. 2023, "Towards Monosemanticity"). A
+transcoder's W_dec rows are in the space of the hook it writes (d_out wide): the same product is
+its direct effect when that hook is a residual-stream write (hook_mlp_out, hook_attn_out, a
+residual hook), which is what a width of d_model is taken to mean.
 """
 from __future__ import annotations
 
@@ -29,12 +32,12 @@ def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, k: int = 10,
                   chunk: int = 512) -> dict[str, torch.Tensor]:
     """The k most promoted and most suppressed tokens of every feature.
 
-    W_dec: [d_sae, d_model]; W_U: [d_model, vocab]. Returns `top_values`/`top_tokens` (largest
+    W_dec: [d_sae, d_out] with d_out = d_model; W_U: [d_model, vocab]. Returns `top_values`/`top_tokens` (largest
     first) and `bottom_values`/`bottom_tokens` (most negative first), each [d_sae, k]. Memory stays
     [chunk, vocab].
     """
     if W_dec.shape[1] != W_U.shape[0]:
-        raise UserError(f"the SAE writes d_in={W_dec.shape[1]} but the unembedding reads "
+        raise UserError(f"the SAE writes d_out={W_dec.shape[1]} but the unembedding reads "
                         f"d_model={W_U.shape[0]}: no direct path to the logits from this hook")
     k = min(k, W_U.shape[1])
     W_U = W_U.to(W_dec.device, torch.float32)

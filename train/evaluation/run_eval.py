@@ -1,4 +1,10 @@
-"""Evaluate one trained SAE folder on the contexts its dump held out of training."""
+"""Evaluate one trained SAE folder on the contexts its dump held out of training.
+
+A transcoder (cfg.json's `architecture` ends in `transcoder`) reads its input dump and is measured
+against the same held-out rows of its target dump: another hook of the same harvest pass, found
+from cfg.json's `target` record (or `target_path`), checked to be of that pass and to hold the hook
+and width the transcoder was trained to write.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,12 +21,14 @@ from shared.saes import SAE
 from shared.saes.io import load_sae
 from shared.run_paths import dump_path_for
 from shared.saes.base import read_cfg
+from shared.saes.transcoder_names import parse_saved_name
 from train.data_digest import check_same_data
 from train.evaluation.downstream import ce_metrics
 from train.evaluation.geometry import decoder_neighbours, duplicate_fraction
 from train.evaluation.reconstruction import reconstruction_metrics
 from train.evaluation.tokens import context_tokens
 from train.holdout import split_rows
+from train.same_pass import check_same_pass
 from train.units import EVAL_UNITS
 
 
@@ -53,19 +61,29 @@ class EvalConfig:
 
 
 def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None = None,
-                        model: Any = None, baselines: dict | None = None, dump: Dump | None = None) -> dict[str, Any]:
+                        model: Any = None, baselines: dict | None = None, dump: Dump | None = None,
+                        target_path: str | None = None, target: Dump | None = None) -> dict[str, Any]:
     """Metrics of the SAE in `sae_folder` on its dump's held-out contexts, as one flat JSON-able dict.
 
     The dump is the one cfg.json names (`shards`) unless `dump_path` is given, or `dump` is already
     open (a sweep's SAEs share one, verified once); `model` (a TransformerBridge) saves loading the
-    model the dump was harvested from.
+    model the dump was harvested from. For a transcoder the target dump likewise: cfg.json's
+    `target` record unless `target_path` is given, or `target` already open. Its reconstruction
+    metrics are against the target's rows, in the target's raw units, and the model runs with the
+    target hook's activation replaced by the transcoder's output on the input hook's.
     """
     sae_folder = Path(sae_folder)
     sae_cfg = read_cfg(sae_folder)
+    check_one_hook_a_side(sae_folder, sae_cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dump is None:
         dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify, progress=cfg.progress)
     check_dump_fits(sae_folder, sae_cfg, dump)
+    if target is None:
+        target = open_target_dump(sae_folder, dump, target_path, verify=cfg.verify, progress=cfg.progress,
+                                  sae_cfg=sae_cfg)
+    else:
+        check_target_fits(sae_folder, sae_cfg, dump, target)
     requested = cfg.holdout_contexts
     if requested is None:  # what training held out (absent from older checkpoints: the default)
         requested = sae_cfg.get("eval_holdout_contexts")
@@ -77,13 +95,16 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     sae = load_sae(sae_folder, device=device)
     out: dict[str, Any] = {"sae": str(sae_folder), "dump": str(dump.path), "hook": dump.manifest.hook,
                            "n_eval_contexts": n_heldout, "units": EVAL_UNITS}
-    metrics = reconstruction_metrics(sae, dump, rows, device, progress=cfg.progress)
+    if target is not dump:  # the metrics are the target's: its hook, its raw units
+        out.update({"target_dump": str(target.path), "target_hook": target.manifest.hook,
+                    "target_units": f"{EVAL_UNITS} of {target.manifest.hook} (the target dump)"})
+    metrics = reconstruction_metrics(sae, dump, rows, device, target=target, progress=cfg.progress)
     metrics.pop("density")
     out.update(metrics)
     nearest, _ = decoder_neighbours(sae.W_dec.detach(), k=1)
     out["frac_near_duplicate"] = duplicate_fraction(nearest[:, 0])
     if cfg.with_model:
-        out.update(_ce_on_heldout(sae, dump, n_heldout, cfg, device, model, baselines))
+        out.update(_ce_on_heldout(sae, dump, n_heldout, cfg, device, model, baselines, target))
     return out
 
 
@@ -110,6 +131,68 @@ def check_dump_fits(sae_folder: Path, sae_cfg: dict[str, Any], dump: Dump) -> No
                     "evaluate it on the dump it was trained on (--shards DUMP_FOLDER)")
 
 
+def check_one_hook_a_side(sae_folder: Path, sae_cfg: dict[str, Any]) -> None:
+    """A one-line error for an SAE that reads or writes several hooks concatenated (a crosscoder,
+    a cross-layer transcoder: `n_hooks` > 1, or `more_inputs`/`more_targets` recorded): evaluate
+    measures one input dump against one target dump."""
+    n_hooks = sae_cfg.get("n_hooks", 1)
+    if n_hooks != 1 or sae_cfg.get("more_inputs") or sae_cfg.get("more_targets"):
+        raise UserError(f"{sae_folder} reads or writes several hooks (n_hooks {n_hooks}): evaluate measures SAEs "
+                        "and transcoders of one hook a side only")
+
+
+def is_transcoder(sae_cfg: dict[str, Any]) -> bool:
+    """Whether cfg.json describes a transcoder (it writes another hook than it reads)."""
+    return parse_saved_name(str(sae_cfg.get("architecture", "standard"))).transcoder
+
+
+def target_path_for(sae_folder: Path, sae_cfg: dict[str, Any]) -> Any:
+    """Where the target dump a transcoder was trained on lies, from cfg.json's `target` record
+    (`target_shards` in folders without one); a one-line error naming --target-shards otherwise."""
+    record = sae_cfg.get("target")
+    recorded = record.get("shards") if isinstance(record, dict) else None
+    return dump_path_for(Path(sae_folder), {"shards": recorded or sae_cfg.get("target_shards")},
+                         flag="--target-shards", what="target dump")
+
+
+def open_target_dump(sae_folder: Path, dump: Dump, target_path: str | Path | None = None, verify: bool = True,
+                     progress: bool = False, sae_cfg: dict[str, Any] | None = None) -> Dump:
+    """The dump the SAE in `sae_folder` is measured against: `dump` itself for an SAE; for a
+    transcoder `target_path`, or else the target dump it was trained on, checked to fit it."""
+    sae_cfg = read_cfg(Path(sae_folder)) if sae_cfg is None else sae_cfg
+    if not is_transcoder(sae_cfg):
+        if target_path:
+            raise UserError(f"{sae_folder} is an SAE (it reconstructs its input): --target-shards is for "
+                            "transcoders only")
+        return dump
+    target = open_dump(target_path if target_path else target_path_for(sae_folder, sae_cfg), verify=verify,
+                       progress=progress)
+    check_target_fits(sae_folder, sae_cfg, dump, target)
+    return target
+
+
+def check_target_fits(sae_folder: Path, sae_cfg: dict[str, Any], dump: Dump, target: Dump) -> None:
+    """A one-line error unless `target` is of `dump`'s harvest pass (its rows pair up with the
+    input's) and holds what the transcoder writes: its width, the hook it was trained on and, where
+    cfg.json records it, the very data (train.data_digest)."""
+    if not is_transcoder(sae_cfg):
+        if target is not dump:
+            raise UserError(f"{sae_folder} is an SAE (it reconstructs its input): it has no target dump")
+        return
+    fix = "pass the target dump it was trained on (--target-shards DUMP_FOLDER)"
+    d_out = sae_cfg.get("d_out", sae_cfg["d_in"])
+    if target.d_in != d_out:
+        raise UserError(f"the transcoder writes d_out={d_out} but the target dump {target.path} has "
+                        f"d_in={target.d_in}: {fix}")
+    record = sae_cfg.get("target") if isinstance(sae_cfg.get("target"), dict) else {}
+    hook = record.get("hook_point")
+    if hook is not None and hook != target.manifest.hook:
+        raise UserError(f"the transcoder was trained to write hook '{hook}' but the target dump {target.path} "
+                        f"holds '{target.manifest.hook}': {fix}")
+    check_same_pass([dump, target])
+    check_same_data(record, target, f"the transcoder in {sae_folder}", fix)
+
+
 def _heldout_rows(dump: Dump, requested: int | None) -> tuple[int, int]:
     try:
         _, rows = split_rows(dump, requested)
@@ -121,18 +204,20 @@ def _heldout_rows(dump: Dump, requested: int | None) -> tuple[int, int]:
     return rows
 
 
-def _ce_on_heldout(sae: SAE, dump: Dump, n_heldout: int, cfg: EvalConfig,
-                   device: torch.device, model: Any, baselines: dict | None = None) -> dict[str, Any]:
-    """CE metrics on the first `max_eval_contexts` held-out contexts."""
+def _ce_on_heldout(sae: SAE, dump: Dump, n_heldout: int, cfg: EvalConfig, device: torch.device, model: Any,
+                   baselines: dict | None = None, target: Dump | None = None) -> dict[str, Any]:
+    """CE metrics on the first `max_eval_contexts` held-out contexts; for a transcoder (`target`
+    another dump) spliced in at the target's hook, ablations there, from the target's mean."""
     m = dump.manifest
+    target = dump if target is None else target
     if model is None:
         say(f"loading model {m.model} on {device} ...", cfg.progress)
         model = load_model(m.model, str(device), progress=cfg.progress)
-    if m.stats is None:
-        raise DumpError(f"{dump.path}/manifest.json has no stats (mean activation); re-harvest the dump")
+    if target.manifest.stats is None:
+        raise DumpError(f"{target.path}/manifest.json has no stats (mean activation); re-harvest the dump")
     n = n_heldout if cfg.max_eval_contexts is None else min(n_heldout, cfg.max_eval_contexts)
     tokens = context_tokens(dump, m.n_contexts - n_heldout, n)
-    mean = torch.tensor(m.stats["mean"], dtype=torch.float32)
+    mean = torch.tensor(target.manifest.stats["mean"], dtype=torch.float32)
     ce = ce_metrics(model, sae, m.hook, tokens, mean, m.skip_bos, cfg.batch_contexts, device, baselines,
-                    progress=cfg.progress)
+                    progress=cfg.progress, target_hook=None if target is dump else target.manifest.hook)
     return {"n_ce_contexts": n, **ce}

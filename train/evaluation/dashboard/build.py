@@ -27,35 +27,50 @@ HEADER_METRICS = ("explained_variance", "l0", "frac_dead", "ce_loss_recovered", 
 def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = None, tokenizer: Any = None,
                     evaluation: dict[str, Any] | None = None, cfg: FeatureStatsConfig | None = None,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    log: Callable[[str], None] = print) -> Path:
+                    log: Callable[[str], None] = print, target_hook: str | None = None) -> Path:
     """Write the dashboard of `sae` over every row of `dump` to folder `out`; returns index.html.
 
     `model` (a TransformerBridge) gives the logit table through its unembedding; without one the
     table is left out. `tokenizer` turns token ids into text; without one ids are shown.
+    `target_hook`: the hook a transcoder writes (None: the dump's own, for an SAE). Features and
+    their examples are always of the input (`dump`'s rows); the decoder's rows are in the written
+    hook's space, so the logit table (W_dec @ W_U) is built only when that space is the residual
+    stream's width, d_model, and is otherwise left out with a note.
     """
     bar = tqdm(total=dump.n_rows, unit="row", desc=f"features of {name}", disable=not progress)
     with bar:
         stats = feature_stats(sae, dump, cfg, device=device, progress=bar.update)
-    W_dec = sae.W_dec.detach()
+    W_dec = sae.W_dec.detach()  # [d_sae, d_out]: directions in the space of the hook written
+    m = dump.manifest
+    written = target_hook or m.hook
+    W_U = unembedding(model) if model is not None else None
+    no_path = None
+    if W_U is not None and W_dec.shape[1] != W_U.shape[0]:
+        no_path = (f"no logit table: the decoder writes {W_dec.shape[1]}-wide activations at {written}, "
+                   f"not the residual stream (d_model {W_U.shape[0]})")
+        W_U = None
     if progress:  # d_sae x d_sae similarities and d_sae x vocab logits: seconds on a CPU
-        log(f"nearest features{' and logit table' if model is not None else ''} of {sae.cfg.d_sae} features ...")
+        log(f"nearest features{' and logit table' if W_U is not None else ''} of {sae.cfg.d_sae} features ...")
     neighbours = tuple(t.cpu() for t in decoder_neighbours(W_dec, k=NEIGHBOURS))
     logits = None
-    if model is not None:
-        logits = logit_effects(W_dec, unembedding(model).to(W_dec.device), k=LOGIT_TOKENS)
+    if W_U is not None:
+        logits = logit_effects(W_dec, W_U.to(W_dec.device), k=LOGIT_TOKENS)
     ids = used_token_ids(stats, logits)
     text = {i: tokenizer.decode([i]) for i in ids} if tokenizer is not None else {}
-    m = dump.manifest
+    hooks = m.hook if target_hook is None else f"transcoder {m.hook} -> {target_hook}"
     metrics = {k: evaluation[k] for k in HEADER_METRICS if evaluation and evaluation.get(k) is not None}
     inputs = DashboardInputs(
         stats=stats, neighbours=neighbours, logits=logits, token_text=text, title=f"{name}: {sae.cfg.d_sae} features",
-        subtitle=f"{m.model}, {m.hook}; statistics over all {dump.n_rows:,} rows of {_shown(dump.path)}",
+        subtitle=f"{m.model}, {hooks}; statistics over all {dump.n_rows:,} rows of {_shown(dump.path)}"
+                 + (f"; {no_path}" if no_path else ""),
         metrics=metrics)
     if progress:
         log(f"writing the pages of {sae.cfg.d_sae} features to {out} ...")
     index = write_dashboard(out, inputs)
     if model is None:
         log("(without the model, the dashboard leaves out promoted and suppressed tokens)")
+    elif no_path:
+        log(f"({no_path}: the dashboard leaves out promoted and suppressed tokens)")
     return index
 
 
