@@ -1,4 +1,5 @@
-"""Train a few steps of every registered SAE architecture on a tiny dump, and of every transcoder
+"""Train a few steps of every registered SAE architecture SAELens has a class for (all but the
+crosscoder and the CLTs: `NO_SAELENS_CLASS`) on a tiny dump, and of every transcoder
 SAELens has a class for on a tiny model's MLP (hidden 128 -> output 32), and write, beside each
 final checkpoint, `interop_expected.safetensors`: inputs and our encode/decode of them, for
 `check.py` to compare with SAELens' loading of the same folder.
@@ -39,6 +40,10 @@ SETTINGS = {"standard": dict(l1_coefficient=0.05), "gated": dict(l1_coefficient=
             "matryoshka_batchtopk": dict(k=4, aux_k=8, matryoshka_widths=[16, 64]),
             "jumprelu": dict(l0_coefficient=0.01, jumprelu_init_threshold=0.05)}
 
+NO_SAELENS_CLASS = {"crosscoder", "jumprelu_clt", "topk_clt"}
+"""Registered architectures saved under their own names, for which SAELens 6.54 has no class (a
+crosscoder reads and writes several hooks; the CLTs' interop is circuit-tracer's, checked by
+scripts/circuit_tracer_interop.sh). Every other registered architecture is trained and checked."""
 TRANSCODERS = [("standard", False), ("standard", True), ("jumprelu", False), ("jumprelu", True),
                ("batchtopk", False)]
 """(architecture, skip_connection) of the transcoders checked: those SAELens 6.54 loads
@@ -106,7 +111,7 @@ def write_expected(final: Path, x: torch.Tensor) -> None:
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     tiny_dump(out / "dump")
-    for arch in ARCHITECTURES:
+    for arch in (a for a in ARCHITECTURES if a not in NO_SAELENS_CLASS):
         final = train_tiny(out, arch, out / "dump", arch)
         d_in = load_sae(final).cfg.d_in
         write_expected(final, 3.0 * torch.randn(64, d_in, generator=torch.Generator().manual_seed(1)) + 0.5)
