@@ -77,6 +77,7 @@ class _Dumps:
                  target_shards: str | None = None) -> None:
         self.shards, self.verify, self.progress, self.opened = shards, verify, progress, {}
         self.target_shards = target_shards
+        self.sides: dict[str, Any] = {}  # SAE folder -> (input side, target side), several hooks a side
 
     def _open(self, path: Any) -> Any:
         key = str(path.resolve())
@@ -90,10 +91,15 @@ class _Dumps:
         from shared.run_paths import dump_path_for
         from shared.saes.base import read_cfg
         from shared.storage import location
-        from train.evaluation.run_eval import check_dump_fits, check_one_hook_a_side
+        from train.evaluation.run_eval import check_dump_fits, stacked_sides
+        from train.evaluation.stacked import open_sides
 
         cfg = read_cfg(final)
-        check_one_hook_a_side(final, cfg)
+        if stacked_sides(cfg):  # several hooks a side: every dump of each, checked together
+            key = str(Path(final).resolve())
+            if key not in self.sides:
+                self.sides[key] = open_sides(final, cfg, self._open, self.shards, self.target_shards)
+            return self.sides[key][0]
         dump = self._open(location(self.shards) if self.shards else dump_path_for(final, cfg))
         check_dump_fits(final, cfg, dump)
         return dump
@@ -103,9 +109,11 @@ class _Dumps:
         target dump (--target-shards, or the one it was trained on), checked to fit it."""
         from shared.saes.base import read_cfg
         from shared.storage import location
-        from train.evaluation.run_eval import check_target_fits, is_transcoder, target_path_for
+        from train.evaluation.run_eval import check_target_fits, is_transcoder, stacked_sides, target_path_for
 
         cfg = read_cfg(final)
+        if stacked_sides(cfg):
+            return self.sides[str(Path(final).resolve())][1]  # opened with the input side by for_sae
         if not is_transcoder(cfg):
             if self.target_shards:
                 raise UserError(f"{final} is an SAE (it reconstructs its input): --target-shards is for "
@@ -174,6 +182,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
                       models: dict) -> None:
     from shared.saes import load_sae
     from train.evaluation.dashboard.build import build_dashboard, read_evaluation
+    from train.evaluation.stacked import side_hooks
     from train.run_layout import dashboard_folder
 
     tokenizers: dict = {}  # one per model: a sweep's SAEs share it
@@ -189,7 +198,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
         index = build_dashboard(load_sae(final, device=device), dump, dashboard_folder(run), name=run.name,
                                 model=models.get(key), tokenizer=tokenizers[key], evaluation=read_evaluation(run),
                                 device=device, progress=not quiet, log=lambda s: click.echo(s, err=True),
-                                target_hook=None if target is dump else target.manifest.hook)
+                                target_hook=None if target is dump else ", ".join(side_hooks(target)))
         click.echo(f"dashboard: {index}")
 
 
@@ -215,6 +224,8 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
         shown = metrics_line(result, ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
                                       "ce_loss_recovered", "kl_clean_sae", "relative_reconstruction_bias",
                                       "frac_near_duplicate"))
+        if result.get("ce_not_measured"):
+            shown += "; CE not measured (several hooks a side: see ce_not_measured in eval.json)"
         click.echo(f"{final}: {shown}")
 
 
