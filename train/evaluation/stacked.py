@@ -100,6 +100,9 @@ def input_records(sae_cfg: dict[str, Any]) -> list[dict[str, Any]]:
 def target_records(sae_cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target dump's record, in order (empty for a crosscoder: its target is its input)."""
     if not has_target_side(sae_cfg):
+        if sae_cfg.get("more_targets"):
+            raise UserError("cfg.json records more_targets but no target (the first target dump): restore the "
+                            "file, or save the folder again with its target record")
         return []
     first = _record(sae_cfg["target"], "d_out_dump", "target")
     more = [_record(e, "d_out_dump", "more_targets") for e in _entries(sae_cfg.get("more_targets"), "more_targets")]
