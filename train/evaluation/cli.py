@@ -249,9 +249,12 @@ def _os_line(e: OSError) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--shards", default=None, help="Dump to read [the one the SAE was trained on]; for a moved dump.")
+@click.option("--shards", default=None,
+              help="Dump to read [the one the SAE was trained on]; for a moved dump. "
+                   "Several hooks: A,B,... in order.")
 @click.option("--target-shards", default=None,
-              help="A transcoder's target dump [the one it was trained on]; for a moved dump.")
+              help="A transcoder's target dump [the one it was trained on]; for a moved dump. "
+                   "A CLT's: C,D,... in order.")
 @click.option("--holdout-contexts", type=int, default=None,
               help="Held-out contexts at the dump's end [as in training].")
 @click.option("--metrics/--no-metrics", "with_metrics", default=True, show_default=True,
@@ -279,7 +282,9 @@ def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model
     PATH is a checkpoint (data/runs/<run>/final), a run folder, or a sweep folder (which gets its
     summary table and plots rewritten with the new metrics). Results go to eval.json in each run
     folder; --dashboard writes a browsable page of every feature to each run's dashboard/ folder.
-    A transcoder is measured against its target dump and spliced in at the hook it writes.
+    A transcoder is measured against its target dump and spliced in at the hook it writes; a
+    cross-layer transcoder replaces every MLP output it covers at once; a crosscoder over several
+    hooks gets reconstruction metrics only.
 
     Examples: evaluate data/runs/quickstart --dashboard;
     evaluate data/runs/quickstart --top-examples 5 --features 0,1,2

@@ -78,7 +78,10 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     model the dump was harvested from. For a transcoder the target dump likewise: cfg.json's
     `target` record unless `target_path` is given, or `target` already open. Its reconstruction
     metrics are against the target's rows, in the target's raw units, and the model runs with the
-    target hook's activation replaced by the transcoder's output on the input hook's.
+    target hook's activation replaced by the transcoder's output on the input hook's. An SAE of
+    several hooks a side (or a CLT) reads every dump of each side (`dump_path` / `target_path`
+    then comma lists; `dump` and `target` the sides as `train.evaluation.stacked.open_sides`
+    gives them, both or neither).
     """
     sae_folder = Path(sae_folder)
     sae_cfg = read_cfg(sae_folder)
@@ -124,10 +127,10 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     return out
 
 
-CE_NOT_MEASURED = ("not measured: the SAE reads and writes several hooks at once ({hooks}), each output a "
-                   "function of every hook's input; spliced into one forward pass, a later hook's input would "
-                   "depend on the replacement of an earlier one that itself read it, so CE with all of them "
-                   "replaced is not defined (reconstruction metrics only)")
+CE_NOT_MEASURED = ("not measured: the SAE reads and writes several hooks at once ({hooks}), each hook's "
+                   "output computed from every hook's input; in one forward pass an earlier hook's replacement "
+                   "would need the later hooks' activations, which depend on that replacement, so CE with all "
+                   "of them replaced is not defined (reconstruction metrics only)")
 """eval.json's `ce_not_measured` for an SAE over several hooks that is not a cross-layer transcoder."""
 
 
