@@ -77,6 +77,7 @@ class _Dumps:
                  target_shards: str | None = None) -> None:
         self.shards, self.verify, self.progress, self.opened = shards, verify, progress, {}
         self.target_shards = target_shards
+        self.sides: dict[str, Any] = {}  # SAE folder -> (input side, target side), several hooks a side
 
     def _open(self, path: Any) -> Any:
         key = str(path.resolve())
@@ -90,10 +91,15 @@ class _Dumps:
         from shared.run_paths import dump_path_for
         from shared.saes.base import read_cfg
         from shared.storage import location
-        from train.evaluation.run_eval import check_dump_fits, check_one_hook_a_side
+        from train.evaluation.run_eval import check_dump_fits, stacked_sides
+        from train.evaluation.stacked import open_sides
 
         cfg = read_cfg(final)
-        check_one_hook_a_side(final, cfg)
+        if stacked_sides(cfg):  # several hooks a side: every dump of each, checked together
+            key = str(Path(final).resolve())
+            if key not in self.sides:
+                self.sides[key] = open_sides(final, cfg, self._open, self.shards, self.target_shards)
+            return self.sides[key][0]
         dump = self._open(location(self.shards) if self.shards else dump_path_for(final, cfg))
         check_dump_fits(final, cfg, dump)
         return dump
@@ -103,9 +109,11 @@ class _Dumps:
         target dump (--target-shards, or the one it was trained on), checked to fit it."""
         from shared.saes.base import read_cfg
         from shared.storage import location
-        from train.evaluation.run_eval import check_target_fits, is_transcoder, target_path_for
+        from train.evaluation.run_eval import check_target_fits, is_transcoder, stacked_sides, target_path_for
 
         cfg = read_cfg(final)
+        if stacked_sides(cfg):
+            return self.sides[str(Path(final).resolve())][1]  # opened with the input side by for_sae
         if not is_transcoder(cfg):
             if self.target_shards:
                 raise UserError(f"{final} is an SAE (it reconstructs its input): --target-shards is for "
@@ -174,6 +182,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
                       models: dict) -> None:
     from shared.saes import load_sae
     from train.evaluation.dashboard.build import build_dashboard, read_evaluation
+    from train.evaluation.stacked import side_hooks
     from train.run_layout import dashboard_folder
 
     tokenizers: dict = {}  # one per model: a sweep's SAEs share it
@@ -189,7 +198,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
         index = build_dashboard(load_sae(final, device=device), dump, dashboard_folder(run), name=run.name,
                                 model=models.get(key), tokenizer=tokenizers[key], evaluation=read_evaluation(run),
                                 device=device, progress=not quiet, log=lambda s: click.echo(s, err=True),
-                                target_hook=None if target is dump else target.manifest.hook)
+                                target_hook=None if target is dump else ", ".join(side_hooks(target)))
         click.echo(f"dashboard: {index}")
 
 
@@ -215,6 +224,8 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
         shown = metrics_line(result, ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
                                       "ce_loss_recovered", "kl_clean_sae", "relative_reconstruction_bias",
                                       "frac_near_duplicate"))
+        if result.get("ce_not_measured"):
+            shown += "; CE not measured (several hooks a side: see ce_not_measured in eval.json)"
         click.echo(f"{final}: {shown}")
 
 
@@ -238,9 +249,12 @@ def _os_line(e: OSError) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--shards", default=None, help="Dump to read [the one the SAE was trained on]; for a moved dump.")
+@click.option("--shards", default=None,
+              help="Dump to read [the one the SAE was trained on]; for a moved dump. "
+                   "Several hooks: A,B,... in order.")
 @click.option("--target-shards", default=None,
-              help="A transcoder's target dump [the one it was trained on]; for a moved dump.")
+              help="A transcoder's target dump [the one it was trained on]; for a moved dump. "
+                   "A CLT's: C,D,... in order.")
 @click.option("--holdout-contexts", type=int, default=None,
               help="Held-out contexts at the dump's end [as in training].")
 @click.option("--metrics/--no-metrics", "with_metrics", default=True, show_default=True,
@@ -268,7 +282,9 @@ def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model
     PATH is a checkpoint (data/runs/<run>/final), a run folder, or a sweep folder (which gets its
     summary table and plots rewritten with the new metrics). Results go to eval.json in each run
     folder; --dashboard writes a browsable page of every feature to each run's dashboard/ folder.
-    A transcoder is measured against its target dump and spliced in at the hook it writes.
+    A transcoder is measured against its target dump and spliced in at the hook it writes; a
+    cross-layer transcoder replaces every MLP output it covers at once; a crosscoder over several
+    hooks gets reconstruction metrics only.
 
     Examples: evaluate data/runs/quickstart --dashboard;
     evaluate data/runs/quickstart --top-examples 5 --features 0,1,2

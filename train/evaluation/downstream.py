@@ -8,11 +8,16 @@ A transcoder is spliced in at the hook it writes (`target_hook`): in one forward
 its input hook keeps that activation, and the target hook's activation, later in the same pass,
 is replaced by the transcoder's output on it (Dunefsky et al. 2024, "Transcoders find
 interpretable LLM feature circuits"). The ablations are of the target hook.
+
+A cross-layer transcoder is spliced in at every MLP output it covers at once (the replacement
+model, `replacement_ce_metrics`): in one forward pass each layer's input gives that layer's
+features, and each layer's output is replaced by what the features of it and of every earlier
+layer write there. The ablations replace every covered output at once.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -56,6 +61,15 @@ def ce_metrics(model: Any, sae: SAE, hook: str, tokens: torch.Tensor,
         "zero": [(write, _splice(torch.zeros_like, skip_bos))],
         "mean": [(write, _splice(lambda x: mean_activation.expand_as(x).contiguous(), skip_bos))],
     }
+    return _ce_runs(model, tokens, patches, write, batch_size, device, baselines, progress)
+
+
+def _ce_runs(model: Any, tokens: torch.Tensor, patches: dict[str, list[tuple[str, Any]]], write: Any,
+             batch_size: int, device: torch.device, baselines: dict | None,
+             progress: bool) -> dict[str, float | None]:
+    """The clean run and the three patched ones (`patches`: "sae", "zero", "mean" -> hooks) over
+    every batch of `tokens`; `write` (the hook, or hooks, patched) keys the ablations kept in
+    `baselines`."""
     sums = {name: 0.0 for name in ("clean", "sae", "zero", "mean", "kl")}
     count = 0
     n_batches = -(-tokens.shape[0] // batch_size)
@@ -125,6 +139,110 @@ def _spliced_sae(sae: SAE, read: str, write: str, skip_bos: bool) -> list[tuple[
         return sae(x.float()).sae_out
 
     return [(read, keep), (write, _splice(from_input, skip_bos))]
+
+
+@torch.inference_mode()
+def replacement_ce_metrics(model: Any, clt: Any, read_hooks: Sequence[str], write_hooks: Sequence[str],
+                           tokens: torch.Tensor, mean_activation: torch.Tensor, skip_bos: bool, batch_size: int,
+                           device: str | torch.device, baselines: dict | None = None,
+                           progress: bool = False) -> dict[str, float | None]:
+    """`ce_metrics` of a cross-layer transcoder with every MLP output it covers replaced at once
+    (the replacement model of Ameisen et al. 2025, without its error nodes).
+
+    In one forward pass, layer l's input hook (`read_hooks[l]`) gives x_l, from the model as
+    spliced so far (so a later layer's input sees the earlier layers' replacements), and with it
+    the features f_l; layer m's output hook (`write_hooks[m]`) is replaced by `clt_outputs_at(clt,
+    f, m)`. The ablations replace every output hook at once: zero, or `mean_activation` ([L *
+    d_out], the target dumps' means concatenated in layer order). `skip_bos` keeps position 0's
+    clean activation at every output hook.
+    """
+    read_hooks, write_hooks = list(read_hooks), list(write_hooks)
+    L = clt.n_layers
+    if len(read_hooks) != L or len(write_hooks) != L:
+        raise UserError(f"a cross-layer transcoder over {L} layers needs {L} input and {L} output hooks, got "
+                        f"{len(read_hooks)} and {len(write_hooks)}")
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise UserError(f"need tokens of shape [contexts, >= 2 positions], got {tuple(tokens.shape)}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    for hook in (*read_hooks, *write_hooks):
+        check_hook(model, hook)
+    device = torch.device(device)
+    means = mean_activation.to(device, torch.float32).split(clt.d_layer_out)
+    if len(means) != L or means[-1].shape[0] != clt.d_layer_out:
+        raise UserError(f"the mean activation has {mean_activation.shape[0]} values where {L} output hooks of "
+                        f"width {clt.d_layer_out} need {L * clt.d_layer_out}")
+    patches = {
+        "sae": _spliced_clt(clt, read_hooks, write_hooks, skip_bos),
+        "zero": [(w, _splice(torch.zeros_like, skip_bos)) for w in write_hooks],
+        "mean": [(w, _splice(lambda x, mu=mu: mu.expand_as(x).contiguous(), skip_bos))
+                 for w, mu in zip(write_hooks, means)],
+    }
+    return _ce_runs(model, tokens, patches, tuple(write_hooks), batch_size, device, baselines, progress)
+
+
+def clt_layer_features(clt: Any, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """f_l [..., F]: the features of layer `layer` of a cross-layer transcoder from that layer's
+    input x [..., d] alone (as `clt.encode` computes them: layer l's features read layer l only)."""
+    from shared.saes.clt import JumpReLUCLT, TopKCLT
+
+    F_, d = clt.features_per_layer, clt.d_layer_in
+    own = slice(layer * F_, (layer + 1) * F_)
+    if isinstance(clt, (JumpReLUCLT, TopKCLT)):
+        h = x @ clt.W_enc[layer] + clt.b_enc[layer]  # [..., F]
+        if isinstance(clt, JumpReLUCLT):
+            return torch.relu(h) * (h > clt.threshold[own]).to(h.dtype)
+        vals, idx = h.topk(clt.settings.k, dim=-1)
+        return torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
+    full = x.new_zeros(*x.shape[:-1], clt.cfg.d_in)  # another CLT: its own encode, the other layers 0
+    full[..., layer * d:(layer + 1) * d] = x
+    return clt.encode(full)[..., own]
+
+
+def clt_outputs_at(clt: Any, features: Sequence[torch.Tensor], m: int) -> torch.Tensor:
+    """The output at layer m given the features of layers <= m (`features[l]` = f_l [..., F]):
+    sum over l <= m of f_l @ W_dec_l[:, m - l] + b_dec[m], [..., d_out] (the CLT's own tensors)."""
+    d_o = clt.d_layer_out
+    decoders = clt.decoders()
+    out = clt.b_dec[m * d_o:(m + 1) * d_o]
+    for layer in range(m + 1):
+        out = out + features[layer] @ decoders[layer][:, m - layer]
+    return out
+
+
+def _spliced_clt(clt: Any, reads: list[str], writes: list[str], skip_bos: bool) -> list[tuple[str, Any]]:
+    """Hooks splicing a cross-layer transcoder in: each read hook's features computed when it
+    fires, each write hook replaced by the output of the features of its layer and those before.
+    A write hook firing before its own layer's read hook is a one-line error."""
+    feats: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int) -> Any:
+        def hook_fn(acts: torch.Tensor, hook: Any) -> torch.Tensor:
+            if layer == 0:
+                feats.clear()  # a new forward pass
+            feats[layer] = clt_layer_features(clt, acts.float(), layer)
+            return acts
+        return hook_fn
+
+    def replace(m: int) -> Any:
+        def from_features(acts: torch.Tensor) -> torch.Tensor:
+            missing = [reads[layer] for layer in range(m + 1) if layer not in feats]
+            if missing:
+                raise UserError(f"hook '{writes[m]}' runs before '{missing[0]}' in the model's forward pass: a "
+                                "cross-layer transcoder reading it cannot write there")
+            if any(feats[layer].shape[:-1] != acts.shape[:-1] for layer in range(m + 1)):
+                raise UserError(f"hooks {reads[:m + 1]} and '{writes[m]}' do not hold the same positions: no "
+                                "cross-layer transcoder between them")
+            out = clt_outputs_at(clt, [feats[layer] for layer in range(m + 1)], m)
+            if m == len(writes) - 1:
+                feats.clear()
+            return out
+        return _splice(from_features, skip_bos)
+
+    hooks: list[tuple[str, Any]] = []
+    for layer, (read, write) in enumerate(zip(reads, writes)):
+        hooks += [(read, keep(layer)), (write, replace(layer))]
+    return hooks
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,19 @@ RARE_THRESHOLDS = {"1e-5": 1e-5, "1e-6": 1e-6}
 @torch.inference_mode()
 def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
                            device: str | torch.device, chunk_rows: int = 8192,
-                           target: Dump | None = None, progress: bool = False) -> dict[str, Any]:
+                           target: Dump | None = None, progress: bool = False,
+                           target_widths: list[int] | None = None,
+                           feature_layers: int | None = None) -> dict[str, Any]:
     """Reconstruction and sparsity of `sae` (already on `device`) over dump rows [start, stop).
 
     The SAE reads raw activations of `dump`, as saved checkpoints expect, in float32, and is
     measured against the same rows of `target` (a dump of the same harvest pass; None: `dump`
     itself). Returns JSON-able scalars plus `density` ([d_sae] float tensor, fraction of rows
     each feature fired on), which callers pop before serializing. `progress`: a bar over the rows
-    on stderr.
+    on stderr. For an SAE over several hooks (`target` a StackedDump, say): `target_widths` (the
+    target's hooks' widths, in order) adds `explained_variance_per_hook` and `mse_per_hook`, each
+    hook's block of the target measured alone; `feature_layers` L (a cross-layer transcoder: its
+    d_sae features are L layers' blocks) adds `l0_per_layer` and `frac_dead_per_layer`.
     """
     start, stop = rows
     if not 0 <= start < stop <= dump.n_rows:
@@ -47,6 +52,10 @@ def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
     if target.d_in != sae.cfg.d_out:
         raise UserError(f"the SAE writes d_out={sae.cfg.d_out} but the target dump {target.path} "
                         f"has width {target.d_in}")
+    if target_widths is not None and sum(target_widths) != target.d_in:
+        raise UserError(f"hook widths {target_widths} do not add up to the target's width {target.d_in}")
+    if feature_layers is not None and sae.cfg.d_sae % feature_layers:
+        raise UserError(f"{sae.cfg.d_sae} features do not split into {feature_layers} layers")
     device = torch.device(device)
     sums = _ReconstructionSums(target.d_in, sae.cfg.d_sae, device)
     with bar(stop - start, "held-out rows", "row", progress, unit_scale=True) as shown:
@@ -56,7 +65,7 @@ def reconstruction_metrics(sae: SAE, dump: Dump, rows: tuple[int, int],
             t = x if target is dump else float_rows(target, a, b, device)  # [chunk, d_out]
             sums.add_(t, sae(x))
             shown.update(b - a)
-    return sums.metrics()
+    return sums.metrics(target_widths, feature_layers)
 
 
 class _ReconstructionSums:
@@ -73,8 +82,8 @@ class _ReconstructionSums:
         self.n = 0
         self.shift: torch.Tensor | None = None  # [d_out]
         self.sum_shifted = torch.zeros(d_out, **f64)  # sum of (x - c)
-        self.sum_sq_shifted = torch.zeros((), **f64)  # sum of ||x - c||^2
-        self.sum_sq_err = torch.zeros((), **f64)  # sum of ||x - x_hat||^2
+        self.sum_sq_shifted = torch.zeros(d_out, **f64)  # sum of (x - c)^2, per dimension
+        self.sum_sq_err = torch.zeros(d_out, **f64)  # sum of (x - x_hat)^2, per dimension
         self.active = torch.zeros((), **f64)  # non-zero features, summed over rows
         self.fired = torch.zeros(d_sae, dtype=torch.int64, device=device)  # rows each feature fired on
         self.sum_sq_out = torch.zeros((), **f64)  # sum of ||x_hat||^2
@@ -91,9 +100,9 @@ class _ReconstructionSums:
         centred = x64 - self.shift
         self.n += x.shape[0]
         self.sum_shifted += centred.sum(0)
-        self.sum_sq_shifted += centred.pow(2).sum()
+        self.sum_sq_shifted += centred.pow(2).sum(0)
         out64 = out.sae_out.double()
-        self.sum_sq_err += (x64 - out64).pow(2).sum()
+        self.sum_sq_err += (x64 - out64).pow(2).sum(0)
         self.sum_sq_out += out64.pow(2).sum()
         self.sum_dot += (out64 * x64).sum()
         x_norm = x64.norm(dim=1)
@@ -104,10 +113,11 @@ class _ReconstructionSums:
         self.active += firing.sum()
         self.fired += firing.sum(0)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, target_widths: list[int] | None = None, feature_layers: int | None = None) -> dict[str, Any]:
         n = self.n
-        total_var = float(self.sum_sq_shifted - self.sum_shifted.pow(2).sum() / n)
-        sq_err = float(self.sum_sq_err)
+        var_per_dim = self.sum_sq_shifted - self.sum_shifted.pow(2) / n  # [d_out]
+        total_var = float(var_per_dim.sum())
+        sq_err = float(self.sum_sq_err.sum())
         density = (self.fired.double() / n).float().cpu()  # [d_sae]
         out: dict[str, Any] = {
             "n_rows": n,
@@ -117,6 +127,15 @@ class _ReconstructionSums:
             "frac_dead": float((self.fired == 0).double().mean()),
             "frac_dense": float((density > DENSE_THRESHOLD).double().mean()),
         }
+        if target_widths is not None:
+            blocks = list(zip(var_per_dim.split(target_widths), self.sum_sq_err.split(target_widths)))
+            out["explained_variance_per_hook"] = [1.0 - float(e.sum()) / float(v.sum()) if float(v.sum()) > 0
+                                                  else None for v, e in blocks]
+            out["mse_per_hook"] = [float(e.sum()) / n for _, e in blocks]
+        if feature_layers is not None:
+            fired = self.fired.reshape(feature_layers, -1)  # [L, F]
+            out["l0_per_layer"] = [float(v) / n for v in fired.sum(1).double().tolist()]
+            out["frac_dead_per_layer"] = (fired == 0).double().mean(1).tolist()
         out.update(self._scale_metrics())
         for name, threshold in RARE_THRESHOLDS.items():
             out[f"frac_density_below_{name}"] = float((density < threshold).double().mean())

@@ -4,6 +4,12 @@ A transcoder (cfg.json's `architecture` ends in `transcoder`) reads its input du
 against the same held-out rows of its target dump: another hook of the same harvest pass, found
 from cfg.json's `target` record (or `target_path`), checked to be of that pass and to hold the hook
 and width the transcoder was trained to write.
+
+An SAE of several hooks a side (a crosscoder, a cross-layer transcoder: `n_hooks` > 1) reads every
+dump of each side (train.evaluation.stacked), concatenated in order as training read them, and
+adds per-hook figures; a cross-layer transcoder runs in the model with every MLP output it covers
+replaced at once (`replacement_ce_metrics`), a crosscoder over several hooks gets reconstruction
+metrics only (`ce_not_measured` says why).
 """
 from __future__ import annotations
 
@@ -17,15 +23,17 @@ from shared.errors import DumpError, UserError
 from shared.models import load_model
 from shared.progress import say
 from shared.reader import Dump, open_dump
-from shared.saes import SAE
+from shared.saes import SAE, architecture_class
 from shared.saes.io import load_sae
 from shared.run_paths import dump_path_for
 from shared.saes.base import read_cfg
 from shared.saes.transcoder_names import parse_saved_name
 from train.data_digest import check_same_data
-from train.evaluation.downstream import ce_metrics
+from train.evaluation.downstream import ce_metrics, replacement_ce_metrics
 from train.evaluation.geometry import decoder_neighbours, duplicate_fraction
 from train.evaluation.reconstruction import reconstruction_metrics
+from train.evaluation.stacked import (StackedDump, open_sides, several_hooks, side_hooks, side_paths_of,
+                                      side_widths)
 from train.evaluation.tokens import context_tokens
 from train.holdout import split_rows
 from train.same_pass import check_same_pass
@@ -70,20 +78,29 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     model the dump was harvested from. For a transcoder the target dump likewise: cfg.json's
     `target` record unless `target_path` is given, or `target` already open. Its reconstruction
     metrics are against the target's rows, in the target's raw units, and the model runs with the
-    target hook's activation replaced by the transcoder's output on the input hook's.
+    target hook's activation replaced by the transcoder's output on the input hook's. An SAE of
+    several hooks a side (or a CLT) reads every dump of each side (`dump_path` / `target_path`
+    then comma lists; `dump` and `target` the sides as `train.evaluation.stacked.open_sides`
+    gives them, both or neither).
     """
     sae_folder = Path(sae_folder)
     sae_cfg = read_cfg(sae_folder)
-    check_one_hook_a_side(sae_folder, sae_cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dump is None:
-        dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify, progress=cfg.progress)
-    check_dump_fits(sae_folder, sae_cfg, dump)
-    if target is None:
-        target = open_target_dump(sae_folder, dump, target_path, verify=cfg.verify, progress=cfg.progress,
-                                  sae_cfg=sae_cfg)
+    multi = stacked_sides(sae_cfg)
+    if multi:  # every dump of each side, checked (the caller's, where it opened them: `open_sides`)
+        if dump is None or target is None:
+            dump, target = open_sides(sae_folder, sae_cfg, lambda p: open_dump(p, verify=cfg.verify,
+                                                                              progress=cfg.progress),
+                                      shards=dump_path, target_shards=target_path)
     else:
-        check_target_fits(sae_folder, sae_cfg, dump, target)
+        if dump is None:
+            dump = open_sae_dump(sae_folder, dump_path, verify=cfg.verify, progress=cfg.progress)
+        check_dump_fits(sae_folder, sae_cfg, dump)
+        if target is None:
+            target = open_target_dump(sae_folder, dump, target_path, verify=cfg.verify, progress=cfg.progress,
+                                      sae_cfg=sae_cfg)
+        else:
+            check_target_fits(sae_folder, sae_cfg, dump, target)
     requested = cfg.holdout_contexts
     if requested is None:  # what training held out (absent from older checkpoints: the default)
         requested = sae_cfg.get("eval_holdout_contexts")
@@ -93,6 +110,8 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     rows = _heldout_rows(dump, requested)
     n_heldout = (rows[1] - rows[0]) // dump.manifest.rows_per_context
     sae = load_sae(sae_folder, device=device)
+    if multi:
+        return _evaluate_stacked(sae_folder, sae, dump, target, rows, n_heldout, cfg, device, model, baselines)
     out: dict[str, Any] = {"sae": str(sae_folder), "dump": str(dump.path), "hook": dump.manifest.hook,
                            "n_eval_contexts": n_heldout, "units": EVAL_UNITS}
     if target is not dump:  # the metrics are the target's: its hook, its raw units
@@ -106,6 +125,56 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     if cfg.with_model:
         out.update(_ce_on_heldout(sae, dump, n_heldout, cfg, device, model, baselines, target))
     return out
+
+
+CE_NOT_MEASURED = ("not measured: the SAE reads and writes several hooks at once ({hooks}), each hook's "
+                   "output computed from every hook's input; in one forward pass an earlier hook's replacement "
+                   "would need the later hooks' activations, which depend on that replacement, so CE with all "
+                   "of them replaced is not defined (reconstruction metrics only)")
+"""eval.json's `ce_not_measured` for an SAE over several hooks that is not a cross-layer transcoder."""
+
+
+def _evaluate_stacked(sae_folder: Path, sae: SAE, dump: Any, target: Any, rows: tuple[int, int], n_heldout: int,
+                      cfg: EvalConfig, device: torch.device, model: Any, baselines: dict | None) -> dict[str, Any]:
+    """`evaluate_checkpoint` of an SAE over several hooks (or a cross-layer transcoder): the
+    sides' dumps and hooks as lists, per-hook reconstruction figures, and CE with a CLT's every
+    covered output replaced at once."""
+    clt = is_clt(sae)
+    out: dict[str, Any] = {"sae": str(sae_folder), "dumps": side_paths_of(dump), "hooks": side_hooks(dump),
+                           "n_eval_contexts": n_heldout, "units": EVAL_UNITS}
+    if target is not dump:
+        out.update({"target_dumps": side_paths_of(target), "target_hooks": side_hooks(target),
+                    "target_units": f"{EVAL_UNITS} of the target hooks (the target dumps)"})
+    metrics = reconstruction_metrics(sae, dump, rows, device, target=target, progress=cfg.progress,
+                                     target_widths=side_widths(target),
+                                     feature_layers=sae.n_layers if clt else None)
+    metrics.pop("density")
+    out.update(metrics)
+    nearest, _ = decoder_neighbours(sae.W_dec.detach(), k=1)
+    out["frac_near_duplicate"] = duplicate_fraction(nearest[:, 0])
+    if cfg.with_model:
+        if clt:
+            out.update(_replacement_ce_on_heldout(sae, dump, target, n_heldout, cfg, device, model, baselines))
+        else:
+            out["ce_not_measured"] = CE_NOT_MEASURED.format(hooks=", ".join(side_hooks(dump)))
+    return out
+
+
+def is_clt(sae: SAE) -> bool:
+    from shared.saes.clt import CrossLayerTranscoder
+
+    return isinstance(sae, CrossLayerTranscoder)
+
+
+def stacked_sides(sae_cfg: dict[str, Any]) -> bool:
+    """Whether cfg.json's SAE is evaluated side by side (train.evaluation.stacked): several hooks a
+    side, or a cross-layer transcoder (of one layer, too: a plain transcoder by name it is not)."""
+    if several_hooks(sae_cfg):
+        return True
+    try:
+        return bool(architecture_class(str(sae_cfg.get("architecture", "standard"))).transcoder_only)
+    except UserError:
+        return False  # load_sae says what is wrong with the name
 
 
 def open_sae_dump(sae_folder: Path, dump_path: str | Path | None = None, verify: bool = True,
@@ -129,16 +198,6 @@ def check_dump_fits(sae_folder: Path, sae_cfg: dict[str, Any], dump: Dump) -> No
                         f"'{dump.manifest.hook}'")
     check_same_data(sae_cfg, dump, f"the SAE in {sae_folder}",
                     "evaluate it on the dump it was trained on (--shards DUMP_FOLDER)")
-
-
-def check_one_hook_a_side(sae_folder: Path, sae_cfg: dict[str, Any]) -> None:
-    """A one-line error for an SAE that reads or writes several hooks concatenated (a crosscoder,
-    a cross-layer transcoder: `n_hooks` > 1, or `more_inputs`/`more_targets` recorded): evaluate
-    measures one input dump against one target dump."""
-    n_hooks = sae_cfg.get("n_hooks", 1)
-    if n_hooks != 1 or sae_cfg.get("more_inputs") or sae_cfg.get("more_targets"):
-        raise UserError(f"{sae_folder} reads or writes several hooks (n_hooks {n_hooks}): evaluate measures SAEs "
-                        "and transcoders of one hook a side only")
 
 
 def is_transcoder(sae_cfg: dict[str, Any]) -> bool:
@@ -202,6 +261,27 @@ def _heldout_rows(dump: Dump, requested: int | None) -> tuple[int, int]:
         raise UserError(f"no contexts of {dump.path} are held out of training: train with a holdout "
                         "(--eval-holdout-contexts) or pass --holdout-contexts")
     return rows
+
+
+def _replacement_ce_on_heldout(clt: SAE, dump: Any, target: Any, n_heldout: int, cfg: EvalConfig,
+                               device: torch.device, model: Any, baselines: dict | None) -> dict[str, Any]:
+    """CE metrics of the replacement model (every covered MLP output replaced by the CLT at once)
+    on the first `max_eval_contexts` held-out contexts; ablations of every output hook at once,
+    mean ablation from each target dump's mean."""
+    m = dump.manifest
+    if model is None:
+        say(f"loading model {m.model} on {device} ...", cfg.progress)
+        model = load_model(m.model, str(device), progress=cfg.progress)
+    targets = target.dumps if isinstance(target, StackedDump) else [target]
+    for t in targets:
+        if t.manifest.stats is None:
+            raise DumpError(f"{t.path}/manifest.json has no stats (mean activation); re-harvest the dump")
+    n = n_heldout if cfg.max_eval_contexts is None else min(n_heldout, cfg.max_eval_contexts)
+    tokens = context_tokens(dump, m.n_contexts - n_heldout, n)
+    mean = torch.cat([torch.tensor(t.manifest.stats["mean"], dtype=torch.float32) for t in targets])
+    ce = replacement_ce_metrics(model, clt, side_hooks(dump), side_hooks(target), tokens, mean, m.skip_bos,
+                                cfg.batch_contexts, device, baselines, progress=cfg.progress)
+    return {"n_ce_contexts": n, **ce}
 
 
 def _ce_on_heldout(sae: SAE, dump: Dump, n_heldout: int, cfg: EvalConfig, device: torch.device, model: Any,

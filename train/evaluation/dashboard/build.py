@@ -36,17 +36,40 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
     their examples are always of the input (`dump`'s rows); the decoder's rows are in the written
     hook's space, so the logit table (W_dec @ W_U) is built only when that space is the residual
     stream's width, d_model, and is otherwise left out with a note.
+
+    Several hooks a side (`dump` a StackedDump; `target_hook` then the target hooks, comma-separated):
+    a cross-layer transcoder's feature l * F + j (feature j of layer l) fires on layer l's input
+    rows, and writes every MLP output from layer l on, each a write into the residual stream: its
+    logit effect is the sum of its decoder rows over the layers it writes, @ W_U (the direct path
+    of all its writes together). A crosscoder's decoder rows reconstruct several hooks, none of
+    them a write into the residual stream that the others add to: no logit table, with a note.
     """
+    from train.evaluation.run_eval import is_clt
+    from train.evaluation.stacked import side_hooks, side_paths_of
+
     bar = tqdm(total=dump.n_rows, unit="row", desc=f"features of {name}", disable=not progress)
     with bar:
         stats = feature_stats(sae, dump, cfg, device=device, progress=bar.update)
     W_dec = sae.W_dec.detach()  # [d_sae, d_out]: directions in the space of the hook written
     m = dump.manifest
-    written = target_hook or m.hook
+    read = ", ".join(side_hooks(dump))
+    written = target_hook or read
     W_U = unembedding(model) if model is not None else None
     no_path = None
-    if W_U is not None and W_dec.shape[1] != W_U.shape[0]:
-        no_path = (f"no logit table: the decoder writes {W_dec.shape[1]}-wide activations at {written}, "
+    writes = W_dec  # [d_sae, width of one write into the residual stream]
+    if is_clt(sae):  # every layer's write, summed: all in the residual stream
+        writes = W_dec.reshape(W_dec.shape[0], sae.n_layers, -1).sum(dim=1)
+        hooks = f"cross-layer transcoder {read} -> {written}"
+    elif sae.cfg.n_hooks > 1:
+        hooks = f"crosscoder over {read}" if target_hook is None else f"transcoder {read} -> {written}"
+        if W_U is not None:
+            no_path = (f"no logit table: the decoder reconstructs {sae.cfg.n_hooks} hooks at once, not one write "
+                       "into the residual stream")
+            W_U = None
+    else:
+        hooks = m.hook if target_hook is None else f"transcoder {m.hook} -> {target_hook}"
+    if W_U is not None and writes.shape[1] != W_U.shape[0]:
+        no_path = (f"no logit table: the decoder writes {writes.shape[1]}-wide activations at {written}, "
                    f"not the residual stream (d_model {W_U.shape[0]})")
         W_U = None
     if progress:  # d_sae x d_sae similarities and d_sae x vocab logits: seconds on a CPU
@@ -54,14 +77,14 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
     neighbours = tuple(t.cpu() for t in decoder_neighbours(W_dec, k=NEIGHBOURS))
     logits = None
     if W_U is not None:
-        logits = logit_effects(W_dec, W_U.to(W_dec.device), k=LOGIT_TOKENS)
+        logits = logit_effects(writes, W_U.to(writes.device), k=LOGIT_TOKENS)
     ids = used_token_ids(stats, logits)
     text = {i: tokenizer.decode([i]) for i in ids} if tokenizer is not None else {}
-    hooks = m.hook if target_hook is None else f"transcoder {m.hook} -> {target_hook}"
     metrics = {k: evaluation[k] for k in HEADER_METRICS if evaluation and evaluation.get(k) is not None}
     inputs = DashboardInputs(
         stats=stats, neighbours=neighbours, logits=logits, token_text=text, title=f"{name}: {sae.cfg.d_sae} features",
-        subtitle=f"{m.model}, {hooks}; statistics over all {dump.n_rows:,} rows of {_shown(dump.path)}"
+        subtitle=f"{m.model}, {hooks}; statistics over all {dump.n_rows:,} rows of "
+                 f"{', '.join(_shown(Path(q)) for q in side_paths_of(dump))}"
                  + (f"; {no_path}" if no_path else ""),
         metrics=metrics)
     if progress:
