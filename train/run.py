@@ -501,9 +501,12 @@ def _start_sweep(job: Job, data: DataPlan, log: Callable[[str], None]) -> None:
 def _announce_run(slot: Slot, data: DataPlan, log: Callable[[str], None]) -> None:
     """What a single run trains, once its SAE is built (or restored)."""
     sae = slot.trainer.sae.cfg
-    what = (f"{sae.d_in} -> {sae.d_sae} -> {sae.d_out} transcoder (writing {data.target_dump.path.name})"
-            if sae.transcoder else f"{sae.d_in} -> {sae.d_sae} SAE")
-    log(f"training {what} on {data.loader.n_rows:,} rows of {data.dump.path} "
+    kind = slot.trainer.cfg.architecture if sae.n_hooks > 1 else ("transcoder" if sae.transcoder else "SAE")
+    what = f"{sae.d_in} -> {sae.d_sae}" + (f" -> {sae.d_out}" if sae.transcoder else "") + f" {kind}"
+    if sae.transcoder:
+        what += " writing " + ", ".join(d.path.name for d in data.targets)
+    reads = ", ".join(d.path.name for d in data.inputs[1:])
+    log(f"training {what} on {data.loader.n_rows:,} rows of {data.dump.path}" + (f" (and {reads})" if reads else "") + " "
         f"({data.dump.n_rows - data.loader.n_rows:,} held out) for {data.total_steps:,} steps "
         f"({data.total_tokens:,} tokens) on {slot.trainer.device}; run folder {slot.run_dir}"
         + (f"; data-parallel over {distributed.current().ranks.world} processes" if slot.trainer.shard else ""))
