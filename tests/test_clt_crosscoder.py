@@ -258,3 +258,19 @@ def test_sweep_of_clts_in_lockstep_equals_separate_runs(mlp_pairs, tmp_path):
         _train([*common, "--k", k, "--checkpoint-path", str(tmp_path / f"solo_{k}")])
         solo = (tmp_path / f"solo_{k}" / "final" / "sae_weights.safetensors").read_bytes()
         assert (tmp_path / "sweep" / f"k_{k}" / "final" / "sae_weights.safetensors").read_bytes() == solo, k
+
+
+def test_export_refuses_what_circuit_tracer_cannot_load(tmp_path):
+    from train.export import main as export_main
+
+    topk = clt("topk_clt", 2, 4, 8, 4).save(tmp_path / "topk_clt")
+    cls = architecture_class("standard")
+    sae = cls(SAEConfig(4, 8)).save(tmp_path / "sae")
+    tk = architecture_class("topk")
+    topk_tc = tk(SAEConfig(4, 8, 4, apply_b_dec_to_input=False), tk.Settings(k=2)).save(tmp_path / "topk_tc")
+    for folders, says in (([topk], "circuit-tracer's CLTs are JumpReLU or ReLU"),
+                          ([sae], "not a one-layer transcoder"),
+                          ([topk_tc], "a topk_transcoder has no form in circuit-tracer")):
+        got = CliRunner().invoke(export_main, ["circuit-tracer", *map(str, folders), "--out", str(tmp_path / "out")])
+        assert got.exit_code == 2 and says in got.output, got.output
+        assert len(got.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

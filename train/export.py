@@ -1,7 +1,7 @@
-"""`export`: write trained dictionaries in the forms other tools load.
+"""`export-to`: write trained dictionaries in the forms other tools load.
 
-    export circuit-tracer RUN/final --out FOLDER                # a cross-layer transcoder
-    export circuit-tracer L0/final L1/final ... --out FOLDER    # per-layer transcoders, layer 0 first
+    export-to circuit-tracer RUN/final --out FOLDER                # a cross-layer transcoder
+    export-to circuit-tracer L0/final L1/final ... --out FOLDER    # per-layer transcoders, layer 0 first
 
 The folder is circuit-tracer's (see `shared.saes.circuit_tracer_form`): load it with
 `circuit_tracer.utils.caching.load_transcoders_from_cache(FOLDER.name, cache_dir=FOLDER.parent)`.
@@ -57,8 +57,9 @@ def _layers(hooks: list[str], folder: Path, what: str) -> str:
     return names.pop()
 
 
-def export_circuit_tracer(folders: list[Path], out: Path) -> Path:
-    """Write the CLT in `folders[0]`, or the per-layer transcoders `folders` (layer 0 first)."""
+def export_circuit_tracer(folders: list[Path], out: Path, model_name: str | None = None) -> Path:
+    """Write the CLT in `folders[0]`, or the per-layer transcoders `folders` (layer 0 first);
+    `model_name` (what circuit-tracer loads the model by) defaults to the dump's model."""
     from shared.saes import load_sae
     from shared.saes.base import read_cfg
     from shared.saes.circuit_tracer_form import write_clt, write_transcoder_set
@@ -66,7 +67,7 @@ def export_circuit_tracer(folders: list[Path], out: Path) -> Path:
 
     saes = [load_sae(f) for f in folders]
     cfgs = [read_cfg(f) for f in folders]
-    model = str(cfgs[0].get("model_name") or (cfgs[0].get("metadata") or {}).get("model_name") or "")
+    model = model_name or str(cfgs[0].get("model_name") or (cfgs[0].get("metadata") or {}).get("model_name") or "")
     if isinstance(saes[0], CrossLayerTranscoder):
         if len(saes) > 1:
             raise UserError("give one cross-layer transcoder folder (it covers every layer), not several")
@@ -112,12 +113,15 @@ def main() -> None:
 @click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder to write (replaced whole if an earlier export wrote it).")
-def circuit_tracer(folders: tuple[Path, ...], out: Path) -> None:
+@click.option("--model-name", default=None,
+              help="The model's name as circuit-tracer loads it (a Hugging Face name) [the dump's model; a "
+                   "packaged alias such as smollm2-135m means nothing to circuit-tracer: give the hub name]")
+def circuit_tracer(folders: tuple[Path, ...], out: Path, model_name: str | None) -> None:
     """A cross-layer transcoder (one final folder) or per-layer transcoders (one final folder per
     layer, layer 0 first) as the folder circuit-tracer loads.
 
-    Example: export circuit-tracer data/runs/clt/final --out data/ct/my_clt
+    Example: export-to circuit-tracer data/runs/clt/final --out data/ct/my_clt
     """
-    with one_line_errors("export"):
-        written = export_circuit_tracer(list(folders), out)
+    with one_line_errors("export-to"):
+        written = export_circuit_tracer(list(folders), out, model_name)
     click.echo(str(written))
