@@ -6,13 +6,14 @@
 #
 # Each FOLDER holds circuit-tracer's form (config.yaml + layer_{l}.safetensors, or config.yaml +
 # W_enc_{i}/W_dec_{i}.safetensors) and interop_expected.safetensors (x, feature_acts, out from our
-# side; scripts/circuit_tracer_interop/make_tiny.py writes such folders). circuit-tracer 0.5 pins
-# transformers<=4.57.3 and transformer-lens 3 while this project needs transformer-lens 4, so the
-# check runs in its own venv, built from scripts/circuit_tracer_interop/requirements.txt (torch
-# first, pinned: a CPU build here). With CT_VENV=DIR the venv lives there and is reused while
-# requirements.txt is unchanged and an earlier build finished; without it, a temporary venv is
-# built from scratch and removed afterwards (about 1-2 minutes). PYTHON picks the interpreter
-# (default python3, >= 3.11). All arguments go to scripts/circuit_tracer_interop/check.py.
+# side; scripts/circuit_tracer_interop/make_tiny.py and train_tiny.py write such folders).
+# circuit-tracer 0.5 pins transformers<=4.57.3 and transformer-lens 3 while this project needs
+# transformer-lens 4, so the check runs in its own venv, built from
+# scripts/circuit_tracer_interop/requirements.txt (torch first, pinned: a CPU build here). With
+# CT_VENV=DIR the venv lives there and is reused while requirements.txt is unchanged and an
+# earlier build finished; without it, a temporary venv is built from scratch and removed
+# afterwards (about 1-2 minutes). PYTHON picks the interpreter (default python3, >= 3.11). All
+# arguments go to scripts/circuit_tracer_interop/check.py.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
