@@ -1,5 +1,5 @@
 """Train a cross-layer transcoder and per-layer transcoders a few steps on a tiny model's real
-activations, export them with `export circuit-tracer`, and write, beside each exported folder,
+activations, export them with `export-to circuit-tracer`, and write, beside each exported folder,
 what our loaded checkpoints compute, for `check.py` to compare with circuit-tracer's loading of
 the same folder.
 
@@ -15,7 +15,7 @@ writer on synthetic tensors; this checks the whole path a user takes:
      (so the scaling folded into the saved weights is exercised): a jumprelu_clt over both layers,
      a JumpReLU transcoder per layer, and a ReLU skip transcoder (standard --skip-connection) per
      layer;
-  3. the real `export circuit-tracer` writes the CLT (one final folder) and the two per-layer
+  3. the real `export-to circuit-tracer` writes the CLT (one final folder) and the two per-layer
      sets (layer 0's final folder first) in circuit-tracer's form;
   4. `interop_expected.safetensors` beside each exported folder holds x [L, n, d] (rows of the
      raw input dumps, the same positions at every layer), feature_acts [L, n, F] and out [L, n, d]
