@@ -350,3 +350,78 @@ class SilentStore:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class PausingProxy:
+    """A TCP proxy on 127.0.0.1 in front of `upstream` (host, port) that forwards every byte, but
+    once `pause_after` bytes have gone upstream holds all traffic, both ways, for `pause_s`
+    seconds, then forwards again: an object store that stops answering mid-job and comes back.
+    `url` is its endpoint; `paused` says whether the pause has begun."""
+
+    def __init__(self, upstream: tuple[str, int], pause_after: int, pause_s: float) -> None:
+        import socket
+        import threading
+
+        self.upstream, self.pause_after, self.pause_s = upstream, pause_after, pause_s
+        self.sent = 0
+        self.pause_until: float | None = None
+        self._lock = threading.Lock()
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(128)
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def paused(self) -> bool:
+        return self.pause_until is not None
+
+    def _hold(self) -> None:
+        import time
+
+        while self.pause_until is not None and time.monotonic() < self.pause_until:
+            time.sleep(0.05)
+
+    def _pump(self, src, dst, upward: bool) -> None:
+        import time
+
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if upward:
+                    with self._lock:
+                        self.sent += len(data)
+                        if self.pause_until is None and self.sent >= self.pause_after:
+                            self.pause_until = time.monotonic() + self.pause_s
+                self._hold()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()

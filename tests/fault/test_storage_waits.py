@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fault._support import REPO, SilentStore, command_env, tiny_checkpointed_run
+from test_object_storage import moto_url  # noqa: F401  (the moto server)
 
 # Slow tier: the fault suite, real processes (tests/README.md).
 pytestmark = pytest.mark.slow
@@ -83,3 +84,45 @@ def test_a_bound_that_is_no_number_of_seconds_is_one_line(store, tmp_path, where
     assert got.returncode == 2 and "Traceback" not in got.stderr and lines, got.stderr
     name = "--s3-timeout" if where == "flag" else "MATS_SAE_S3_TIMEOUT"
     assert name in lines[-1] and lines[-1].startswith(("train: error:", "Error: ")), got.stderr
+
+
+def test_a_store_paused_mid_harvest_is_said_and_the_harvest_completes(moto_url, tiny_model, text_dataset, tmp_path,
+                                                                      monkeypatch):
+    """The store stops answering once the harvest has sent some of its dump and comes back after
+    a pause shorter than the bound: harvest says it is waiting while it waits, then finishes, and
+    the dump it wrote is whole (every checksum verified)."""
+    import boto3
+    from urllib.parse import urlparse
+
+    from fault._support import PausingProxy
+    from shared import storage
+    from shared.reader import open_dump
+
+    boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="paused")
+    up = urlparse(moto_url)
+    proxy = PausingProxy((up.hostname, up.port), pause_after=40_000, pause_s=8.0)
+    try:
+        argv = ["--model", str(tiny_model), "--dataset", str(text_dataset), "--out", "s3://paused/h",
+                "--s3-endpoint", proxy.url, "--context-size", "16", "--batch-size", "4", "--tokens", "1024",
+                "--shard-rows", "256", "--device", "cpu", "--quiet"]
+        got = subprocess.run([*start("harvest"), *argv], env=command_env(MATS_SAE_S3_TIMEOUT="20"), cwd=REPO,
+                             capture_output=True, text=True, timeout=240)
+    finally:
+        proxy.close()
+    shown = f"exit {got.returncode}\nstderr:\n{got.stderr}"
+    assert proxy.paused, "the harvest sent too little to reach the pause\n" + shown
+    assert got.returncode == 0 and "Traceback" not in got.stderr, shown
+    waits = [line for line in got.stderr.splitlines() if line.startswith(WAITING)]
+    assert waits and proxy.url in waits[0] and "giving up after 20 s" in waits[0], shown
+    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_REGION", "us-east-1")):
+        monkeypatch.setenv(key, value)
+    storage.set_endpoint(moto_url)
+    storage.reset_stores()
+    try:
+        dump = open_dump("s3://paused/h", verify=True)
+        assert dump.n_rows > 0 and dump.manifest.complete
+    finally:
+        storage.set_endpoint(None)
+        storage.reset_stores()
