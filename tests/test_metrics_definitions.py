@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +107,11 @@ def test_evaluate_reports_each_metric_as_defined(tmp_path):
     assert sum(got["feature_density_hist_counts"]) + got["feature_density_hist_never_fired"] == 24
     # The two explained variances differ on these rows: they are two metrics, not one.
     assert abs(got["explained_variance"] - got["explained_variance_per_token_mean"]) > 1e-3
+    # Every key has its line in docs/evaluate.md's table of eval.json.
+    doc = (Path(__file__).parents[1] / "docs" / "evaluate.md").read_text()
+    table = doc[doc.index("### What each key of eval.json means"):]
+    table = table[:table.index("\n\n", table.index("| key |"))]
+    assert not [k for k in got if f"`{k}`" not in table]
 
 
 def test_metrics_do_not_depend_on_the_batch_size(tmp_path):
