@@ -53,7 +53,7 @@ class SAETrainer:
         self.settings = resolved(cfg, total_steps)
         """Effective run-level settings of this SAE (resampling, warm-ups, lr decay)."""
         cls = architecture_class(cfg.architecture)
-        torch.manual_seed(cfg.seed)  # the SAE init is a pure function of the seed
+        torch.manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)  # the init: a pure function of it
         shape = SAEConfig(d_in=d_in, d_sae=cfg.sae_width(d_in), d_out=self.d_out, apply_b_dec_to_input=not transcoder,
                           n_hooks=n_hooks)
         self.sae: SAE = cls(shape, cls.settings_from(cfg.to_dict()), device=device)

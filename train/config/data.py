@@ -31,7 +31,7 @@ class DataPart:
     eval_holdout_contexts: int | None = setting(None, NON_NEGATIVE, default_text="1% of contexts, at most 512")
     """The dump's last contexts kept out of training for `evaluate` (0: none)."""
     seed: int = setting(42, NON_NEGATIVE)
-    """Seed of the SAE init, data order and resampling."""
+    """Seed of the data order, resampling and (unless init_seed is given) the SAE init."""
     device: str | None = setting(None, default_text="cuda if available, else cpu")
     """Device to train on."""
 
