@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -79,8 +80,8 @@ def measure(kind: str, act: str, L: int, d: int, F: int, batch: int, k: int, war
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "median": statistics.median(times), "rss_growth": rss_bytes("VmHWM") - base, "estimate": estimate, "params": n_params,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"seconds": min(times), "median": statistics.median(times), "rss_growth": rss_bytes("VmHWM") - base,
+            "estimate": estimate, "params": n_params, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def in_child(args: argparse.Namespace, kind: str, act: str, F: int) -> dict:
@@ -89,9 +90,12 @@ def in_child(args: argparse.Namespace, kind: str, act: str, F: int) -> dict:
            str(args.d_model), "--batch", str(args.batch), "--k", str(args.k), "--warmup", str(args.warmup),
            "--steps", str(steps)]
     repo = str(Path(__file__).resolve().parents[1])
-    env = {**__import__("os").environ}
+    env = dict(os.environ)
     env["PYTHONPATH"] = repo + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"{kind} {act} F={F} failed: {last}")
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -127,7 +131,8 @@ def main() -> None:
                 print(head)
             print(f"{L} x {F} = {L * F:,} features, {act}:")
             for name, r in ((f"{act}_clt", clt), (f"{L} x {act} transcoders", plt)):
-                print(f"  {name:<24} {r['params'] / 1e6:7.1f}M params  step {r['seconds']:6.3f} / {r['median']:6.3f} s  "
+                print(f"  {name:<24} {r['params'] / 1e6:7.1f}M params  "
+                      f"step {r['seconds']:6.3f} / {r['median']:6.3f} s  "
                       f"{a.batch / r['seconds']:>9,.0f} rows/s  peak RSS +{gib(r['rss_growth'])}  "
                       f"training_bytes {gib(r['estimate'])}")
             print(f"  CLT / per-layer: step x{clt['seconds'] / plt['seconds']:.1f}, "
