@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import dump_files, pass_id, run_harvest
+from helpers import NARROW, WIDE, dump_files, pass_id, run_harvest
 
 # Slow tier: every test starts torchrun (two interpreters importing torch, a gloo group).
 pytestmark = pytest.mark.slow
@@ -200,3 +200,118 @@ def test_sweep_parallel_gives_each_sae_its_solo_weights(tmp_path):
         _train_in_process(_train_args(dump, solo, "--l1-coefficient", l1, "--expansion-factor", ef))
         assert (sweep / name / "final" / "sae_weights.safetensors").read_bytes() == \
             (solo / "final" / "sae_weights.safetensors").read_bytes()
+
+
+# ---- transcoders and cross-layer transcoders -----------------------------------------------------
+@pytest.fixture(scope="module")
+def mlp_dumps(tiny_model, vocab_size, tmp_path_factory) -> dict[str, Path]:
+    """One pass of the tiny model, hook -> dump: both layers' MLP inputs and outputs (32 wide
+    each) and layer 0's MLP hidden activations (128 wide)."""
+    from conftest import write_token_dataset
+    from helpers import harvest_pass
+
+    ds = write_token_dataset(tmp_path_factory.mktemp("ds") / "tokens", n_docs=100, doc_len=100, vocab=vocab_size)
+    hooks = ("blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out", "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out", WIDE)
+    folders = harvest_pass(tiny_model, ds, tmp_path_factory.mktemp("mlp"), hooks=hooks)
+    return dict(zip(hooks, map(Path, folders)))
+
+
+def _transcoder_args(inputs: list[Path], targets: list[Path], run: Path, *extra: str) -> list[str]:
+    """`_train_args` on other dumps: the inputs `--shards`, the targets `--target-shards`."""
+    args = _train_args(inputs[0], run, "--target-shards", ",".join(map(str, targets)), *extra)
+    args[args.index("--shards") + 1] = ",".join(map(str, inputs))
+    return args
+
+
+def _assert_data_parallel_run_matches(solo: Path, dp: Path, resampled: bool = True) -> None:
+    """The final SAE, the mid checkpoint, the dead-feature state and the metrics of a data-parallel
+    run are those of one process."""
+    _assert_close(_weights(dp / "final"), _weights(solo / "final"))
+    checkpoint = json.loads((dp / "checkpoints.json").read_text())[0]
+    _assert_close(_weights(dp / checkpoint["folder"]), _weights(solo / checkpoint["folder"]))
+    solo_state = load_file(str(solo / "final" / "trainer_state.safetensors"))
+    dp_state = load_file(str(dp / "final" / "trainer_state.safetensors"))
+    for k in ("fired_total", "tokens_since_fired"):
+        assert torch.equal(dp_state[k], solo_state[k]), k
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (solo, dp)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    for a, b in zip(*rows):
+        for k in ("mse", "l0", "explained_variance", "frac_dead", "n_resampled"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    if resampled:
+        assert sum(r.get("n_resampled") or 0 for r in rows[1]) > 0  # resampling ran (and matched)
+
+
+@pytest.mark.parametrize("method", ["anthropic", "l2"])
+def test_data_parallel_skip_transcoder_matches_one_process(method, mlp_dumps, tmp_path):
+    """blocks.0's MLP hidden activations (128 wide) -> its output (32) with a skip path (W_skip a
+    parameter the ranks' gradients sum into), resampling with targets: anthropic's sample rows,
+    or l2's whole current batch gathered from the ranks on both sides (128 and 32 wide)."""
+    mlp_in, mlp_out = mlp_dumps[WIDE], mlp_dumps[NARROW]
+    solo, dp = tmp_path / "solo", tmp_path / "dp"
+    args = ("--skip-connection", *_RESAMPLING, "--feature-sampling-method", method)
+    args += ("--dead-feature-threshold", "0.001") if method == "l2" else ()
+    _train_in_process(_transcoder_args([mlp_in], [mlp_out], solo, *args))
+    out = torchrun(["-m", "train", *_transcoder_args([mlp_in], [mlp_out], dp, *args)])
+    assert out.stdout.split() == [str(dp / "final")]
+    cfg = json.loads((dp / "final" / "cfg.json").read_text())
+    assert cfg["architecture"] == "skip_transcoder" and (cfg["d_in"], cfg["d_out"]) == (128, 32)
+    assert "W_skip" in _weights(dp / "final")
+    _assert_data_parallel_run_matches(solo, dp)
+
+
+def _without(args: list[str], *flags: str) -> list[str]:
+    """args less each of `flags` and its value."""
+    out = list(args)
+    for flag in flags:
+        i = out.index(flag)
+        del out[i : i + 2]
+    return out
+
+
+# A cross-layer transcoder resamples nothing (JumpReLU's features have no dead-feature policy,
+# TopK's AuxK reads the dead mask): the resampling flags are not its settings.
+_NOT_CLT = ("--l1-coefficient", "--feature-sampling-method", "--dead-feature-window", "--resample-sample-rows",
+            "--expansion-factor")
+_CLT = {"jumprelu_clt": ("--l0-coefficient", "0.3"), "topk_clt": ("--k", "4", "--dead-feature-window", "5")}
+
+
+@pytest.mark.parametrize("arch", list(_CLT))
+def test_data_parallel_clt_matches_one_process(arch, mlp_dumps, tmp_path):
+    """A CLT over both layers: four dumps, each side two of them concatenated per row, so each
+    rank's rows of a batch are [rows, 2 * 32] on both sides and d_sae 2 * 64."""
+    inputs = [mlp_dumps[f"blocks.{i}.mlp.hook_in"] for i in (0, 1)]
+    targets = [mlp_dumps[f"blocks.{i}.hook_mlp_out"] for i in (0, 1)]
+    solo, dp = tmp_path / "solo", tmp_path / "dp"
+
+    def args(run: Path) -> list[str]:
+        return [*_without(_transcoder_args(inputs, targets, run), *_NOT_CLT), "--architecture", arch,
+                "--d-sae", "128", *_CLT[arch]]
+
+    _train_in_process(args(solo))
+    out = torchrun(["-m", "train", *args(dp)])
+    assert out.stdout.split() == [str(dp / "final")]
+    cfg = json.loads((dp / "final" / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["n_hooks"], cfg["d_in"], cfg["d_sae"]) == (arch, 2, 64, 128)
+    _assert_data_parallel_run_matches(solo, dp, resampled=False)
+
+
+def test_sweep_parallel_transcoders_get_their_solo_weights(mlp_dumps, tmp_path):
+    """A grid of transcoders and skip transcoders spread over two ranks: each SAE exactly as trained
+    alone."""
+    mlp_in, mlp_out = mlp_dumps[WIDE], mlp_dumps[NARROW]
+    sweep = tmp_path / "sweep"
+    grid = ["--sweep", "skip_connection=false,true", "--sweep", "l1_coefficient=0.05,0.3"]
+    out = torchrun(["-m", "train", *_transcoder_args([mlp_in], [mlp_out], sweep), "--parallel", "sweep", *grid])
+    names = [r["name"] for r in json.loads((sweep / "sweep.json").read_text())["runs"]]
+    assert len(names) == 4 and (sweep / "summary.csv").is_file()
+    assert sorted(out.stdout.split()) == sorted(str(sweep / n / "final") for n in names)
+    # One from each rank (grid points 0 and 3 -> ranks 0 and 1).
+    for name, skip, l1 in [(names[0], False, "0.05"), (names[3], True, "0.3")]:
+        assert name == f"skip_connection_{skip}__l1_coefficient_{l1}", name
+        solo = tmp_path / f"solo_{name}"
+        flags = ["--l1-coefficient", l1] + (["--skip-connection"] if skip else [])
+        _train_in_process(_transcoder_args([mlp_in], [mlp_out], solo, *flags))
+        assert (sweep / name / "final" / "sae_weights.safetensors").read_bytes() == \
+            (solo / "final" / "sae_weights.safetensors").read_bytes(), name
