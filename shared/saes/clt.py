@@ -119,10 +119,11 @@ class CrossLayerTranscoder(SAE):
         lead = feature_acts.shape[:-1]
         L, F_, d_o = self.n_layers, self.features_per_layer, self.d_layer_out
         f = feature_acts.reshape(-1, L, F_)
-        out = self.b_dec.expand(f.shape[0], -1)
+        # Each source layer adds into the slice of the layers it writes: no padded full-width
+        # copy per source layer (L of them, each [n, L * d_out], forward and backward).
+        out = self.b_dec.expand(f.shape[0], -1).clone()
         for layer, w in enumerate(self.decoders()):
-            written = f[:, layer] @ w.reshape(F_, -1)  # [n, (L - layer) * d_out]
-            out = out + F.pad(written, (layer * d_o, 0))
+            out[:, layer * d_o:] += f[:, layer] @ w.reshape(F_, -1)  # [n, (L - layer) * d_out]
         return out.reshape(*lead, self.cfg.d_out)
 
     def per_layer(self, t: torch.Tensor) -> torch.Tensor:
