@@ -36,6 +36,10 @@ def check_settings_used(configs: list[LanguageModelSAERunnerConfig]) -> None:
     for name in sorted(specific_settings() - used):
         if any(getattr(c, name) is not None for c in configs):
             users = [a for a, cls in ARCHITECTURES.items() if name in used_settings(cls)]
+            fixed = [a for a in architectures if architecture_class(a).sparsity_setting == "k"]
+            if name == "target_l0" and fixed:  # L0 is not steered there: it is set
+                raise UserError(f"target_l0 steers the sparsity coefficient of {', '.join(users)}; {', '.join(fixed)} "
+                                "fixes L0 by k (features kept per row): set k instead of target_l0")
             raise UserError(f"{name} is a setting of {', '.join(users)}, but this run trains only "
                             f"{', '.join(architectures)}: drop {name} or set architecture")
 
