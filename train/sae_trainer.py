@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from shared.saes import SAE, SAEConfig, StepContext, architecture_class
+from shared.saes.settings_base import TargetL0Settings
 from train.arch_settings import resolved
 from train.batch import Batch
 from train.config import LanguageModelSAERunnerConfig
@@ -67,7 +68,7 @@ class SAETrainer:
         self.window_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.fired_total = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.counters = Counters()
-        target_l0 = getattr(self.sae.settings, "target_l0", None)
+        target_l0 = self.sae.settings.target_l0 if isinstance(self.sae.settings, TargetL0Settings) else None
         self.sparsity_control = None if target_l0 is None else \
             SparsityControl(target_l0, self.settings["sparsity_warm_up_steps"], device)
         """The target-L0 controller of the sparsity coefficient (`train.sparsity_control`), if any."""

@@ -84,6 +84,10 @@ class BaseSettings:
                             "a target dump (--target-shards); an SAE reconstructs its own input")
 
 
+TARGET_L0 = "target_l0"
+"""The name of `TargetL0Settings.target_l0` (for the config's checks, which must not spell it)."""
+
+
 @dataclass
 class TargetL0Settings(BaseSettings):
     """The settings of an architecture whose sparsity is a coefficient (L1 or L0) that training can
