@@ -12,6 +12,7 @@ from typing import Any
 from shared.errors import UserError
 from shared.saes.base import SAE, SAEConfig
 from shared.saes.registry import ARCHITECTURES, architecture_class
+from shared.saes.settings_base import TARGET_L0
 from train.config import MIN_D_SAE, LanguageModelSAERunnerConfig
 from train.config.dead_features import policy_settings, resolved_defaults
 
@@ -36,6 +37,13 @@ def check_settings_used(configs: list[LanguageModelSAERunnerConfig]) -> None:
     for name in sorted(specific_settings() - used):
         if any(getattr(c, name) is not None for c in configs):
             users = [a for a, cls in ARCHITECTURES.items() if name in used_settings(cls)]
+            # No coefficient to steer (no warm-up of one): the sparsity setting fixes L0 itself (k).
+            fixed = {a: cls.sparsity_setting for a in architectures
+                     if (cls := architecture_class(a)).sparsity_setting and not cls.sparsity_warm_up}
+            if name == TARGET_L0 and fixed:
+                arch, by = next(iter(fixed.items()))
+                raise UserError(f"target_l0 steers the sparsity coefficient of {', '.join(users)}; {arch} fixes L0 "
+                                f"by {by} (features kept per row): set {by} instead of target_l0")
             raise UserError(f"{name} is a setting of {', '.join(users)}, but this run trains only "
                             f"{', '.join(architectures)}: drop {name} or set architecture")
 

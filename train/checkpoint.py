@@ -26,8 +26,8 @@ from shared.errors import UserError
 from train import run_layout
 from train.run_layout import SPARSITY, STATE_JSON, STATE_TENSORS
 from train.sae_trainer import SAETrainer
-from train.state_check import (METRIC_SUM as _METRIC_SUM, TRACKERS as _TRACKERS, check_fits_run, check_same_sae,
-                               check_state_json, check_state_tensors, damaged)
+from train.state_check import (CONTROL as _CONTROL, METRIC_SUM as _METRIC_SUM, TRACKERS as _TRACKERS, check_fits_run,
+                               check_same_sae, check_state_json, check_state_tensors, damaged)
 
 
 def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +44,8 @@ def sae_cfg_dict(trainer: SAETrainer, dump_info: dict[str, Any]) -> dict[str, An
         "normalize_activations": "none",
         "trained_with_normalize_activations": trainer.cfg.normalize_activations,
     })
+    if trainer.sparsity_control is not None:  # what the target-L0 controller steered the coefficient to
+        cfg["sparsity_coefficient_reached"] = trainer.sparsity_coefficient()
     target = dump_info.get("target")
     if isinstance(target, dict):  # a transcoder: SAELens reads the hook it writes as metadata.hook_name_out
         cfg["metadata"] = {**cfg.get("metadata", {}), "hook_name_out": target["hook_point"],
@@ -86,6 +88,8 @@ def _state_tensors(trainer: SAETrainer) -> dict[str, torch.Tensor]:
     for n in _TRACKERS:
         out[n] = getattr(trainer, n)
     out |= {_METRIC_SUM + k: v for k, v in trainer.pending_metrics()[0].items()}
+    if trainer.sparsity_control is not None:
+        out |= {_CONTROL + k: v for k, v in trainer.sparsity_control.state().items()}
     for n, param in trainer.sae.named_parameters():
         for key, value in trainer.optimizer.state.get(param, {}).items():
             out[f"optim.{n}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -164,6 +168,8 @@ def load_trainer_state_(trainer: SAETrainer, folder: Path) -> None:
         buffer.copy_(tensors[f"buffer.{n}"])
     for n in _TRACKERS:
         getattr(trainer, n).copy_(tensors[n])
+    if trainer.sparsity_control is not None:
+        trainer.sparsity_control.load_({k[len(_CONTROL):]: v for k, v in tensors.items() if k.startswith(_CONTROL)})
     trainer.counters = counters
     sums = {k[len(_METRIC_SUM):]: v for k, v in tensors.items() if k.startswith(_METRIC_SUM)}
     trainer.restore_pending_metrics_(sums, state["metric_sum_steps"])

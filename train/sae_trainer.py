@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from shared.saes import SAE, SAEConfig, StepContext, architecture_class
+from shared.saes.settings_base import TargetL0Settings
 from train.arch_settings import resolved
 from train.batch import Batch
 from train.config import LanguageModelSAERunnerConfig
 from train.geometric_median import geometric_median
 from train.resample import resample_anthropic_, resample_l2_
 from train.schedulers import make_lr_lambda, sparsity_warmup_factor
+from train.sparsity_control import SparsityControl
 from train.step import StepResult, explained_variance, make_optimizer, train_step_
 from train.units import raw_mse
 
@@ -66,6 +68,10 @@ class SAETrainer:
         self.window_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.fired_total = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.counters = Counters()
+        target_l0 = self.sae.settings.target_l0 if isinstance(self.sae.settings, TargetL0Settings) else None
+        self.sparsity_control = None if target_l0 is None else \
+            SparsityControl(target_l0, self.settings["sparsity_warm_up_steps"], device)
+        """The target-L0 controller of the sparsity coefficient (`train.sparsity_control`), if any."""
         self.shard = None
         """Data-parallel: this rank's `train.distributed.DataShard`; `update` then takes this rank's
         rows of each global batch and keeps every count and metric of the whole batch (the same on
@@ -102,9 +108,13 @@ class SAETrainer:
         batch = Batch.of(batch)
         rows = batch.input.shape[0] if rows is None else rows
         self._last_batch_rows = rows
-        context = StepContext(sparsity_scale=self.sparsity_scale(c.step), dead_mask=self.auxk_mask())
+        control = self.sparsity_control
+        context = StepContext(sparsity_scale=self.sparsity_scale(c.step), dead_mask=self.auxk_mask(),
+                              sparsity_multiplier=1.0 if control is None else control.multiplier())
         res = train_step_(self.sae, self.optimizer, self.scheduler, batch, context, autocast=self.cfg.autocast,
                           shard=self.shard, total=rows)
+        if control is not None:
+            control.update_(res.l0, c.step)
         if self._checked_step is None:  # first step of this process (fresh or resumed)
             self._checked_step = c.step
         self._all_finite &= torch.isfinite(res.losses["loss"])
@@ -138,6 +148,13 @@ class SAETrainer:
 
     def sparsity_scale(self, step: int) -> float:
         return sparsity_warmup_factor(step, self.settings["sparsity_warm_up_steps"])
+
+    def sparsity_coefficient(self) -> float:
+        """The coefficient the next step uses: configured x warm-up factor x the target-L0
+        controller's multiplier (one host sync; call it where the loop syncs anyway)."""
+        configured = getattr(self.sae.settings, type(self.sae).sparsity_setting)
+        multiplier = 1.0 if self.sparsity_control is None else float(self.sparsity_control.multiplier())
+        return configured * self.sparsity_scale(self.counters.step) * multiplier
 
     def _accumulate(self, res: StepResult, rows: int) -> None:
         parts = {**res.losses, "l0": res.l0, "sum_sq_err": res.sum_sq_err, "sum_sq_total": res.sum_sq_total,
@@ -255,6 +272,8 @@ class SAETrainer:
             "lr": self.scheduler.get_last_lr()[0],
             "sparsity_warm_up": self.sparsity_scale(self.counters.step - 1),
         }
+        if self.sparsity_control is not None:  # the path of the steered coefficient
+            out["sparsity_coefficient"] = self.sparsity_coefficient()
         if "mse" in out:  # the loss term is in training space; beside it, the same in raw units
             out["mse_raw"] = raw_mse(out["mse"], self.target_scale)
         self._sums, self._sum_steps = {}, 0

@@ -18,6 +18,7 @@ import torch
 
 from shared.errors import UserError
 from train.sae_trainer import Counters, SAETrainer
+from train.sparsity_control import TENSORS as CONTROL_TENSORS
 
 DAMAGED = "the checkpoint is damaged; resume from an earlier checkpoint or start again"
 TRACKERS = ("tokens_since_fired", "window_fired", "fired_total")
@@ -26,6 +27,8 @@ METRIC_SUM = "metric_sum."
 METRIC_STATS = ("loss", "mse", "l0", "sum_sq_err", "sum_sq_total", "l2_ratio")
 """Metric sums every architecture keeps (`SAETrainer._accumulate`); its loss terms come on top."""
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+CONTROL = "sparsity_control."
+"""The target-L0 controller's state (`train.sparsity_control.TENSORS`): float32 scalars."""
 _COUNTS = tuple(f.name for f in fields(Counters) if f.type in (int, "int"))
 _FLAGS = tuple(f.name for f in fields(Counters) if f.type in (bool, "bool"))
 
@@ -166,6 +169,9 @@ def check_state_tensors(tensors: dict[str, torch.Tensor], c: Counters, metric_st
         expected[n] = ((trainer.sae.cfg.d_sae,), torch.int64)
     if metric_steps > 0:
         expected |= {METRIC_SUM + k: ((), torch.float32) for k in (*METRIC_STATS, *loss_terms(trainer))}
+    if trainer.sparsity_control is not None:
+        expected |= {CONTROL + k: ((), torch.float32) for k in CONTROL_TENSORS}
+    _check_control(tensors, trainer, path)
     _check_names(tensors, expected, path)
     for name, (shape, dtype) in expected.items():
         t = tensors[name]
@@ -195,6 +201,16 @@ def loss_terms(trainer: SAETrainer) -> list[str]:
     return sorted(set(out.losses) - set(METRIC_STATS))
 
 
+def _check_control(tensors: dict[str, torch.Tensor], trainer: SAETrainer, path: Path) -> None:
+    """A checkpoint steered toward a target L0 resumes only with one, and one without only without."""
+    saved = any(k.startswith(CONTROL) for k in tensors)
+    steering = trainer.sparsity_control is not None
+    if saved != steering:
+        was, now = ("a target_l0", "none") if saved else ("no target_l0", f"target_l0 {trainer.sparsity_control.target:g}")
+        raise UserError(f"{path.parent} was trained with {was}, this run asks for {now}: resume with the "
+                        "checkpoint's own settings (a target_l0 may change, not appear or go)")
+
+
 def _check_names(tensors: dict[str, torch.Tensor], expected: dict[str, Any], path: Path) -> None:
     missing = [k for k in expected if k not in tensors]
     if missing:
@@ -214,6 +230,8 @@ def _what(name: str) -> str:
         return f"the pending metric sum {name[len(METRIC_SUM):]}"
     if name in TRACKERS:
         return f"the dead-feature tracker {name}"
+    if name.startswith(CONTROL):
+        return f"the target-L0 controller's {name[len(CONTROL):]}"
     return name.split(".", 1)[1] if name.startswith(("sae.", "buffer.")) else name
 
 
@@ -228,6 +246,9 @@ def _check_values(tensors: dict[str, torch.Tensor], c: Counters, trainer: SAETra
         step = tensors.get(f"optim.{n}.step")
         if step is not None and not (0 <= float(step) <= c.step and float(step).is_integer()):
             raise damaged(path, f"holds the Adam step {float(step)} of {n}, not a whole number of steps up to {c.step}")
+    ema = tensors.get(CONTROL + "l0_ema")
+    if ema is not None and not 0 <= float(ema) <= trainer.sae.cfg.d_sae:
+        raise damaged(path, f"holds the target-L0 controller's L0 estimate {float(ema)}, outside 0..{trainer.sae.cfg.d_sae}")
     for key in ADAM_MOMENTS[1:]:  # the second moment is a mean of squares
         for n, _ in trainer.sae.named_parameters():
             sq = tensors.get(f"optim.{n}.{key}")

@@ -62,6 +62,9 @@ class StepContext(NamedTuple):
 
     sparsity_scale: float = 1.0
     """Multiplier of the sparsity coefficient (L1 or L0), for the warm-up: 0 -> 1."""
+    sparsity_multiplier: torch.Tensor | float = 1.0
+    """A further multiplier of the sparsity coefficient: the target-L0 controller's (a scalar tensor
+    on the device, so that steering it costs no host sync; `train.sparsity_control`), else 1."""
     dead_mask: torch.Tensor | None = None
     """[d_sae] bool: features that have not fired for `dead_feature_window` steps (AuxK)."""
 

@@ -185,7 +185,7 @@ class JumpReLUCLT(CrossLayerTranscoder):
         feature_acts = JumpReLUFunction.apply(h, threshold, eps)
         sae_out = self.decode(feature_acts)
         l0 = StepFunction.apply(h, threshold, eps).sum(dim=-1).mean()
-        coefficient = self.settings.l0_coefficient * step.sparsity_scale
+        coefficient = self.settings.l0_coefficient * step.sparsity_scale * step.sparsity_multiplier
         losses = {"mse": self.reconstruction_error(target, sae_out), "l0_loss": coefficient * l0}
         return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l0_loss"])
 

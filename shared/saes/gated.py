@@ -75,8 +75,8 @@ class GatedSAE(SAE):
         decoder_norms = self.W_dec.detach().norm(dim=1)  # frozen, as in aux_loss (module docstring)
         l1 = (gate_acts.float() * decoder_norms).sum(dim=-1).mean()
         via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
-        losses = {"mse": self.reconstruction_error(target, sae_out),
-                  "l1_loss": self.settings.l1_coefficient * step.sparsity_scale * l1,
+        coefficient = self.settings.l1_coefficient * step.sparsity_scale * step.sparsity_multiplier
+        losses = {"mse": self.reconstruction_error(target, sae_out), "l1_loss": coefficient * l1,
                   "aux_loss": self.reconstruction_error(target, via_gate)}
         return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l1_loss"] + losses["aux_loss"])
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.saes.settings_base import BaseSettings
+from shared.saes.settings_base import TargetL0Settings
 from shared.settings import NON_NEGATIVE, setting
 
 
 @dataclass
-class GatedSettings(BaseSettings):
+class GatedSettings(TargetL0Settings):
     l1_coefficient: float = setting(3.0, NON_NEGATIVE)
     """Weight of the gate's L1 term (sum_i relu(pi_i) * ||W_dec_i||, averaged over rows), for
     inputs normalised to E||x|| = sqrt(d_in); the same name as the standard SAE's. On planted

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.saes.settings_base import BaseSettings
+from shared.saes.settings_base import TargetL0Settings
 from shared.settings import NON_NEGATIVE, POSITIVE, setting
 
 
 @dataclass
-class JumpReLUSettings(BaseSettings):
+class JumpReLUSettings(TargetL0Settings):
     l0_coefficient: float = setting(1.0, NON_NEGATIVE)
     """Weight of the L0 term (mean over rows of the number of firing features) against the MSE,
     which is summed over d_in; set for inputs normalised to E||x|| = sqrt(d_in). A feature is

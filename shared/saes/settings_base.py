@@ -82,3 +82,25 @@ class BaseSettings:
         if self.skip_connection and not cfg.transcoder:
             raise UserError("skip_connection adds a path from the input to another hook's activations: it needs "
                             "a target dump (--target-shards); an SAE reconstructs its own input")
+
+
+TARGET_L0 = "target_l0"
+"""The name of `TargetL0Settings.target_l0` (for the config's checks, which must not spell it)."""
+
+
+@dataclass
+class TargetL0Settings(BaseSettings):
+    """The settings of an architecture whose sparsity is a coefficient (L1 or L0) that training can
+    steer toward a target L0 (`train.sparsity_control`)."""
+
+    target_l0: float | None = setting(None, POSITIVE)
+    """Held-out L0 to reach (features firing per row): the sparsity coefficient is steered during
+    training, starting from its configured value, so that L0 ends at this (None: the coefficient
+    stays as configured). A controller on the coefficient's log (`train.sparsity_control`) acts
+    from the end of the sparsity warm-up; the coefficient's path is logged as
+    `sparsity_coefficient`."""
+
+    def validate(self, cfg: SAEConfig) -> None:
+        super().validate(cfg)
+        if self.target_l0 is not None and not self.target_l0 < cfg.d_sae:
+            raise UserError(f"target_l0 must be below d_sae ({cfg.d_sae}, the features there are), got {self.target_l0:g}")

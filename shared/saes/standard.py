@@ -55,7 +55,7 @@ class StandardSAE(SAE):
     def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         feature_acts = self.encode(x)
         sae_out = self.decode(feature_acts)
-        coefficient = self.settings.l1_coefficient * step.sparsity_scale
+        coefficient = self.settings.l1_coefficient * step.sparsity_scale * step.sparsity_multiplier
         losses = {"mse": self.reconstruction_error(target, sae_out),
                   "l1_loss": coefficient * self.l1_penalty(feature_acts)}
         return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l1_loss"])
