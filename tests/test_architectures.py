@@ -132,6 +132,15 @@ def test_resume_equals_uninterrupted_and_checkpoints_load(tmp_path, dump, arch):
     torch.testing.assert_close(got.sae_out, trained.sae_out / scale, rtol=1e-4, atol=1e-5)
     cfg = json.loads((full.final / "cfg.json").read_text())
     assert cfg["trained_architecture"] == arch and cfg["metadata"]["hook_name"]
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
+        # The saved threshold is calibrated at every save, from rows seeded by the step (so the
+        # resumed run's final weights above equal the uninterrupted run's), and differs from the
+        # running one; the trained SAE uses it too once saved (the comparison above).
+        n_train = full.trainer.row_sampler(10**9, 0).input.shape[0]
+        for folder in (middle, full.final):
+            saved = json.loads((folder / "cfg.json").read_text())
+            assert saved["threshold_calibrated_rows"] == min(n_train, saved["threshold_sample_rows"]), folder
+        assert loaded.threshold[0].item() != pytest.approx(cfg["threshold_running"], rel=1e-6)
 
 
 def test_mixed_architecture_sweep_equals_solo_runs(tmp_path, dump):

@@ -172,7 +172,8 @@ PREVIOUS_CONFIG = {  # a config.json the previous (flat) version wrote, for a to
     "wandb_entity": None, "wandb_log_frequency": 10}
 
 
-ADDED_SINCE = {"target_shards": None, "skip_connection": None}  # transcoders
+ADDED_SINCE = {"target_shards": None, "skip_connection": None,  # transcoders
+               "threshold_sample_rows": None}  # BatchTopK's calibrated threshold
 
 
 def test_a_previous_flat_config_round_trips_exactly():
