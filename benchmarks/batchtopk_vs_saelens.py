@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--impl", choices=["ours", "saelens"], required=True)
     p.add_argument("dump")
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=96)
+    p.add_argument("--steps", type=int, default=45)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--expansion", type=int, default=8)
@@ -52,6 +52,9 @@ def main() -> None:
         x = f.get_tensor("activations").float()
     train, held = x[:-HELD_OUT], x[-HELD_OUT:]
     rng = np.random.default_rng(a.seed)
+    if a.steps * a.batch + SAMPLE > train.shape[0]:
+        raise SystemExit(f"{a.steps} steps of {a.batch} rows + {SAMPLE} sample rows need more than the "
+                         f"{train.shape[0]} training rows (one pass, no row twice)")
     order = torch.from_numpy(rng.permutation(train.shape[0])[: a.steps * a.batch + SAMPLE])
     sample = train[order[-SAMPLE:]]
     d_in = x.shape[1]
