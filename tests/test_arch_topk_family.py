@@ -271,6 +271,64 @@ def test_threshold_is_a_buffer_and_tracks_the_smallest_kept_activation(cls):
     assert fresh.threshold.item() == sae.threshold.item()
 
 
+@pytest.mark.parametrize("cls,settings", [
+    (BatchTopKSAE, {}), (MatryoshkaBatchTopKSAE, {"matryoshka_widths": [48, 64]}),
+], ids=IDS[1:])
+def test_calibrated_threshold_lands_at_k_where_the_running_one_lags(cls, settings, tmp_path):
+    """The saved threshold, estimated from sample rows, fires k per row on held-out rows; the
+    running average (the fallback) is far off this early in training (about 14 at k 3 here)."""
+    k, steps, rows = 3, 50, 256
+    x, _ = planted_data(steps * rows + 2 * 4096)
+    train_rows, sample, held_out = x[:steps * rows], x[steps * rows:-4096], x[-4096:]
+    torch.manual_seed(0)
+    sae = cls(SAEConfig(32, 64), cls.Settings(k=k, **settings))
+    opt = make_optimizer(sae, 1e-2)
+    for i in range(steps):
+        train_step_(sae, opt, None, train_rows[i * rows:(i + 1) * rows])
+    mean_l0 = lambda model, rows: (model.encode(rows) > 0).sum(dim=-1).float().mean().item()  # noqa: E731
+    running = mean_l0(sae, held_out)
+    assert running > 2 * k, running  # the lag the calibration fixes
+    # Without a calibration, the plain save writes the running threshold and says so.
+    plain = sae.save(tmp_path / "plain")
+    assert json.loads((plain / "cfg.json").read_text())["threshold_calibrated_rows"] == 0
+    assert torch.equal(load_sae(plain).threshold, sae.threshold.expand(64))
+    # Calibrated: exactly BatchTopK's selection on the sample, and k per row on held-out rows.
+    state = copy.deepcopy(sae.state_dict())
+    sae.calibrate_inference_(sample)
+    assert torch.equal(sae.state_dict()["threshold"], state["threshold"])  # the buffer is untouched
+    with torch.no_grad():
+        assert int((sae.encode(sample) > 0).sum()) == k * sample.shape[0]
+        h = ref_pre(sae, sample)
+        torch.testing.assert_close(sae.encode(sample), ref_batchtopk_acts(h, k))
+    calibrated = mean_l0(sae, held_out)
+    assert abs(calibrated - k) <= 0.1 * k, calibrated
+    folder = sae.save(tmp_path / "calibrated")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["threshold_calibrated_rows"] == sample.shape[0]
+    assert cfg["threshold_running"] == pytest.approx(sae.threshold.item())
+    loaded = load_sae(folder)
+    from safetensors.torch import load_file  # SAELens' JumpReLU tensors, as before the calibration
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    assert sorted(weights) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"] and weights["threshold"].shape == (64,)
+    assert torch.equal(weights["threshold"], sae.inference_threshold.expand(64))
+    assert abs(mean_l0(loaded, held_out) - k) <= 0.1 * k
+    # The next training step makes it stale: encode falls back to the running threshold.
+    train_step_(sae, opt, None, train_rows[:rows])
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(held_out), ref_inference_acts(sae, held_out))
+
+
+def test_calibration_with_too_few_positive_activations_lets_every_positive_one_fire():
+    sae = make(BatchTopKSAE, d_in=8, d_sae=32, k=4)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)
+        sae.b_enc[:2] = 100.0  # two features fire on every row: fewer than k
+    x = batch(16, 8, seed=5)
+    sae.calibrate_inference_(x)
+    assert sae.inference_threshold.item() == 0.0
+    assert int((sae.encode(x) > 0).sum()) == 2 * 16
+
+
 # --- Matryoshka ---------------------------------------------------------------------------------
 
 def test_matryoshka_widths():

@@ -132,6 +132,35 @@ def test_resume_equals_uninterrupted_and_checkpoints_load(tmp_path, dump, arch):
     torch.testing.assert_close(got.sae_out, trained.sae_out / scale, rtol=1e-4, atol=1e-5)
     cfg = json.loads((full.final / "cfg.json").read_text())
     assert cfg["trained_architecture"] == arch and cfg["metadata"]["hook_name"]
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
+        # The saved threshold is calibrated at every save, from rows seeded by the step (so the
+        # resumed run's final weights above equal the uninterrupted run's), and differs from the
+        # running one; the trained SAE uses it too once saved (the comparison above).
+        n_train = full.trainer.row_sampler(10**9, 0).input.shape[0]
+        for folder in (middle, full.final):
+            saved = json.loads((folder / "cfg.json").read_text())
+            assert saved["threshold_calibrated_rows"] == min(n_train, saved["threshold_sample_rows"]), folder
+        assert loaded.threshold[0].item() != pytest.approx(cfg["threshold_running"], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
+def test_threshold_calibration_changes_only_the_saved_threshold(tmp_path, dump, arch):
+    """Calibrating before each save leaves training alone: the same trainer state as a run that
+    saves the running threshold, and the same saved tensors but the threshold."""
+    from safetensors.torch import load_file
+
+    runs = {rows: train(cfg_for(tmp_path, arch, f"rows{rows}", threshold_sample_rows=rows), progress=False)
+            for rows in (0, 512)}
+    assert (runs[0].final / "trainer_state.safetensors").read_bytes() == \
+        (runs[512].final / "trainer_state.safetensors").read_bytes()
+    plain, calibrated = (load_file(str(runs[r].final / "sae_weights.safetensors")) for r in (0, 512))
+    assert sorted(plain) == sorted(calibrated)
+    for name in plain:
+        assert torch.equal(plain[name], calibrated[name]) == (name != "threshold"), name
+    cfgs = [json.loads((runs[r].final / "cfg.json").read_text()) for r in (0, 512)]
+    assert [c["threshold_calibrated_rows"] for c in cfgs] == [0, 512]
+    assert plain["threshold"][0].item() == pytest.approx(cfgs[0]["threshold_running"])
+    assert cfgs[0]["threshold_running"] == cfgs[1]["threshold_running"]
 
 
 def test_mixed_architecture_sweep_equals_solo_runs(tmp_path, dump):

@@ -59,6 +59,7 @@ def save_checkpoint(folder: Path, trainer: SAETrainer, dump_info: dict[str, Any]
     atomic.remove(tmp)
     # Saved weights work on raw activations: fold the input and target scaling into a copy.
     try:  # a failed save (a full disk) leaves no temporary folder behind
+        trainer.calibrate_inference_()  # BatchTopK: the saved threshold from sample rows
         exported = copy.deepcopy(trainer.sae)
         if trainer.input_scale != 1.0 or trainer.target_scale != 1.0:
             exported.fold_scaling_(trainer.input_scale, trainer.target_scale)

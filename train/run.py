@@ -343,6 +343,7 @@ def make_slot(cfg: LanguageModelSAERunnerConfig, data: DataPlan, run_dir: Path, 
     trainer = SAETrainer(cfg, data.d_in, data.input_scale, data.total_steps, device, target_scale=data.target_scale,
                          d_out=data.d_out, transcoder=data.paired, n_hooks=data.n_hooks)
     trainer.shard = parallel.shard
+    trainer.row_sampler = lambda n, salt: data.assemble(random_rows(data.loader, n, cfg.seed, salt))  # calibration
     if trainer.shard is not None:
         distributed.check_data_parallel(trainer, data.loader.n_rows, cfg.train_batch_size,
                                         trainer.shard.world)

@@ -24,6 +24,10 @@ from train.sparsity_control import SparsityControl
 from train.step import StepResult, explained_variance, make_optimizer, train_step_
 from train.units import raw_mse
 
+CALIBRATION_SALT = 2**40
+"""Added to the step to seed the rows of `calibrate_inference_` (resampling's salt is the step
+itself, b_dec's sample 0): its draws never coincide with theirs."""
+
 RowSampler = Callable[[int, int], "Batch | torch.Tensor"]  # (n_rows, seed) -> n raw rows (input, target)
 
 
@@ -76,6 +80,9 @@ class SAETrainer:
         """Data-parallel: this rank's `train.distributed.DataShard`; `update` then takes this rank's
         rows of each global batch and keeps every count and metric of the whole batch (the same on
         every rank)."""
+        self.row_sampler: RowSampler | None = None
+        """(n_rows, salt) -> n raw training rows drawn seeded by (seed, salt), as resampling draws
+        them; set by the run (`train.run.make_slot`). Feeds `calibrate_inference_` before saves."""
         self._last_batch_rows = 0  # rows of the last global batch (data-parallel: more than this rank saw)
         self._sums: dict[str, torch.Tensor] = {}
         self._sum_steps = 0
@@ -248,6 +255,23 @@ class SAETrainer:
     def reset_window(self) -> None:
         self.window_fired.zero_()
         self.counters.window_rows = 0
+
+    # ---- before a save ---------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_inference_(self) -> int:
+        """Fit the SAE's inference form to training rows before a save (BatchTopK's threshold:
+        `SAE.calibrate_inference_`); returns the rows used (0: nothing to fit, or no sampler).
+
+        The rows are drawn seeded by (seed, CALIBRATION_SALT + step): a resumed run saves what
+        the uninterrupted one saved. Nothing training reads changes: no parameter, buffer, RNG or
+        loader position."""
+        n = self.sae.calibration_rows
+        if not n or self.row_sampler is None:
+            return 0
+        rows = Batch.of(self.row_sampler(n, CALIBRATION_SALT + self.counters.step))
+        x = rows.scaled(self.input_scale, self.target_scale).input.to(self.device)
+        self.sae.calibrate_inference_(x)
+        return x.shape[0]
 
     # ---- metrics ---------------------------------------------------------------------------
     def pop_metrics(self) -> dict[str, float]:

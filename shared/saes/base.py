@@ -9,6 +9,7 @@ training step, checkpoints, evaluation) talks only to this interface:
     training_forward(x, step, target) -> TrainOutput   named loss terms whose sum is the loss;
                                         target: [batch, d_out], x itself when omitted
     before_optimizer_step_() / after_optimizer_step_(out)   constraints and running estimates
+    calibrate_inference_(x)             fit the inference form to sample rows before a save
     inference_form() -> (architecture, tensors, cfg)        what `save` writes (SAELens' layout;
                                         `saved_form` names it as a transcoder where it is one)
 
@@ -233,6 +234,17 @@ class SAE(torch.nn.Module):
     def after_optimizer_step_(self, out: TrainOutput) -> None:
         if self.unit_norm_decoder:
             self.set_decoder_norm_to_unit_norm_()
+
+    @property
+    def calibration_rows(self) -> int:
+        """Training rows `calibrate_inference_` wants before each save (0: it calibrates nothing)."""
+        return 0
+
+    @torch.no_grad()
+    def calibrate_inference_(self, x: torch.Tensor) -> None:
+        """Fit what the inference form estimates from data (BatchTopK's threshold) to training
+        rows x [n, d_in] (training space); never a parameter or buffer, so training and its
+        resume do not see it. The trainer calls it before every save (`SAETrainer`)."""
 
     def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
         """(architecture name SAELens loads, its tensors, extra cfg.json keys), as an SAE: what
