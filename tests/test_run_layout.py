@@ -21,6 +21,7 @@ OWNERS = {
     "trainer_state.json": LAYOUT, "trainer_state.safetensors": LAYOUT, "sparsity.safetensors": LAYOUT,
     "summary.csv": LAYOUT, "summary.json": LAYOUT, "plots.json": LAYOUT, "frontier_l0_ev.png": LAYOUT,
     "frontier_l0_ce.png": LAYOUT, "frontier_l0_kl.png": LAYOUT, "feature_density.png": LAYOUT,
+    "frontier_l0_absorption.png": LAYOUT,
     "loss_curves.png": LAYOUT,
     "cfg.json": SAE_FILES, "sae_weights.safetensors": SAE_FILES,  # the SAE folder's own files
 }

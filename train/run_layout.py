@@ -67,9 +67,10 @@ PLOTS_INDEX = "plots.json"  # which SAEs each plot shows
 FRONTIER_EV = "frontier_l0_ev.png"
 FRONTIER_CE = "frontier_l0_ce.png"
 FRONTIER_KL = "frontier_l0_kl.png"
+FRONTIER_ABSORPTION = "frontier_l0_absorption.png"  # with `evaluate --absorption`
 DENSITY_PLOT = "feature_density.png"
 CURVES_PLOT = "loss_curves.png"
-PLOTS = (FRONTIER_EV, FRONTIER_CE, FRONTIER_KL, DENSITY_PLOT, CURVES_PLOT)
+PLOTS = (FRONTIER_EV, FRONTIER_CE, FRONTIER_KL, FRONTIER_ABSORPTION, DENSITY_PLOT, CURVES_PLOT)
 
 RUN_FILES = (CONFIG, CHECKPOINT_INDEX, SWEEP_INDEX, METRICS)
 """Files whose presence means a folder already holds a run (or a sweep)."""

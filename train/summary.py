@@ -4,6 +4,8 @@
     frontier_l0_ev.png            L0 against explained variance, Pareto frontier marked
     frontier_l0_ce.png            L0 against CE loss recovered (when evaluated with the model)
     frontier_l0_kl.png            L0 against KL(clean || with SAE) (idem; lower is better)
+    frontier_l0_absorption.png    L0 against the first-letter absorption rate (evaluate --absorption;
+                                  lower is better)
     feature_density.png           log10 feature density histogram per SAE (training's; beside it the
                                   held-out one of eval.json where evaluated)
     loss_curves.png               MSE and L0 against step per SAE
@@ -33,10 +35,14 @@ from train.run_layout import SweepEntry
 EVAL_KEYS = ("mse", "explained_variance", "l0", "frac_dead", "frac_dense", "explained_variance_per_token_mean",
              "cosine_similarity", "l2_norm_ratio")
 """eval.json's keys the summary shows, as eval_<key>."""
+ABSORPTION_COLUMNS = ("absorption_first_letter_rate", "absorption_first_letter_rate_of_misses",
+                      "absorption_first_letter_f1", "absorption_first_letter_probe_accuracy")
+"""eval.json's absorption figures (evaluate --absorption) the summary shows, as they are named there."""
 COLUMNS = ("train_mse", "train_mse_raw", "train_explained_variance", "train_l0", "train_frac_dead", "eval_mse", "eval_explained_variance",
            "eval_l0", "eval_frac_dead", "eval_frac_dense", "eval_explained_variance_per_token_mean",
            "eval_cosine_similarity", "eval_l2_norm_ratio", "ce_clean", "ce_with_sae",
-           "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae")
+           "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae",
+           *ABSORPTION_COLUMNS)
 SEED_KEY = "init_seed"
 """The swept setting whose values are repeats of one configuration (aggregated over, not plotted)."""
 SEED_STATS = ("mean", "std", "min", "max")
@@ -69,7 +75,7 @@ def summary_row(name: str, run_dir: Path, settings: dict[str, Any]) -> dict[str,
         for k, v in ev.items():
             if k in EVAL_KEYS:
                 row[f"eval_{k}"] = v
-            elif k.startswith(("ce_", "kl_")):
+            elif k.startswith(("ce_", "kl_")) or k in ABSORPTION_COLUMNS:
                 row[k] = v
     return row
 
@@ -303,6 +309,9 @@ def write_summary(root: Path, entries: list[SweepEntry], keys: list[str],
                                            root / layout.FRONTIER_CE, plt, swept),
         layout.FRONTIER_KL: _frontier_plot(rows, "kl_clean_sae", "KL(clean || with SAE)",
                                            root / layout.FRONTIER_KL, plt, swept, higher_is_better=False),
+        layout.FRONTIER_ABSORPTION: _frontier_plot(rows, "absorption_first_letter_rate",
+                                                   "first-letter absorption rate", root / layout.FRONTIER_ABSORPTION,
+                                                   plt, swept, higher_is_better=False),
         layout.DENSITY_PLOT: _density_plot([(e.name, e.final, e.run_dir) for e in entries],
                                            root / layout.DENSITY_PLOT, plt),
         layout.CURVES_PLOT: _curves_plot([(e.name, e.run_dir) for e in entries], root / layout.CURVES_PLOT, plt),

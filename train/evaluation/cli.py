@@ -202,7 +202,7 @@ def _write_dashboards(finals: list[Path], dumps: _Dumps, device: str, with_model
         click.echo(f"dashboard: {index}")
 
 
-def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
+def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict, absorption: bool = False) -> None:
     from shared.models import load_model
     from shared.progress import say
     from train.evaluation.run_eval import evaluate_checkpoint
@@ -210,6 +210,7 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
     from train.units import metrics_line
 
     baselines: dict = {}  # ablation losses, shared by SAEs evaluated on the same contexts
+    tokenizers: dict = {}  # --absorption's, one per model
     for final in finals:
         dump = dumps.for_sae(final)
         model = None
@@ -220,10 +221,18 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict) -> None:
             model = models[dump.manifest.model]
         result = evaluate_checkpoint(final, cfg, model=model, baselines=baselines, dump=dump,
                                      target=dumps.target_for_sae(final, dump))
+        if absorption:
+            from train.evaluation.absorption import absorption_of_folder
+
+            if dump.manifest.model not in tokenizers:
+                tokenizers[dump.manifest.model] = _tokenizer(dump)
+            result.update(absorption_of_folder(final, dump, model, tokenizers[dump.manifest.model], cfg.device,
+                                               cfg.progress))
         write_eval(final.parent, result)
         shown = metrics_line(result, ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
                                       "ce_loss_recovered", "kl_clean_sae", "relative_reconstruction_bias",
-                                      "frac_near_duplicate"))
+                                      "frac_near_duplicate", "absorption_first_letter_rate",
+                                      "absorption_first_letter_f1"))
         if result.get("ce_not_measured"):
             shown += "; CE not measured (several hooks a side: see ce_not_measured in eval.json)"
         click.echo(f"{final}: {shown}")
@@ -267,6 +276,9 @@ def _os_line(e: OSError) -> str:
 @click.option("--device", default=None, help="Device [cuda if available, else cpu].")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Recompute the dump's checksums before reading it.")
+@click.option("--absorption", is_flag=True,
+              help="Also measure feature absorption on the first-letter task (runs the model; eval.json's "
+                   "absorption_first_letter_*).")
 @click.option("--dashboard", is_flag=True,
               help="Also write a feature dashboard (RUN/dashboard/index.html; opens offline in a browser).")
 @click.option("--top-examples", "top_n", type=int, default=0,
@@ -276,7 +288,7 @@ def _os_line(e: OSError) -> str:
 @click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
-         verify, dashboard, top_n, features, quiet) -> None:
+         verify, absorption, dashboard, top_n, features, quiet) -> None:
     """Evaluate SAEs on the contexts their dump held out of training, and show what their features mean.
 
     PATH is a checkpoint (data/runs/<run>/final), a run folder, or a sweep folder (which gets its
@@ -301,6 +313,10 @@ def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model
             raise UserError(f"--top-examples must be positive, got {top_n}")
         if not (with_metrics or dashboard or top_n):
             raise UserError("nothing to do: --no-metrics without --dashboard or --top-examples")
+        if absorption and not with_model:
+            raise UserError("--absorption runs the language model: drop --no-model")
+        if absorption and not with_metrics:
+            raise UserError("--absorption writes eval.json: drop --no-metrics")
         finals, sweep_root = _targets(path)
         if not top_n:
             check_outputs_not_linked(finals, sweep_root, with_metrics, dashboard)
@@ -315,7 +331,7 @@ def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model
         if with_metrics:
             cfg = EvalConfig(holdout_contexts=holdout_contexts, with_model=with_model, batch_contexts=batch_contexts,
                              max_eval_contexts=max_eval_contexts, device=dev, verify=verify, progress=not quiet)
-            _metrics(finals, dumps, cfg, models)
+            _metrics(finals, dumps, cfg, models, absorption)
             if sweep_root is not None:
                 from train.run_layout import read_sweep_index
                 from train.summary import write_summary
