@@ -256,3 +256,34 @@ def test_sweep_summary_has_absorption_columns_and_plot(tmp_path):
     drawn = json.loads((tmp_path / "sw" / run_layout.PLOTS_INDEX).read_text())
     assert sorted(drawn[run_layout.FRONTIER_ABSORPTION]) == ["r0", "r1"]
     assert (tmp_path / "sw" / run_layout.FRONTIER_ABSORPTION).stat().st_size > 5000
+
+
+def test_a_split_over_several_weak_features_is_not_absorbed():
+    """Feature 6's part of the 'ab' words shared by three features, each writing a third along
+    d_a: no one of them writes half of the token's projection, so nothing is absorbed."""
+    q = directions()
+    sae = SparseAutoencoder(SAEConfig(D, 10))
+    split = planted_sae(split=True)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([split.W_enc[:, :6], torch.zeros(D, 4)], dim=1))
+        sae.W_dec.zero_()
+        sae.W_dec[:6] = split.W_dec[:6]
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(-0.2)
+        for k in (6, 7, 8):  # each fires ~1.2 on 'ab' words, writes 1.2 * (d_a / 3 + e / 3) there
+            sae.W_enc[:, k] = 1.4 * q[:, 6]
+            sae.W_dec[k] = (q[:, 0] + q[:, 6]) / 3
+        sae.b_enc[9] = -1.0
+    words = planted_words()
+    a = absorption_metrics(words, planted_acts(words), sae)["absorption_first_letter_per_letter"]["a"]
+    assert a["main_feature"] == 0 and a["n_misses"] > 0 and a["n_absorbed"] == 0
+
+
+@pytest.mark.parametrize("cfg, why", [({"architecture": "standard_transcoder", "d_in": 4, "d_sae": 8}, "transcoder"),
+                                      ({"architecture": "standard", "n_hooks": 2, "d_in": 4, "d_sae": 8}, "several hooks")])
+def test_transcoders_and_stacked_saes_are_not_measured(tmp_path, cfg, why):
+    from train.evaluation.absorption import absorption_of_folder
+
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    got = absorption_of_folder(tmp_path, None, None, None, "cpu")
+    assert list(got) == ["absorption_not_measured"] and why in got["absorption_not_measured"]
