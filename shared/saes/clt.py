@@ -126,6 +126,16 @@ class CrossLayerTranscoder(SAE):
             out[:, layer * d_o:] += f[:, layer] @ w.reshape(F_, -1)  # [n, (L - layer) * d_out]
         return out.reshape(*lead, self.cfg.d_out)
 
+    def layer_pre(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer `layer`'s pre-activations from that layer's input alone: x [..., d] -> [..., F]."""
+        return x @ self.W_enc[layer] + self.b_enc[layer]
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """f_l [..., F], layer `layer`'s features from its input x [..., d] alone (what `encode`
+        gives for that layer: its features read only their own layer). The replacement model
+        uses it, feeding each layer's input as the spliced model produces it."""
+        raise NotImplementedError
+
     def per_layer(self, t: torch.Tensor) -> torch.Tensor:
         """[..., L * F] -> [..., L, F]."""
         return t.reshape(*t.shape[:-1], self.n_layers, self.features_per_layer)
@@ -179,6 +189,11 @@ class JumpReLUCLT(CrossLayerTranscoder):
         h = self.hidden_pre(x)
         return torch.relu(h) * (h > self.threshold).to(h.dtype)
 
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self.layer_pre(x, layer)
+        F_ = self.features_per_layer
+        return torch.relu(h) * (h > self.threshold[layer * F_:(layer + 1) * F_]).to(h.dtype)
+
     def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
         h = self.hidden_pre(x)
         threshold, eps = self.threshold, self.settings.jumprelu_bandwidth
@@ -215,6 +230,11 @@ class TopKCLT(CrossLayerTranscoder):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._keep_topk(self.hidden_pre(x))
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self.layer_pre(x, layer)
+        vals, idx = h.topk(self.settings.k, dim=-1)
+        return torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
 
     @property
     def aux_k(self) -> int:
