@@ -141,8 +141,12 @@
     var svgNS = "http://www.w3.org/2000/svg";
     var svg = document.createElementNS(svgNS, "svg");
     svg.setAttribute("width", left + width);
-    svg.setAttribute("height", height + 34);
+    svg.setAttribute("height", height + 44);
     svg.setAttribute("class", o.className);
+    var root = svg;  // everything 10 px down: the peak's tick label is not cut at the top
+    svg = document.createElementNS(svgNS, "g");
+    svg.setAttribute("transform", "translate(0, 10)");
+    root.appendChild(svg);
     function text(x, y, anchor, content) {
       var t = document.createElementNS(svgNS, "text");
       t.setAttribute("x", x);
@@ -179,7 +183,7 @@
     text(left, height + 15, "start", o.lo);
     text(left + width, height + 15, "end", o.hi);
     text(left + width / 2, height + 30, "middle", o.xName);
-    return svg;
+    return root;
   }
 
   function histogram(hist, featureMax) {
