@@ -267,3 +267,28 @@ def test_an_unknown_feature_says_so_and_the_histogram_has_a_y_axis(run, browser)
     bars = browser.find_elements(By.CSS_SELECTOR, "svg.histogram rect.bar title")
     assert bars[0].get_attribute("textContent").startswith(f"{records[str(feature)]['hist']['counts'][0]} rows in [")
     _no_js_errors(browser)
+
+
+@pytest.mark.slow
+def test_the_index_shows_how_many_features_fire_how_often(run, browser):
+    """The index's density histogram: every feature that fires in one bar of log10 density
+    (fixed bins -10..0 by 0.5, as eval.json's), those that never fire counted apart."""
+    import math
+
+    from selenium.webdriver.common.by import By
+
+    browser.get((run / "dashboard" / "index.html").as_uri())
+    _wait(browser, "svg.density-histogram rect.bar")
+    rows = js_payload(run / "dashboard" / "data" / "index.js")["rows"]
+    densities = [r[1] for r in rows]
+    never = sum(d is None for d in densities)
+    want = [0] * 20
+    for d in densities:
+        if d is not None:
+            want[min(19, max(0, math.floor((d + 10) / 0.5)))] += 1
+    titles = [t.get_attribute("textContent")
+              for t in browser.find_elements(By.CSS_SELECTOR, "svg.density-histogram rect.bar title")]
+    assert [int(t.split(" ")[0]) for t in titles] == want
+    note = browser.find_element(By.ID, "density-note").text
+    assert f"{len(rows) - never} features fire" in note and (never == 0 or f"{never} never fire" in note)
+    _no_js_errors(browser)

@@ -42,6 +42,8 @@ COLUMNS = ("train_mse", "train_mse_raw", "train_explained_variance", "train_l0",
            "eval_l0", "eval_frac_dead", "eval_frac_dense", "eval_explained_variance_per_token_mean",
            "eval_cosine_similarity", "eval_l2_norm_ratio", "ce_clean", "ce_with_sae",
            "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_clean_sae",
+           "sparse_probing_raw_accuracy", *(f"sparse_probing_top_{k}_{m}" for k in (1, 2, 5, 20)
+                                            for m in ("accuracy", "relative")),
            *ABSORPTION_COLUMNS)
 SEED_KEY = "init_seed"
 """The swept setting whose values are repeats of one configuration (aggregated over, not plotted)."""
@@ -75,7 +77,8 @@ def summary_row(name: str, run_dir: Path, settings: dict[str, Any]) -> dict[str,
         for k, v in ev.items():
             if k in EVAL_KEYS:
                 row[f"eval_{k}"] = v
-            elif k.startswith(("ce_", "kl_")) or k in ABSORPTION_COLUMNS:
+            elif k.startswith(("ce_", "kl_")) or (k.startswith("sparse_probing_") and k in COLUMNS) \
+                    or k in ABSORPTION_COLUMNS:
                 row[k] = v
     return row
 

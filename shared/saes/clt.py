@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from shared.errors import UserError
 from shared.saes.base import SAE, SAEConfig, StepContext, TrainOutput, _kaiming_unit_rows, sum_sq_err
 from shared.saes.clt_settings import JumpReLUCLTSettings, TopKCLTSettings
-from shared.saes.jumprelu import JumpReLUFunction, StepFunction, log_of_threshold
+from shared.saes.jumprelu import JumpReLUActivation
 
 
 class CrossLayerTranscoder(SAE):
@@ -126,6 +126,16 @@ class CrossLayerTranscoder(SAE):
             out[:, layer * d_o:] += f[:, layer] @ w.reshape(F_, -1)  # [n, (L - layer) * d_out]
         return out.reshape(*lead, self.cfg.d_out)
 
+    def layer_pre(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer `layer`'s pre-activations from that layer's input alone: x [..., d] -> [..., F]."""
+        return x @ self.W_enc[layer] + self.b_enc[layer]
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """f_l [..., F], layer `layer`'s features from its input x [..., d] alone (what `encode`
+        gives for that layer: its features read only their own layer). The replacement model
+        uses it, feeding each layer's input as the spliced model produces it."""
+        raise NotImplementedError
+
     def per_layer(self, t: torch.Tensor) -> torch.Tensor:
         """[..., L * F] -> [..., L, F]."""
         return t.reshape(*t.shape[:-1], self.n_layers, self.features_per_layer)
@@ -155,48 +165,22 @@ class CrossLayerTranscoder(SAE):
         return self.inference_form()  # its own name: no SAELens class loads a CLT
 
 
-class JumpReLUCLT(CrossLayerTranscoder):
+class JumpReLUCLT(JumpReLUActivation, CrossLayerTranscoder):
     architecture = "jumprelu_clt"
     Settings = JumpReLUCLTSettings
-    sparsity_setting, sparsity_label, sparsity_warm_up = "l0_coefficient", "L0", "l0_warm_up_steps"
     settings: JumpReLUCLTSettings
-    log_threshold: torch.nn.Parameter
 
     def init_extra_(self, device: str | torch.device) -> None:
-        log_init = math.log(self.settings.jumprelu_init_threshold)
-        self.log_threshold = torch.nn.Parameter(torch.full((self.cfg.d_sae,), log_init, device=device))
+        self.init_threshold_(device)
 
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        rest = [p for name, p in self.named_parameters() if name != "log_threshold"]
-        return [{"params": rest, "lr": lr},
-                {"params": [self.log_threshold], "lr": self.settings.jumprelu_threshold_lr}]
-
-    @property
-    def threshold(self) -> torch.Tensor:
-        return torch.exp(self.log_threshold)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.hidden_pre(x)
-        return torch.relu(h) * (h > self.threshold).to(h.dtype)
-
-    def training_losses(self, x: torch.Tensor, target: torch.Tensor, step: StepContext) -> TrainOutput:
-        h = self.hidden_pre(x)
-        threshold, eps = self.threshold, self.settings.jumprelu_bandwidth
-        feature_acts = JumpReLUFunction.apply(h, threshold, eps)
-        sae_out = self.decode(feature_acts)
-        l0 = StepFunction.apply(h, threshold, eps).sum(dim=-1).mean()
-        coefficient = self.settings.l0_coefficient * step.sparsity_scale * step.sparsity_multiplier
-        losses = {"mse": self.reconstruction_error(target, sae_out), "l0_loss": coefficient * l0}
-        return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l0_loss"])
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self.layer_pre(x, layer)
+        F_ = self.features_per_layer
+        return torch.relu(h) * (h > self.threshold[layer * F_:(layer + 1) * F_]).to(h.dtype)
 
     def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
         architecture, tensors, extra = super().inference_form()
         return architecture, tensors | {"threshold": self.threshold}, extra
-
-    def load_inference_(self, tensors: dict[str, torch.Tensor]) -> None:
-        own = {name: t for name, t in tensors.items() if name != "threshold"}
-        own["log_threshold"] = log_of_threshold(tensors["threshold"])
-        self.load_state_dict(own, strict=True, assign=True)
 
 
 class TopKCLT(CrossLayerTranscoder):
@@ -215,6 +199,11 @@ class TopKCLT(CrossLayerTranscoder):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._keep_topk(self.hidden_pre(x))
+
+    def encode_layer(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self.layer_pre(x, layer)
+        vals, idx = h.topk(self.settings.k, dim=-1)
+        return torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
 
     @property
     def aux_k(self) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from shared.errors import UserError
 from shared.saes.jumprelu_settings import JumpReLUSettings
 from shared.saes.settings_base import BaseSettings, SAEConfig
-from shared.settings import NON_NEGATIVE, POSITIVE, setting
+from shared.saes.topk_settings import KeptLatentsSettings
 
 
 def check_clt_shape(settings: BaseSettings, cfg: SAEConfig) -> None:
@@ -29,14 +29,8 @@ class JumpReLUCLTSettings(JumpReLUSettings):
 
 
 @dataclass
-class TopKCLTSettings(BaseSettings):
-    k: int = setting(32, POSITIVE)
-    """Latents kept per row (SAELens `k`)."""
-    aux_k: int | None = setting(None, POSITIVE)
-    """Latents in the AuxK reconstruction of the residual; None -> d_in // 2 (SAELens' default;
-    OpenAI used 512). Clamped to d_sae."""
-    aux_loss_coefficient: float = setting(1 / 32, NON_NEGATIVE)
-    """Weight of the AuxK term (OpenAI's 1/32)."""
+class TopKCLTSettings(KeptLatentsSettings):
+    """TopK's settings; k is kept per layer (so L0 = n_layers x k), aux_k per layer too."""
 
     def validate(self, cfg: SAEConfig) -> None:
         super().validate(cfg)

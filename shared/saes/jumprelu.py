@@ -105,19 +105,19 @@ def log_of_threshold(threshold: torch.Tensor) -> torch.Tensor:
     return stacked.gather(0, pick[None])[0].contiguous()
 
 
-class JumpReLUSAE(SAE):
-    architecture = "jumprelu"
-    Settings = JumpReLUSettings
+class JumpReLUActivation:
+    """JumpReLU on an architecture's `hidden_pre` (an SAE's, a cross-layer transcoder's): the
+    learned per-feature threshold theta = exp(log_threshold) at its own learning rate, the
+    inference form relu(h) * 1[h > theta], and the training loss mse + l0_coefficient * L0 with
+    the straight-through estimators. Mixed in before the architecture's base class."""
+
     sparsity_setting, sparsity_label, sparsity_warm_up = "l0_coefficient", "L0", "l0_warm_up_steps"
     settings: JumpReLUSettings
-    b_enc: torch.nn.Parameter
     log_threshold: torch.nn.Parameter
 
-    def init_extra_(self, device: str | torch.device) -> None:
-        d_sae = self.cfg.d_sae
-        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae, device=device))
+    def init_threshold_(self, device: str | torch.device) -> None:
         log_init = math.log(self.settings.jumprelu_init_threshold)
-        self.log_threshold = torch.nn.Parameter(torch.full((d_sae,), log_init, device=device))
+        self.log_threshold = torch.nn.Parameter(torch.full((self.cfg.d_sae,), log_init, device=device))
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """The threshold at its own rate (`jumprelu_threshold_lr`), the rest at `lr`."""
@@ -145,12 +145,22 @@ class JumpReLUSAE(SAE):
         losses = {"mse": self.reconstruction_error(target, sae_out), "l0_loss": coefficient * l0}
         return TrainOutput(sae_out, feature_acts, losses, losses["mse"] + losses["l0_loss"])
 
-    def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
-                   "threshold": self.threshold}
-        return "jumprelu", tensors, {}
-
     def load_inference_(self, tensors: dict[str, torch.Tensor]) -> None:
         own = {name: t for name, t in tensors.items() if name != "threshold"}
         own["log_threshold"] = log_of_threshold(tensors["threshold"])
         self.load_state_dict(own, strict=True, assign=True)
+
+
+class JumpReLUSAE(JumpReLUActivation, SAE):
+    architecture = "jumprelu"
+    Settings = JumpReLUSettings
+    b_enc: torch.nn.Parameter
+
+    def init_extra_(self, device: str | torch.device) -> None:
+        self.b_enc = torch.nn.Parameter(torch.zeros(self.cfg.d_sae, device=device))
+        self.init_threshold_(device)
+
+    def inference_form(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
+                   "threshold": self.threshold}
+        return "jumprelu", tensors, {}

@@ -10,7 +10,9 @@ from shared.settings import NON_NEGATIVE, POSITIVE, setting
 
 
 @dataclass
-class TopKSettings(BaseSettings):
+class KeptLatentsSettings(BaseSettings):
+    """What every architecture that keeps k latents and revives dead ones by AuxK has."""
+
     k: int = setting(32, POSITIVE)
     """Latents kept per row (SAELens `k`)."""
     aux_k: int | None = setting(None, POSITIVE)
@@ -18,6 +20,10 @@ class TopKSettings(BaseSettings):
     OpenAI used 512). Clamped to d_sae."""
     aux_loss_coefficient: float = setting(1 / 32, NON_NEGATIVE)
     """Weight of the AuxK term (OpenAI's 1/32)."""
+
+
+@dataclass
+class TopKSettings(KeptLatentsSettings):
     sparse_decode: bool | None = None
     """Train through the chosen latents only (True), through a dense f (False), or decide by
     shape (None: sparse when k * 8 <= d_sae). Same results either way; only speed differs."""

@@ -231,8 +231,9 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict, absorpti
         write_eval(final.parent, result)
         shown = metrics_line(result, ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
                                       "ce_loss_recovered", "kl_clean_sae", "relative_reconstruction_bias",
-                                      "frac_near_duplicate", "absorption_first_letter_rate",
-                                      "absorption_first_letter_f1"))
+                                      "frac_near_duplicate", "sparse_probing_raw_accuracy",
+                                      "sparse_probing_top_1_accuracy", "sparse_probing_top_5_accuracy",
+                                      "absorption_first_letter_rate", "absorption_first_letter_f1"))
         if result.get("ce_not_measured"):
             shown += "; CE not measured (several hooks a side: see ce_not_measured in eval.json)"
         click.echo(f"{final}: {shown}")
@@ -284,11 +285,17 @@ def _os_line(e: OSError) -> str:
 @click.option("--top-examples", "top_n", type=int, default=0,
               help="Only show the N contexts where each of --features fires most (no model run).")
 @click.option("--features", default="", help="Comma-separated feature indices for --top-examples.")
+@click.option("--sparse-probing", is_flag=True,
+              help="Also fit k-sparse probes (k = 1, 2, 5, 20) on the SAE's features against a probe on the raw "
+                   "activations, on token properties (eval.json's sparse_probing_*).")
+@click.option("--probe-tasks", default=None,
+              help="Comma-separated sparse probing tasks [every one with enough rows]: "
+                   "word_start, capitalised, punctuation, short_word.")
 @click.option("--s3-endpoint", metavar="URL", expose_value=False, callback=endpoint_option, help=ENDPOINT_HELP)
 @click.option("--s3-timeout", metavar="SECONDS", expose_value=False, callback=timeout_option, help=TIMEOUT_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars or progress lines.")
 def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model, max_eval_contexts, batch_contexts, device,
-         verify, absorption, dashboard, top_n, features, quiet) -> None:
+         verify, absorption, dashboard, top_n, features, sparse_probing, probe_tasks, quiet) -> None:
     """Evaluate SAEs on the contexts their dump held out of training, and show what their features mean.
 
     PATH is a checkpoint (data/runs/<run>/final), a run folder, or a sweep folder (which gets its
@@ -311,6 +318,10 @@ def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model
                 raise UserError(f"--{name} must be positive, got {value}")
         if top_n < 0:
             raise UserError(f"--top-examples must be positive, got {top_n}")
+        if (sparse_probing or probe_tasks) and not with_metrics:
+            raise UserError("--sparse-probing writes eval.json: it needs --metrics")
+        if probe_tasks and not sparse_probing:
+            raise UserError("--probe-tasks needs --sparse-probing")
         if not (with_metrics or dashboard or top_n):
             raise UserError("nothing to do: --no-metrics without --dashboard or --top-examples")
         if absorption and not with_model:
@@ -330,7 +341,9 @@ def main(path, shards, target_shards, holdout_contexts, with_metrics, with_model
         models: dict = {}  # one language model per dump model, shared by the SAEs
         if with_metrics:
             cfg = EvalConfig(holdout_contexts=holdout_contexts, with_model=with_model, batch_contexts=batch_contexts,
-                             max_eval_contexts=max_eval_contexts, device=dev, verify=verify, progress=not quiet)
+                             max_eval_contexts=max_eval_contexts, device=dev, verify=verify, progress=not quiet,
+                             sparse_probing=sparse_probing,
+                             probe_tasks=[t.strip() for t in probe_tasks.split(",") if t.strip()] if probe_tasks else None)
             _metrics(finals, dumps, cfg, models, absorption)
             if sweep_root is not None:
                 from train.run_layout import read_sweep_index

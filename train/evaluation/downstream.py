@@ -183,20 +183,8 @@ def replacement_ce_metrics(model: Any, clt: Any, read_hooks: Sequence[str], writ
 
 def clt_layer_features(clt: Any, x: torch.Tensor, layer: int) -> torch.Tensor:
     """f_l [..., F]: the features of layer `layer` of a cross-layer transcoder from that layer's
-    input x [..., d] alone (as `clt.encode` computes them: layer l's features read layer l only)."""
-    from shared.saes.clt import JumpReLUCLT, TopKCLT
-
-    F_, d = clt.features_per_layer, clt.d_layer_in
-    own = slice(layer * F_, (layer + 1) * F_)
-    if isinstance(clt, (JumpReLUCLT, TopKCLT)):
-        h = x @ clt.W_enc[layer] + clt.b_enc[layer]  # [..., F]
-        if isinstance(clt, JumpReLUCLT):
-            return torch.relu(h) * (h > clt.threshold[own]).to(h.dtype)
-        vals, idx = h.topk(clt.settings.k, dim=-1)
-        return torch.zeros_like(h).scatter(-1, idx, torch.relu(vals))
-    full = x.new_zeros(*x.shape[:-1], clt.cfg.d_in)  # another CLT: its own encode, the other layers 0
-    full[..., layer * d:(layer + 1) * d] = x
-    return clt.encode(full)[..., own]
+    input x [..., d] alone (`CrossLayerTranscoder.encode_layer`)."""
+    return clt.encode_layer(x, layer)
 
 
 def clt_outputs_at(clt: Any, features: Sequence[torch.Tensor], m: int) -> torch.Tensor:

@@ -58,6 +58,10 @@ class EvalConfig:
     """Recompute the dump's checksums before reading it, as `train` does."""
     progress: bool = False
     """Show each pass (checksums, model load, reconstruction, CE) on stderr as it runs."""
+    sparse_probing: bool = False
+    """Also fit k-sparse probes on the SAE's features (train.evaluation.sparse_probing)."""
+    probe_tasks: list[str] | None = None
+    """Sparse probing tasks by name [every task with enough rows]."""
 
     def __post_init__(self) -> None:
         if self.holdout_contexts is not None and self.holdout_contexts < 0:
@@ -111,6 +115,8 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     n_heldout = (rows[1] - rows[0]) // dump.manifest.rows_per_context
     sae = load_sae(sae_folder, device=device)
     if multi:
+        if cfg.sparse_probing:
+            raise UserError(f"{sae_folder}: sparse probing is for SAEs of one input hook")
         return _evaluate_stacked(sae_folder, sae, dump, target, rows, n_heldout, cfg, device, model, baselines)
     out: dict[str, Any] = {"sae": str(sae_folder), "dump": str(dump.path), "hook": dump.manifest.hook,
                            "n_eval_contexts": n_heldout, "units": EVAL_UNITS}
@@ -124,6 +130,14 @@ def evaluate_checkpoint(sae_folder: Path, cfg: EvalConfig, dump_path: str | None
     out["frac_near_duplicate"] = duplicate_fraction(nearest[:, 0])
     if cfg.with_model:
         out.update(_ce_on_heldout(sae, dump, n_heldout, cfg, device, model, baselines, target))
+    if cfg.sparse_probing:
+        from train.evaluation.examples import load_tokenizer
+        from train.evaluation.sparse_probing import sparse_probing_metrics
+
+        m = dump.manifest
+        tokenizer = load_tokenizer(m.model) or (load_tokenizer(m.tokenizer) if m.tokenizer else None)
+        out.update(sparse_probing_metrics(sae, dump, rows, tokenizer, device, tasks=cfg.probe_tasks,
+                                          progress=cfg.progress))
     return out
 
 

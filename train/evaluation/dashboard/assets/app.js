@@ -133,15 +133,20 @@
     return line;
   }
 
-  function histogram(hist, featureMax) {
-    // Bars of rows per bin, with a y axis (0, half and the peak, in rows) and each bar's count on hover.
-    var left = 48, width = 460, height = 110, bins = hist.counts.length;
-    var peak = Math.max.apply(null, hist.counts.concat([1]));
+  function barChart(counts, o) {
+    // Bars of counts per bin, with a y axis (0, half and the peak) and each bar's count on hover.
+    // o: className, lo and hi (the x axis's ends, as text), xName, yName, binText(i, count).
+    var left = 48, width = 460, height = 110, bins = counts.length;
+    var peak = Math.max.apply(null, counts.concat([1]));
     var svgNS = "http://www.w3.org/2000/svg";
     var svg = document.createElementNS(svgNS, "svg");
     svg.setAttribute("width", left + width);
-    svg.setAttribute("height", height + 34);
-    svg.setAttribute("class", "histogram");
+    svg.setAttribute("height", height + 44);
+    svg.setAttribute("class", o.className);
+    var root = svg;  // everything 10 px down: the peak's tick label is not cut at the top
+    svg = document.createElementNS(svgNS, "g");
+    svg.setAttribute("transform", "translate(0, 10)");
+    root.appendChild(svg);
     function text(x, y, anchor, content) {
       var t = document.createElementNS(svgNS, "text");
       t.setAttribute("x", x);
@@ -161,8 +166,8 @@
       var tick = text(left - 6, height - (v / peak) * height + 4, "end", String(v));
       tick.setAttribute("class", "y-tick");
     });
-    text(0, height + 30, "start", "rows");
-    hist.counts.forEach(function (c, i) {
+    text(0, height + 30, "start", o.yName);
+    counts.forEach(function (c, i) {
       var h = (c / peak) * height;
       var bar = document.createElementNS(svgNS, "rect");
       bar.setAttribute("class", "bar");
@@ -171,14 +176,49 @@
       bar.setAttribute("width", Math.max(1, width / bins - 1));
       bar.setAttribute("height", h);
       var title = document.createElementNS(svgNS, "title");
-      title.textContent = c + " rows in [" + fmt(i * hist.width) + ", " + fmt((i + 1) * hist.width) + ")";
+      title.textContent = o.binText(i, c);
       bar.appendChild(title);
       svg.appendChild(bar);
     });
-    text(left, height + 15, "start", "0");
-    text(left + width, height + 15, "end", fmt(hist.width * bins));
-    text(left + width / 2, height + 30, "middle", "activation");
-    return svg;
+    text(left, height + 15, "start", o.lo);
+    text(left + width, height + 15, "end", o.hi);
+    text(left + width / 2, height + 30, "middle", o.xName);
+    return root;
+  }
+
+  function histogram(hist, featureMax) {
+    // A feature's activations: rows per bin of width hist.width from 0.
+    return barChart(hist.counts, {
+      className: "histogram", lo: "0", hi: fmt(hist.width * hist.counts.length), xName: "activation", yName: "rows",
+      binText: function (i, c) { return c + " rows in [" + fmt(i * hist.width) + ", " + fmt((i + 1) * hist.width) + ")"; }
+    });
+  }
+
+  var DENSITY_LO = -10, DENSITY_HI = 0, DENSITY_BINS = 20;  // log10 density, as eval.json's histogram
+
+  function densityHistogram(all) {
+    // The index's view of the dictionary: how many features fire how often (log10 of the fraction
+    // of rows each fires on; below 1e-10 in the first bin), the ones that never fire counted apart.
+    var counts = [], never = 0, i;
+    for (i = 0; i < DENSITY_BINS; i++) counts.push(0);
+    var step = (DENSITY_HI - DENSITY_LO) / DENSITY_BINS;
+    all.forEach(function (r) {
+      if (r.log_density === null) { never += 1; return; }
+      var b = Math.floor((r.log_density - DENSITY_LO) / step);
+      counts[Math.min(DENSITY_BINS - 1, Math.max(0, b))] += 1;
+    });
+    var chart = barChart(counts, {
+      className: "density-histogram", lo: String(DENSITY_LO), hi: String(DENSITY_HI),
+      xName: "log10 density (fraction of rows a feature fires on)", yName: "features",
+      binText: function (b, c) {
+        return c + " features with log10 density in [" + fmt(DENSITY_LO + b * step) + ", " + fmt(DENSITY_LO + (b + 1) * step) + ")";
+      }
+    });
+    return el("div", { id: "density" }, [
+      el("p", { className: "note", id: "density-note",
+                text: "Feature density: " + (all.length - never) + " features fire" +
+                      (never ? ", " + never + " never fire (not shown)" : "") + "." }),
+      chart]);
   }
 
   function logitList(pairs, negative) {
@@ -264,6 +304,8 @@
   document.addEventListener("DOMContentLoaded", function () {
     var all = indexRows();
     header();
+    var view = document.getElementById("index-view");
+    view.insertBefore(densityHistogram(all), view.querySelector(".controls"));
     document.getElementById("search").addEventListener("input", function (e) {
       state.query = e.target.value; state.page = 0; renderIndex(all);
     });
