@@ -199,13 +199,19 @@ def _frontier_plot(rows: list[dict[str, Any]], y_key: str, y_label: str, path: P
     ax.set_xlabel("L0 (features active per token)" + (" on held-out rows" if x_key == "eval_l0" else ""))
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     if seeds:
         ax.set_title("mean over init seeds, bars min to max", fontsize=9)
     elif len(groups) == 1 and rows and rows[0].get("label_keys"):
         ax.set_title(f"points labelled {rows[0]['label_keys']}", fontsize=9)
     _save(fig, path, plt)
     return [name for r in have for name in r.get("members", [r["name"]])]
+
+
+def _legend(ax) -> None:
+    """A legend where something drawn has a label (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path, plt) -> None:
@@ -232,7 +238,7 @@ def _density_plot(runs: list[tuple[str, Path, Path]], path: Path, plt) -> list[s
             drawn.append(name)
     ax.set_xlabel("log10 feature density in training (-10: never fired)")
     ax.set_ylabel("features")
-    ax.legend(fontsize=7)
+    _legend(ax)
     if held_out:
         b = axes[0][1]
         for name, ev in held_out:
@@ -242,7 +248,7 @@ def _density_plot(runs: list[tuple[str, Path, Path]], path: Path, plt) -> list[s
                 drawn.append(name)
         b.set_xlabel("log10 feature density on held-out rows (eval.json)")
         b.set_ylabel("features")
-        b.legend(fontsize=7)
+        _legend(b)
     _save(fig, path, plt)
     return drawn
 
@@ -263,7 +269,7 @@ def _curves_plot(runs: list[tuple[str, Path]], path: Path, plt) -> list[str]:
     b.set_yscale("log")
     b.set_xlabel("step")
     b.set_ylabel("L0")
-    a.legend(fontsize=7)
+    _legend(a)
     _save(fig, path, plt)
     return drawn
 
