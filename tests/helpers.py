@@ -104,3 +104,38 @@ def assert_aligned(dumps: list[Dump], batches: list[tuple[torch.Tensor, ...]]) -
                 assert all(np.array_equal(per_dump[0][rows], other[rows]) for other in per_dump[1:]), name
             checked += 1
     return checked
+
+
+# ---- planted features: transcoders, CLTs, crosscoders ---------------------------------------------
+def unit_rows(n: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """[n, d] random unit rows."""
+    v = torch.randn(n, d, generator=g)
+    return v / v.norm(dim=1, keepdim=True)
+
+
+def sparse_codes(rows: int, n: int, g: torch.Generator, active: int = 3) -> torch.Tensor:
+    """[rows, n]: `active` features on per row, each with a coefficient in [0.5, 1.5)."""
+    which = torch.rand(rows, n, generator=g).argsort(dim=1)[:, :active]
+    return torch.zeros(rows, n).scatter_(1, which, 0.5 + torch.rand(rows, active, generator=g))
+
+
+def train_planted(sae, batches, steps: int, lr: float = 1e-2):
+    """Train on `batches()` -> Batch with AuxK's dead mask and a 100-step sparsity warm-up, as the
+    trainer gives them; the last step's measurements."""
+    from shared.saes.base import StepContext
+    from train.step import make_optimizer, train_step_
+
+    opt = make_optimizer(sae, lr)
+    since = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    for i in range(steps):
+        res = train_step_(sae, opt, None, batches(),
+                          StepContext(sparsity_scale=min(1.0, (i + 1) / 100), dead_mask=since >= 50))
+        since = torch.where(res.feature_acts_fired > 0, 0, since + 1)
+    return res
+
+
+def best_cos(planted: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """For each planted row, the best cosine similarity with a learned row: [n_planted]."""
+    planted = planted / planted.norm(dim=1, keepdim=True)
+    learned = learned / learned.norm(dim=1, keepdim=True)
+    return (planted @ learned.T).amax(dim=1)

@@ -15,13 +15,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import write_token_dataset
-from helpers import harvest_pass
+from helpers import best_cos, harvest_pass, sparse_codes, train_planted, unit_rows
 from shared.errors import UserError
 from shared.reader import open_dump
 from shared.saes import SAEConfig, architecture_class, load_sae
-from shared.saes.base import StepContext
 from train.batch import Batch
-from train.step import make_optimizer, train_step_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,32 +28,6 @@ def clt(arch: str, L: int, d: int, F_: int, d_out: int, **settings):
     cls = architecture_class(arch)
     shape = SAEConfig(L * d, L * F_, L * d_out, n_hooks=L, apply_b_dec_to_input=False)
     return cls(shape, cls.Settings(**({"k": 3} if arch == "topk_clt" else {}) | settings))
-
-
-def unit_rows(n: int, d: int, g: torch.Generator) -> torch.Tensor:
-    v = torch.randn(n, d, generator=g)
-    return v / v.norm(dim=1, keepdim=True)
-
-
-def sparse_codes(rows: int, n: int, g: torch.Generator, active: int = 3) -> torch.Tensor:
-    which = torch.rand(rows, n, generator=g).argsort(dim=1)[:, :active]
-    return torch.zeros(rows, n).scatter_(1, which, 0.5 + torch.rand(rows, active, generator=g))
-
-
-def train_planted(sae, batches, steps: int, lr: float = 1e-2):
-    opt = make_optimizer(sae, lr)
-    since = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    for i in range(steps):
-        res = train_step_(sae, opt, None, batches(),
-                          StepContext(sparsity_scale=min(1.0, (i + 1) / 100), dead_mask=since >= 50))
-        since = torch.where(res.feature_acts_fired > 0, 0, since + 1)
-    return res
-
-
-def best_cos(planted: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
-    planted = planted / planted.norm(dim=1, keepdim=True)
-    learned = learned / learned.norm(dim=1, keepdim=True)
-    return (planted @ learned.T).amax(dim=1)
 
 
 # ---- the model by hand ----------------------------------------------------------------------------

@@ -13,14 +13,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import write_token_dataset
-from helpers import NARROW, WIDE, harvest_pass
+from helpers import NARROW, WIDE, best_cos, harvest_pass, sparse_codes, train_planted, unit_rows
 from shared.errors import UserError
 from shared.reader import open_dump
 from shared.saes import SAEConfig, architecture_class, load_sae
-from shared.saes.base import StepContext
 from shared.saes.transcoder_names import parse_saved_name, saved_name
 from train.batch import Batch
-from train.step import make_optimizer, train_step_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,35 +29,6 @@ ARCHS = {"standard": {}, "jumprelu": {}, "gated": {}, "topk": {"k": 3}, "batchto
 def transcoder(arch: str, d_in: int, d_sae: int, d_out: int, **settings):
     cls = architecture_class(arch)
     return cls(SAEConfig(d_in, d_sae, d_out, apply_b_dec_to_input=False), cls.Settings(**(ARCHS[arch] | settings)))
-
-
-def unit_rows(n: int, d: int, g: torch.Generator) -> torch.Tensor:
-    v = torch.randn(n, d, generator=g)
-    return v / v.norm(dim=1, keepdim=True)
-
-
-def sparse_codes(rows: int, n: int, g: torch.Generator, active: int = 3) -> torch.Tensor:
-    """[rows, n]: `active` features on per row, each with a coefficient in [0.5, 1.5)."""
-    which = torch.rand(rows, n, generator=g).argsort(dim=1)[:, :active]
-    return torch.zeros(rows, n).scatter_(1, which, 0.5 + torch.rand(rows, active, generator=g))
-
-
-def train_planted(sae, batches, steps: int, lr: float = 1e-2):
-    """Train on `batches()` -> Batch with AuxK's dead mask and a 100-step sparsity warm-up, as the
-    trainer gives them; the last step's measurements."""
-    opt = make_optimizer(sae, lr)
-    since = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    for i in range(steps):
-        res = train_step_(sae, opt, None, batches(),
-                          StepContext(sparsity_scale=min(1.0, (i + 1) / 100), dead_mask=since >= 50))
-        since = torch.where(res.feature_acts_fired > 0, 0, since + 1)
-    return res
-
-
-def mean_max_cos(planted: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
-    """For each planted row, the best cosine similarity with a learned row: [n_planted]."""
-    learned = learned / learned.norm(dim=1, keepdim=True)
-    return (planted @ learned.T).amax(dim=1)
 
 
 # ---- planted features ---------------------------------------------------------------------------
@@ -84,7 +53,7 @@ def test_transcoder_recovers_a_planted_decoder(arch):
     torch.manual_seed(0)
     sae = transcoder(arch, 32, 64, 48)
     res = train_planted(sae, batch, 600)
-    best = mean_max_cos(D, sae.W_dec.detach())
+    best = best_cos(D, sae.W_dec.detach())
     assert best.mean() >= RECOVERY[arch], (best.mean(), best.min())
     assert 1 - res.sum_sq_err / res.sum_sq_total > 0.75  # the noise in x is not in t: not 1.0
 
