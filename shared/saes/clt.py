@@ -102,7 +102,7 @@ class CrossLayerTranscoder(SAE):
     def W_dec(self) -> torch.Tensor:  # type: ignore[override]
         """Each feature's decoders as one row [d_sae, L * d_out], zero into the layers before its
         own (what generic code reads: the dashboard's neighbours, the decoder norms)."""
-        L, d_o = self.n_layers, self.d_layer_out
+        d_o = self.d_layer_out
         rows = [F.pad(w.reshape(w.shape[0], -1), (layer * d_o, 0)) for layer, w in enumerate(self.decoders())]
         return torch.cat(rows)
 
