@@ -102,6 +102,39 @@ def test_planted_split_is_absorbed_at_its_share():
     assert got["absorption_first_letter_probe_f1"] > 0.97
     assert got["absorption_first_letter_n_letters"] == len(LETTERS)
     assert got["absorption_first_letter_n_tokens"] == len(words)
+    assert a["absorbing_features"] == [{"feature": 6, "n_absorbed": n_ab}]  # the planted absorber
+    assert all(got["absorption_first_letter_per_letter"][c]["absorbing_features"] == [] for c in LETTERS[1:])
+
+
+def test_the_absorber_recorded_is_the_one_writing_most_along_the_probe():
+    """The split SAE plus feature 7, also firing on the 'ab' words (a little less than feature 6:
+    1.18 against 1.21) but writing d_a alone: along the 'a' probe p (about 0.80 d_a + 0.22 e, as
+    'ab' words carry e) 7 writes about 0.95, 6 about 0.87. Both pass the test; each absorbed token
+    is recorded once, for 7 (the largest writer: not the most active, not the first feature)."""
+    words = planted_words()
+    sae = planted_sae(split=True)
+    q = directions()
+    with torch.no_grad():
+        sae.W_enc[:, 7] = 1.38 * q[:, 6]
+        sae.b_enc[7] = -0.2
+        sae.W_dec[7] = q[:, 0]
+    acts = planted_acts(words)
+    a = absorption_metrics(words, acts, sae)["absorption_first_letter_per_letter"]["a"]
+    f = sae.encode(acts[[i for i, w in enumerate(words) if w.startswith("ab")]])
+    assert (f[:, 6] > f[:, 7]).all() and (f[:, 7] > 0.5).all()  # as planted: 6 the more active, 7 firing
+    assert a["main_feature"] == 0 and a["n_absorbed"] == a["n_misses"] > 0
+    assert a["absorbing_features"] == [{"feature": 7, "n_absorbed": a["n_absorbed"]}]
+
+
+def test_absorbing_features_are_counted_most_first_and_capped():
+    from train.evaluation.absorption import ABSORBERS_LISTED, absorbing_features
+
+    got = absorbing_features(torch.tensor([5, 3, 5, 9, 3, 5, 1]))
+    assert got == [{"feature": 5, "n_absorbed": 3}, {"feature": 3, "n_absorbed": 2},
+                   {"feature": 1, "n_absorbed": 1}, {"feature": 9, "n_absorbed": 1}]
+    many = absorbing_features(torch.arange(3 * ABSORBERS_LISTED).repeat_interleave(2)[2:])
+    assert len(many) == ABSORBERS_LISTED and many[0] == {"feature": 1, "n_absorbed": 2}
+    assert absorbing_features(torch.zeros(0, dtype=torch.long)) == []
 
 
 def test_no_split_no_absorption():
@@ -109,6 +142,7 @@ def test_no_split_no_absorption():
     got = absorption_metrics(words, planted_acts(words), planted_sae(split=False))
     assert got["absorption_first_letter_rate"] == 0.0
     assert got["absorption_first_letter_rate_of_misses"] is None  # the main features miss nothing
+    assert all(v["absorbing_features"] == [] for v in got["absorption_first_letter_per_letter"].values())
     assert got["absorption_first_letter_f1"] == pytest.approx(1.0)
     assert got["absorption_first_letter_probe_accuracy"] > 0.97
 
@@ -121,6 +155,7 @@ def test_a_miss_with_nothing_else_firing_is_not_absorbed():
         sae.b_enc[6] = -10.0
     a = absorption_metrics(words, planted_acts(words), sae)["absorption_first_letter_per_letter"]["a"]
     assert a["n_misses"] > 0 and a["n_absorbed"] == 0 and a["rate"] == 0.0
+    assert a["absorbing_features"] == []
 
 
 class FakeTokenizer:

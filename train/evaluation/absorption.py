@@ -44,7 +44,11 @@ Figures in eval.json (`ABSORPTION_KEYS`; letters averaged with equal weight):
     their letter's;
   absorption_first_letter_n_tokens, _n_letters: the tokens and letters used;
   absorption_first_letter_per_letter: per letter {rate, f1, main_feature, n_true_positives,
-    n_misses, n_absorbed}.
+    n_misses, n_absorbed, absorbing_features}; absorbing_features: which features took the
+    letter's absorbed misses, as [{feature, n_absorbed}], most absorbed tokens first (ties: lower
+    feature first), at most `ABSORBERS_LISTED` (10) of them (so their n_absorbed can sum to less
+    than the letter's). A miss's absorber is the feature with the largest f_j (W_dec_j . p) among
+    those eligible (step 5): the one that passed the test, as the test takes the largest.
 """
 from __future__ import annotations
 
@@ -65,6 +69,9 @@ ABSORPTION_KEYS = ("absorption_first_letter_rate", "absorption_first_letter_rate
                    "absorption_first_letter_probe_accuracy", "absorption_first_letter_n_tokens",
                    "absorption_first_letter_n_letters")
 """eval.json's scalar absorption figures (the sweep summary's columns)."""
+ABSORBERS_LISTED = 10
+"""Absorbing features recorded per letter, the most absorbing first: enough to read who takes a
+letter, few enough that eval.json stays small for 26 letters."""
 
 
 def first_letter_tokens(tokenizer: Any) -> tuple[list[int], list[str]]:
@@ -166,11 +173,12 @@ def _f1(tp: torch.Tensor, predicted: torch.Tensor, actual: torch.Tensor) -> torc
 @torch.inference_mode()
 def _main_features(sae: Any, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, p: torch.Tensor,
                    cos_threshold: float, device: torch.device,
-                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 4-5 over chunks of tokens (never all [tokens, d_sae] at once): (main feature per
-    letter [L]; on the test tokens, whether it fires [n_test, L]; and the most that one other
+    letter [L]; on the test tokens, whether it fires [n_test, L]; the most that one other
     firing feature with decoder cosine > `cos_threshold` to the letter's probe writes along it
-    [n_test, L], 0 where none does)."""
+    [n_test, L], 0 where none does; and which feature that is [n_test, L], the absorber where the
+    token is absorbed, meaningless where the most is 0)."""
     dtype = sae.W_enc.dtype
     enc = lambda xs: sae.encode(xs.to(device, dtype)).float()  # noqa: E731
     tp = torch.zeros(sae.W_dec.shape[0], y_train.shape[1], device=device)
@@ -186,12 +194,22 @@ def _main_features(sae: Any, x_train: torch.Tensor, y_train: torch.Tensor, x_tes
     absorbing = cos > cos_threshold
     absorbing[main, torch.arange(len(main), device=device)] = False
     along = along * absorbing
-    fires, written = [], []
+    fires, written, writer = [], [], []
     for a in range(0, len(x_test), chunk):
         f = enc(x_test[a : a + chunk]).clamp_min(0)
         fires.append((f[:, main] > 0).cpu())
-        written.append(torch.stack([(f * along[:, j]).amax(1) for j in range(along.shape[1])], 1).cpu())
-    return main.cpu(), torch.cat(fires), torch.cat(written)
+        most = [(f * along[:, j]).max(1) for j in range(along.shape[1])]  # (values, features) per letter
+        written.append(torch.stack([m.values for m in most], 1).cpu())
+        writer.append(torch.stack([m.indices for m in most], 1).cpu())
+    return main.cpu(), torch.cat(fires), torch.cat(written), torch.cat(writer)
+
+
+def absorbing_features(absorbers: torch.Tensor) -> list[dict[str, int]]:
+    """[{feature, n_absorbed}] of one letter's absorbed tokens' absorbers (`absorbers`, a feature
+    per absorbed token), most tokens first, ties by feature, at most ABSORBERS_LISTED."""
+    features, counts = absorbers.unique(return_counts=True)  # sorted by feature
+    order = sorted(range(len(features)), key=lambda i: (-int(counts[i]), int(features[i])))
+    return [{"feature": int(features[i]), "n_absorbed": int(counts[i])} for i in order[:ABSORBERS_LISTED]]
 
 
 def absorption_metrics(words: Sequence[str], acts: torch.Tensor, sae: Any, *, test_fraction: float = 0.2,
@@ -223,7 +241,7 @@ def absorption_metrics(words: Sequence[str], acts: torch.Tensor, sae: Any, *, te
         probe_f1 = _f1((probe_pos & (y_test > 0)).sum(0).float(), probe_pos.sum(0).float(), y_test.sum(0))
         accuracy = float((logits.argmax(1) == label[test]).float().mean())
         shown.update(1)
-        main, fires_main, written = _main_features(sae, x[train], y[train], x[test], p, cos_threshold, device)
+        main, fires_main, written, writer = _main_features(sae, x[train], y[train], x[test], p, cos_threshold, device)
         shown.update(1)
         main_f1 = _f1((fires_main & (y_test > 0)).sum(0).float(), fires_main.sum(0).float(), y_test.sum(0))
         b_dec = sae.b_dec.detach().float().cpu()
@@ -240,7 +258,8 @@ def absorption_metrics(words: Sequence[str], acts: torch.Tensor, sae: Any, *, te
             if n_miss:
                 miss_rates.append(n_abs / n_miss)
             per_letter[c] = {"rate": rate, "f1": float(main_f1[j]), "main_feature": int(main[j]),
-                             "n_true_positives": n_tp, "n_misses": n_miss, "n_absorbed": n_abs}
+                             "n_true_positives": n_tp, "n_misses": n_miss, "n_absorbed": n_abs,
+                             "absorbing_features": absorbing_features(writer[absorbed, j])}
         shown.update(1)
     return {
         "absorption_first_letter_rate": sum(rates) / len(rates),
