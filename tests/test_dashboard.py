@@ -292,3 +292,90 @@ def test_the_index_shows_how_many_features_fire_how_often(run, browser):
     note = browser.find_element(By.ID, "density-note").text
     assert f"{len(rows) - never} features fire" in note and (never == 0 or f"{never} never fire" in note)
     _no_js_errors(browser)
+
+
+# ----------------------------------------------------------------------------- absorption (eval.json's)
+
+PER_LETTER = {  # as evaluate --absorption writes it, with keys the dashboard does not show
+    "s": {"rate": 0.25, "f1": 0.8, "main_feature": 17, "n_true_positives": 40, "n_misses": 12, "n_absorbed": 10,
+          "absorbing_features": [{"feature": 123, "n_absorbed": 7}, {"feature": 260, "n_absorbed": 3}]},
+    "c": {"rate": 0.0, "f1": 0.9, "main_feature": 123, "n_true_positives": 30, "n_misses": 2, "n_absorbed": 0,
+          "absorbing_features": []},
+    "a": {"rate": 0.1, "f1": 0.5, "main_feature": 42, "n_true_positives": 20, "n_misses": 4, "n_absorbed": 2,
+          "absorbing_features": [{"feature": 17, "n_absorbed": 2}]},
+}
+
+
+@pytest.fixture(scope="module")
+def absorbed_run(run, tmp_path_factory) -> Path:
+    """The run copied, with an eval.json holding per-letter absorption, and its dashboard rebuilt."""
+    folder = Path(shutil.copytree(run, tmp_path_factory.mktemp("absorbed") / "run"))
+    (folder / "eval.json").write_text(json.dumps({"l0": 12.0, "absorption_first_letter_rate": 0.12,
+                                                  "absorption_first_letter_per_letter": PER_LETTER}))
+    got = CliRunner().invoke(evaluate_main, [str(folder), "--no-metrics", "--no-model", "--dashboard", "--quiet"])
+    assert got.exit_code == 0, got.output
+    return folder
+
+
+def _records(run: Path) -> dict[int, dict]:
+    records = {}
+    for c in range(0, D_SAE, CHUNK):
+        records.update({int(k): v for k, v in js_payload(run / "dashboard" / "data" / f"features_{c // CHUNK:04d}.js").items()})
+    return records
+
+
+def test_absorption_goes_to_the_index_and_the_feature_pages(absorbed_run):
+    meta = js_payload(absorbed_run / "dashboard" / "data" / "meta.js")
+    assert [r["letter"] for r in meta["absorption"]] == ["a", "c", "s"]
+    s = meta["absorption"][2]
+    assert (s["main_feature"], s["f1"], s["rate"], s["n_absorbed"], s["n_true_positives"]) == (17, 0.8, 0.25, 10, 40)
+    assert s["absorbing_features"] == PER_LETTER["s"]["absorbing_features"]
+    assert meta["absorption"][1]["absorbing_features"] == []
+    records = _records(absorbed_run)
+    assert records[17]["absorption"] == [{"letter": "a", "role": "absorbs", "n_absorbed": 2},
+                                         {"letter": "s", "role": "main", "f1": 0.8, "rate": 0.25}]
+    assert records[123]["absorption"] == [{"letter": "c", "role": "main", "f1": 0.9, "rate": 0.0},
+                                          {"letter": "s", "role": "absorbs", "n_absorbed": 7}]
+    assert records[260]["absorption"] == [{"letter": "s", "role": "absorbs", "n_absorbed": 3}]
+    assert records[42]["absorption"][0]["role"] == "main"
+    assert [f for f, r in records.items() if "absorption" in r] == [17, 42, 123, 260]
+
+
+def test_no_absorption_without_it_in_eval_json(run, tmp_path):
+    assert js_payload(run / "dashboard" / "data" / "meta.js")["absorption"] is None  # never evaluated
+    assert not [f for f, r in _records(run).items() if "absorption" in r]
+    from train.evaluation.dashboard import absorption_letters, absorption_roles
+
+    assert absorption_letters(None) is None and absorption_letters({}) is None and absorption_roles(None) == {}
+    assert absorption_letters({"a": {"rate": 0.1}}) is None  # damaged: left out, the dashboard still written
+    old = {c: {k: v for k, v in d.items() if k != "absorbing_features"} for c, d in PER_LETTER.items()}
+    assert [r["absorbing_features"] for r in absorption_letters(old)] == [None, None, None]  # not recorded then
+    assert sorted(absorption_roles(old)) == [17, 42, 123]  # main features only
+
+
+@pytest.mark.slow  # chromium
+def test_the_index_shows_which_features_absorb_which_letters(absorbed_run, run, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get((absorbed_run / "dashboard" / "index.html").as_uri())
+    _wait(browser, "#absorption-table tbody tr")
+    assert "Feature absorption (first letter)" in browser.find_element(By.ID, "absorption").text
+    rows = browser.find_elements(By.CSS_SELECTOR, "#absorption-table tbody tr")
+    assert [r.get_attribute("data-letter") for r in rows] == ["a", "c", "s"]
+    s = rows[2]
+    assert [a.get_attribute("href").split("#")[1] for a in s.find_elements(By.TAG_NAME, "a")] == ["f=17", "f=123", "f=260"]
+    cells = [td.text for td in s.find_elements(By.TAG_NAME, "td")]
+    assert cells == ["s", "feature 17", "0.800", "0.250", "10 of 40", "feature 123 (7), feature 260 (3)"]
+    assert rows[1].find_elements(By.TAG_NAME, "td")[5].text == "none"
+    s.find_elements(By.TAG_NAME, "a")[1].click()  # feature 123: main for 'c', absorbs 's'
+    box = _wait(browser, "#feature-absorption")
+    assert "main feature for letter 'c'" in box.text and "absorbs 's' on 7 tokens" in box.text
+    _no_js_errors(browser)
+
+    browser.get((run / "dashboard" / "index.html").as_uri())  # never evaluated: no section
+    _wait(browser, "#index tbody tr")
+    assert browser.find_elements(By.ID, "absorption") == []
+    browser.get((run / "dashboard" / "index.html").as_uri() + "#f=123")
+    _wait(browser, "#feature h2")
+    assert browser.find_elements(By.ID, "feature-absorption") == []
+    _no_js_errors(browser)

@@ -42,6 +42,7 @@ class DashboardInputs:
     title: str
     subtitle: str
     metrics: dict[str, float]
+    absorption: dict[str, Any] | None = None  # eval.json's absorption_first_letter_per_letter, if measured
 
 
 def used_token_ids(stats: FeatureStats, logits: dict[str, torch.Tensor] | None) -> list[int]:
@@ -69,12 +70,14 @@ def write_dashboard(folder: Path, inputs: DashboardInputs) -> Path:
         _write_js(data / "meta.js", "DASH.meta = ", {
             "title": inputs.title, "subtitle": inputs.subtitle, "metrics": inputs.metrics,
             "n_features": d_sae, "n_rows": stats.n_rows, "chunk_size": CHUNK,
-            "window_before": stats.config.window_before, "has_logits": inputs.logits is not None})
+            "window_before": stats.config.window_before, "has_logits": inputs.logits is not None,
+            "absorption": absorption_letters(inputs.absorption)})
         _write_js(data / "vocab.js", "DASH.vocab = ", {str(k): v for k, v in inputs.token_text.items()})
         mean = stats.mean_when_firing  # [d_sae], computed once
+        roles = absorption_roles(inputs.absorption)
         index = []
         for c in range(0, d_sae, CHUNK):  # one file's records in memory at a time
-            chunk = {f: feature_record(inputs, f, mean) for f in range(c, min(c + CHUNK, d_sae))}
+            chunk = {f: feature_record(inputs, f, mean, roles) for f in range(c, min(c + CHUNK, d_sae))}
             index += [_index_row(r) for r in chunk.values()]
             _write_js(data / f"features_{c // CHUNK:04d}.js", f"DASH.addFeatures({c // CHUNK}, ", chunk, ");")
         _write_js(data / "index.js", "DASH.index = ", {"rows": index})
@@ -87,9 +90,11 @@ def write_dashboard(folder: Path, inputs: DashboardInputs) -> Path:
     return folder / "index.html"
 
 
-def feature_record(inputs: DashboardInputs, f: int, mean: torch.Tensor | None = None) -> dict[str, Any]:
+def feature_record(inputs: DashboardInputs, f: int, mean: torch.Tensor | None = None,
+                   roles: dict[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """What the page shows for feature f (JSON-able, floats to 4 significant digits); `mean`:
-    every feature's mean activation when firing, if already computed."""
+    every feature's mean activation when firing, `roles`: absorption_roles(inputs.absorption),
+    if already computed."""
     s = inputs.stats
     fired = int(s.fired[f])
     top = _examples(s.top, f)
@@ -100,12 +105,53 @@ def feature_record(inputs: DashboardInputs, f: int, mean: torch.Tensor | None = 
         "hist": _histogram(s, f), "top_tokens": _top_tokens(top, s.config.window_before),
         "neighbours": [[int(i), _num(c)] for c, i in zip(*(t[f].tolist() for t in inputs.neighbours))],
     }
+    roles = absorption_roles(inputs.absorption) if roles is None else roles
+    if f in roles:  # only the few features that have a part in a letter's absorption
+        rec["absorption"] = roles[f]
     if inputs.logits is not None:
         lg = inputs.logits
         rec["promoted"] = [[int(t), _num(v)] for t, v in zip(lg["top_tokens"][f].tolist(), lg["top_values"][f].tolist())]
         rec["suppressed"] = [[int(t), _num(v)] for t, v in
                              zip(lg["bottom_tokens"][f].tolist(), lg["bottom_values"][f].tolist())]
     return rec
+
+
+def absorption_letters(per_letter: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The index's absorption table, a row per letter in letter order: {letter, main_feature, f1,
+    rate, n_true_positives, n_absorbed, absorbing_features}; None when absorption was not measured.
+    `absorbing_features` is None for an eval.json written before they were recorded (the page
+    then says to rerun), not [] (which means no miss was absorbed). A damaged entry leaves the
+    table out, as read_evaluation leaves out a damaged eval.json: the rest of the dashboard is
+    still worth writing."""
+    if not isinstance(per_letter, dict) or not per_letter:
+        return None
+    try:
+        return [{"letter": c, "main_feature": int(v["main_feature"]), "f1": _num(v["f1"]), "rate": _num(v["rate"]),
+                 "n_true_positives": int(v["n_true_positives"]), "n_absorbed": int(v["n_absorbed"]),
+                 "absorbing_features": _absorbers(v)} for c, v in sorted(per_letter.items())]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def absorption_roles(per_letter: dict[str, Any] | None) -> dict[int, list[dict[str, Any]]]:
+    """feature -> its parts in the letters' absorption, for its page: {letter, role: "main", f1,
+    rate} where it is the letter's main feature, {letter, role: "absorbs", n_absorbed} where it
+    takes some of the letter's misses."""
+    roles: dict[int, list[dict[str, Any]]] = {}
+    for row in absorption_letters(per_letter) or []:
+        c = row["letter"]
+        roles.setdefault(row["main_feature"], []).append({"letter": c, "role": "main", "f1": row["f1"],
+                                                          "rate": row["rate"]})
+        for a in row["absorbing_features"] or []:
+            roles.setdefault(a["feature"], []).append({"letter": c, "role": "absorbs", "n_absorbed": a["n_absorbed"]})
+    return roles
+
+
+def _absorbers(letter: dict[str, Any]) -> list[dict[str, int]] | None:
+    got = letter.get("absorbing_features")
+    if got is None:
+        return None
+    return [{"feature": int(a["feature"]), "n_absorbed": int(a["n_absorbed"])} for a in got]
 
 
 def _examples(e: Examples, f: int, order: list[int] | None = None) -> list[list[Any]]:

@@ -86,7 +86,7 @@ def build_dashboard(sae: SAE, dump: Dump, out: Path, *, name: str, model: Any = 
         subtitle=f"{m.model}, {hooks}; statistics over all {dump.n_rows:,} rows of "
                  f"{', '.join(_shown(Path(q)) for q in side_paths_of(dump))}"
                  + (f"; {no_path}" if no_path else ""),
-        metrics=metrics)
+        metrics=metrics, absorption=(evaluation or {}).get("absorption_first_letter_per_letter"))
     if progress:
         log(f"writing the pages of {sae.cfg.d_sae} features to {out} ...")
     index = write_dashboard(out, inputs)

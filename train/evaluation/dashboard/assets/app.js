@@ -221,6 +221,53 @@
       chart]);
   }
 
+  function featureLink(f, text) {
+    return el("a", { href: "#f=" + f, text: text || "feature " + f });
+  }
+
+  function absorptionSection(letters) {
+    // eval.json's per-letter absorption (evaluate --absorption): each letter's main feature and the
+    // features that took the tokens it missed. Absent when absorption was not measured.
+    var body = el("tbody");
+    letters.forEach(function (r) {
+      var absorbers = r.absorbing_features === null ? [el("span", { className: "note",
+        text: "not recorded (rerun evaluate --absorption)" })] : r.absorbing_features.length === 0 ?
+        [el("span", { className: "note", text: "none" })] : [];
+      (r.absorbing_features || []).forEach(function (a, i) {
+        if (i) absorbers.push(document.createTextNode(", "));
+        absorbers.push(featureLink(a.feature));
+        absorbers.push(document.createTextNode(" (" + a.n_absorbed + ")"));
+      });
+      body.appendChild(el("tr", { "data-letter": r.letter }, [
+        el("td", { text: r.letter }),
+        el("td", {}, [featureLink(r.main_feature)]),
+        el("td", { text: fmt(r.f1) }),
+        el("td", { text: fmt(r.rate) }),
+        el("td", { text: r.n_absorbed + " of " + r.n_true_positives }),
+        el("td", { className: "absorbers" }, absorbers),
+      ]));
+    });
+    var head = el("thead", {}, [el("tr", {}, ["letter", "main feature", "F1", "rate", "absorbed tokens",
+      "absorbing features (tokens)"].map(function (h) { return el("th", { text: h }); }))]);
+    return el("div", { id: "absorption" }, [
+      el("h2", { text: "Feature absorption (first letter)" }),
+      el("table", { id: "absorption-table" }, [head, body]),
+      el("p", { className: "note", text: "From eval.json (evaluate --absorption), on the test word tokens: a letter's " +
+        "main feature is the one whose firing best gives the letter; rate: the share of the letter's probe true " +
+        "positives that the main feature misses and one other feature takes; the absorbing features are those, " +
+        "with how many tokens each took (at most 10 listed)." })]);
+  }
+
+  function absorptionRoles(roles) {
+    // A feature page's part in the letters' absorption: main feature for some letters, absorber of others.
+    return el("div", { id: "feature-absorption" }, [el("h3", { text: "Feature absorption (first letter)" })].concat(
+      roles.map(function (r) {
+        return el("div", { text: r.role === "main" ? "main feature for letter '" + r.letter + "' (F1 " + fmt(r.f1) +
+          ", absorption rate " + fmt(r.rate) + ")" : "absorbs '" + r.letter + "' on " + r.n_absorbed +
+          (r.n_absorbed === 1 ? " token" : " tokens") });
+      })));
+  }
+
   function logitList(pairs, negative) {
     return el("div", {}, pairs.map(function (p) {
       return el("div", {}, [el("span", { className: negative ? "chips neg" : "chips" },
@@ -242,6 +289,7 @@
       "Fires on " + rec.fired + " of " + DASH.meta.n_rows + " rows (density " + fmt(rec.density) +
       ", log10 " + fmt(Math.log10(rec.density)) + "); max activation " + fmt(rec.max) +
       ", mean when firing " + fmt(rec.mean) + "." }));
+    if (rec.absorption) box.appendChild(absorptionRoles(rec.absorption));
     if (rec.fired > 0) {
       box.appendChild(el("h3", { text: "Top activations" }));
       var top = el("div", { id: "top-examples" });
@@ -271,7 +319,7 @@
     }
     var nb = el("div", { id: "neighbours" }, [el("h3", { text: "Nearest features (decoder cosine)" })]);
     rec.neighbours.forEach(function (n) {
-      nb.appendChild(el("div", {}, [el("a", { href: "#f=" + n[0], text: "feature " + n[0] }), el("span", { text: "  " + fmt(n[1]) })]));
+      nb.appendChild(el("div", {}, [featureLink(n[0]), el("span", { text: "  " + fmt(n[1]) })]));
     });
     cols.appendChild(nb);
     box.appendChild(cols);
@@ -306,6 +354,7 @@
     header();
     var view = document.getElementById("index-view");
     view.insertBefore(densityHistogram(all), view.querySelector(".controls"));
+    if (DASH.meta.absorption) view.insertBefore(absorptionSection(DASH.meta.absorption), view.querySelector(".controls"));
     document.getElementById("search").addEventListener("input", function (e) {
       state.query = e.target.value; state.page = 0; renderIndex(all);
     });
