@@ -241,6 +241,24 @@ def test_cli_absorption_writes_eval_json(tiny_run):
         assert bad.exit_code != 0 and needle in bad.output and "Traceback" not in bad.output, bad.output
 
 
+def test_cli_absorption_with_dashboard_shows_it(tiny_run):
+    """`--absorption --dashboard` in one command: the dashboard shows the absorption just measured."""
+    from click.testing import CliRunner
+
+    from test_dashboard import js_payload
+    from train.evaluation.cli import main as evaluate_main
+
+    _, run = tiny_run
+    got = CliRunner().invoke(evaluate_main, [str(run), "--absorption", "--dashboard", "--max-eval-contexts", "2",
+                                             "--batch-contexts", "2", "--device", "cpu", "--quiet"])
+    assert got.exit_code == 0, got.output
+    per = json.loads((run / "eval.json").read_text())["absorption_first_letter_per_letter"]
+    shown = js_payload(run / "dashboard" / "data" / "meta.js")["absorption"]
+    assert [r["letter"] for r in shown] == sorted(per)
+    assert [r["main_feature"] for r in shown] == [per[c]["main_feature"] for c in sorted(per)]
+    assert [r["absorbing_features"] for r in shown] == [per[c]["absorbing_features"] for c in sorted(per)]
+
+
 def test_cli_absorption_too_few_word_tokens_is_one_line(tiny_run, vocab_size):
     """The model's tokenizer replaced by one with no alphabetic entries: a one-line error."""
     from click.testing import CliRunner

@@ -320,7 +320,8 @@ def absorbed_run(run, tmp_path_factory) -> Path:
 def _records(run: Path) -> dict[int, dict]:
     records = {}
     for c in range(0, D_SAE, CHUNK):
-        records.update({int(k): v for k, v in js_payload(run / "dashboard" / "data" / f"features_{c // CHUNK:04d}.js").items()})
+        path = run / "dashboard" / "data" / f"features_{c // CHUNK:04d}.js"
+        records.update({int(k): v for k, v in js_payload(path).items()})
     return records
 
 
@@ -363,7 +364,8 @@ def test_the_index_shows_which_features_absorb_which_letters(absorbed_run, run, 
     rows = browser.find_elements(By.CSS_SELECTOR, "#absorption-table tbody tr")
     assert [r.get_attribute("data-letter") for r in rows] == ["a", "c", "s"]
     s = rows[2]
-    assert [a.get_attribute("href").split("#")[1] for a in s.find_elements(By.TAG_NAME, "a")] == ["f=17", "f=123", "f=260"]
+    links = [a.get_attribute("href").split("#")[1] for a in s.find_elements(By.TAG_NAME, "a")]
+    assert links == ["f=17", "f=123", "f=260"]
     cells = [td.text for td in s.find_elements(By.TAG_NAME, "td")]
     assert cells == ["s", "feature 17", "0.800", "0.250", "10 of 40", "feature 123 (7), feature 260 (3)"]
     assert rows[1].find_elements(By.TAG_NAME, "td")[5].text == "none"

@@ -354,7 +354,9 @@
     header();
     var view = document.getElementById("index-view");
     view.insertBefore(densityHistogram(all), view.querySelector(".controls"));
-    if (DASH.meta.absorption) view.insertBefore(absorptionSection(DASH.meta.absorption), view.querySelector(".controls"));
+    if (DASH.meta.absorption) {  // absorption measured (eval.json): its table below the density histogram
+      view.insertBefore(absorptionSection(DASH.meta.absorption), view.querySelector(".controls"));
+    }
     document.getElementById("search").addEventListener("input", function (e) {
       state.query = e.target.value; state.page = 0; renderIndex(all);
     });
