@@ -74,7 +74,7 @@ class SAETrainer:
         self.counters = Counters()
         target_l0 = self.sae.settings.target_l0 if isinstance(self.sae.settings, TargetL0Settings) else None
         self.sparsity_control = None if target_l0 is None else \
-            SparsityControl(target_l0, self.settings["sparsity_warm_up_steps"], device)
+            SparsityControl(target_l0, self.settings["sparsity_warm_up_steps"], device, total_steps)
         """The target-L0 controller of the sparsity coefficient (`train.sparsity_control`), if any."""
         self.shard = None
         """Data-parallel: this rank's `train.distributed.DataShard`; `update` then takes this rank's

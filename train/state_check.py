@@ -18,7 +18,7 @@ import torch
 
 from shared.errors import UserError
 from train.sae_trainer import Counters, SAETrainer
-from train.sparsity_control import TENSORS as CONTROL_TENSORS
+from train.sparsity_control import OPTIONAL as CONTROL_OPTIONAL, TENSORS as CONTROL_TENSORS
 
 DAMAGED = "the checkpoint is damaged; resume from an earlier checkpoint or start again"
 TRACKERS = ("tokens_since_fired", "window_fired", "fired_total")
@@ -170,7 +170,9 @@ def check_state_tensors(tensors: dict[str, torch.Tensor], c: Counters, metric_st
     if metric_steps > 0:
         expected |= {METRIC_SUM + k: ((), torch.float32) for k in (*METRIC_STATS, *loss_terms(trainer))}
     if trainer.sparsity_control is not None:
-        expected |= {CONTROL + k: ((), torch.float32) for k in CONTROL_TENSORS}
+        # A checkpoint from before the goal's glide lacks its start (sparsity_control.OPTIONAL).
+        expected |= {CONTROL + k: ((), torch.float32) for k in CONTROL_TENSORS
+                     if k not in CONTROL_OPTIONAL or CONTROL + k in tensors}
     _check_control(tensors, trainer, path)
     _check_names(tensors, expected, path)
     for name, (shape, dtype) in expected.items():
