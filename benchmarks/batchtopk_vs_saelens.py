@@ -17,7 +17,9 @@ decoder_init_norm. Ours starts W_enc = X * the unit decoder rows; SAELens starts
 at norm X with W_enc = W_dec.T and multiplies the pre-activations by ||W_dec||
 (rescale_acts_by_decoder_norm), so its effective encoder starts at X^2 (0.01 by default, ours
 0.1): ours at --init-norm 0.01, or SAELens at 0.3162, starts with the other's effective encoder.
---threads (default 2) for a shared machine.
+Ours only: --enc-lr-scale / --dec-lr-scale multiply W_enc's / W_dec's lr (SAELens' decoder rows
+sit at norm n < 1, so an Adam step turns their directions ~1/n as far as ours at unit norm, and
+its effective encoder W_enc n moves n as far). --threads (default 2) for a shared machine.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def main() -> None:
     p.add_argument("--init-norm", type=float, default=None,
                    help="decoder_init_norm of either (default 0.1 both: ours' encoder columns; SAELens' "
                         "W_dec rows, W_enc = W_dec.T, so its effective encoder starts at 0.1 x 0.1)")
+    p.add_argument("--enc-lr-scale", type=float, default=1.0, help="ours: W_enc's lr = lr x this")
+    p.add_argument("--dec-lr-scale", type=float, default=1.0, help="ours: W_dec's lr = lr x this")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with safe_open(f"{a.dump}/shard_000000.safetensors", "pt") as f:
@@ -92,7 +96,12 @@ def main() -> None:
         if a.b_dec == "geometric_median":
             with torch.no_grad():
                 sae.b_dec.copy_(geometric_median(train[order[:16384]]))
-        opt = make_optimizer(sae, a.lr)
+        if a.enc_lr_scale == a.dec_lr_scale == 1.0:
+            opt = make_optimizer(sae, a.lr)
+        else:
+            scaled = {"W_enc": a.enc_lr_scale, "W_dec": a.dec_lr_scale}
+            groups = [{"params": [t], "lr": a.lr * scaled.get(n, 1.0)} for n, t in sae.named_parameters()]
+            opt = torch.optim.Adam(groups, lr=a.lr, fused=True)
         step = lambda xb: train_step_(sae, opt, None, xb)  # noqa: E731
     else:
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -129,7 +138,8 @@ def main() -> None:
         pre = lambda r: (r - b_dec) @ W_enc + b_enc  # noqa: E731
         calibrated = threshold_from((torch.relu(pre(c)) for c in sample.split(512)), a.k, SAMPLE)
         result = {"impl": a.impl, "lr": a.lr, "b_dec": a.b_dec, "steps": a.steps, "batch": a.batch, "k": a.k,
-                  "d_sae": d_sae, "seed": a.seed, "clip_grad_norm": a.clip_grad_norm, "init_norm": a.init_norm, "train_seconds": round(seconds, 1),
+                  "d_sae": d_sae, "seed": a.seed, "clip_grad_norm": a.clip_grad_norm, "init_norm": a.init_norm,
+                  "enc_lr_scale": a.enc_lr_scale, "dec_lr_scale": a.dec_lr_scale, "train_seconds": round(seconds, 1),
                   "decoder_norm_mean": float(W_dec.norm(dim=-1).mean()) if a.impl == "ours" else float(norm.mean())}
         total = ((held - held.mean(0)) ** 2).sum()
         for name, theta in (("running", running), ("calibrated", calibrated)):
