@@ -10,6 +10,16 @@ DUMP is a one-shard dump folder (its shard_000000.safetensors is read whole); th
 are held out. No AuxK in either: nothing is dead within the default windows (ours 500 steps,
 SAELens 1,000) in the ~100 steps this is meant for. The SAELens path runs its own training
 step (training_forward_pass, backward, clip_grad_norm_(1.0), Adam(0.9, 0.999)) as its trainer does.
+
+Ablations, one difference at a time (either impl): --clip-grad-norm X clips before the update
+(0: none; defaults are each impl's own, ours none, SAELens 1.0); --init-norm X sets
+decoder_init_norm. Ours starts W_enc = X * the unit decoder rows; SAELens starts its W_dec rows
+at norm X with W_enc = W_dec.T and multiplies the pre-activations by ||W_dec||
+(rescale_acts_by_decoder_norm), so its effective encoder starts at X^2 (0.01 by default, ours
+0.1): ours at --init-norm 0.01, or SAELens at 0.3162, starts with the other's effective encoder.
+Ours only: --enc-lr-scale / --dec-lr-scale multiply W_enc's / W_dec's lr (SAELens' decoder rows
+sit at norm n < 1, so an Adam step turns their directions ~1/n as far as ours at unit norm, and
+its effective encoder W_enc n moves n as far). --threads (default 2) for a shared machine.
 """
 from __future__ import annotations
 
@@ -46,8 +56,16 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--b-dec", choices=["zeros", "geometric_median"], default="zeros")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clip-grad-norm", type=float, default=None,
+                   help="clip_grad_norm_ before the update; 0 = none (default: ours none, SAELens 1.0)")
+    p.add_argument("--init-norm", type=float, default=None,
+                   help="decoder_init_norm of either (default 0.1 both: ours' encoder columns; SAELens' "
+                        "W_dec rows, W_enc = W_dec.T, so its effective encoder starts at 0.1 x 0.1)")
+    p.add_argument("--enc-lr-scale", type=float, default=1.0, help="ours: W_enc's lr = lr x this")
+    p.add_argument("--dec-lr-scale", type=float, default=1.0, help="ours: W_dec's lr = lr x this")
     a = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     with safe_open(f"{a.dump}/shard_000000.safetensors", "pt") as f:
         x = f.get_tensor("activations").float()
     train, held = x[:-HELD_OUT], x[-HELD_OUT:]
@@ -66,18 +84,33 @@ def main() -> None:
         from train.geometric_median import geometric_median
         from train.step import make_optimizer, train_step_
 
-        sae = BatchTopKSAE(SAEConfig(d_in, d_sae), BatchTopKSAE.Settings(k=a.k))
+        init = {} if a.init_norm is None else {"decoder_init_norm": a.init_norm}
+        sae = BatchTopKSAE(SAEConfig(d_in, d_sae), BatchTopKSAE.Settings(k=a.k, **init))
+        if a.clip_grad_norm:  # after the decoder-gradient projection, the last thing before the update
+            project = sae.before_optimizer_step_
+
+            def project_and_clip() -> None:
+                project()
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), a.clip_grad_norm)
+            sae.before_optimizer_step_ = project_and_clip  # type: ignore[method-assign]
         if a.b_dec == "geometric_median":
             with torch.no_grad():
                 sae.b_dec.copy_(geometric_median(train[order[:16384]]))
-        opt = make_optimizer(sae, a.lr)
+        if a.enc_lr_scale == a.dec_lr_scale == 1.0:
+            opt = make_optimizer(sae, a.lr)
+        else:
+            scaled = {"W_enc": a.enc_lr_scale, "W_dec": a.dec_lr_scale}
+            groups = [{"params": [t], "lr": a.lr * scaled.get(n, 1.0)} for n, t in sae.named_parameters()]
+            opt = torch.optim.Adam(groups, lr=a.lr, fused=True)
         step = lambda xb: train_step_(sae, opt, None, xb)  # noqa: E731
     else:
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
         from sae_lens.saes.sae import TrainStepInput
 
+        init = {} if a.init_norm is None else {"decoder_init_norm": a.init_norm}
         sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=a.k, device="cpu",
-                                                              dtype="float32"))
+                                                              dtype="float32", **init))
+        clip = 1.0 if a.clip_grad_norm is None else a.clip_grad_norm
         if a.b_dec == "geometric_median":
             raise SystemExit("SAELens 6.54 starts b_dec at zeros")
         opt = torch.optim.Adam(sae.parameters(), lr=a.lr, betas=(0.9, 0.999))
@@ -86,7 +119,8 @@ def main() -> None:
             out = sae.training_forward_pass(TrainStepInput(sae_in=xb, coefficients={}, dead_neuron_mask=None,
                                                            n_training_steps=0, is_logging_step=False))
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
             opt.step()
             opt.zero_grad()
     started = time.perf_counter()
@@ -104,7 +138,8 @@ def main() -> None:
         pre = lambda r: (r - b_dec) @ W_enc + b_enc  # noqa: E731
         calibrated = threshold_from((torch.relu(pre(c)) for c in sample.split(512)), a.k, SAMPLE)
         result = {"impl": a.impl, "lr": a.lr, "b_dec": a.b_dec, "steps": a.steps, "batch": a.batch, "k": a.k,
-                  "d_sae": d_sae, "train_seconds": round(seconds, 1),
+                  "d_sae": d_sae, "seed": a.seed, "clip_grad_norm": a.clip_grad_norm, "init_norm": a.init_norm,
+                  "enc_lr_scale": a.enc_lr_scale, "dec_lr_scale": a.dec_lr_scale, "train_seconds": round(seconds, 1),
                   "decoder_norm_mean": float(W_dec.norm(dim=-1).mean()) if a.impl == "ours" else float(norm.mean())}
         total = ((held - held.mean(0)) ** 2).sum()
         for name, theta in (("running", running), ("calibrated", calibrated)):
