@@ -59,17 +59,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SEED_FIGURES = (("eval_l0", "held-out L0", 1), ("eval_explained_variance", "explained variance", 3),
+                ("ce_loss_recovered", "CE loss recovered", 3), ("kl_clean_sae", "KL(clean ‖ SAE)", 3),
+                ("sparse_probing_top_1_accuracy", "1-sparse probe accuracy", 3),
+                ("absorption_first_letter_f1", "first-letter F1", 3),
+                ("absorption_first_letter_rate", "absorption rate", 3))
+"""The seed table's columns, where any SAE has them (absorption and probing: evaluate's options)."""
+
+
 def seed_table(rows: list[dict]) -> str:
     """Mean and min-max across seeds, per architecture and asked L0."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["architecture"], r["asked"]), []).append(r)
-    keys = [("eval_l0", 1), *((k, 3) for k, _ in FIGURES)]
-    lines = ["| architecture | L0 asked | seeds | held-out L0 | explained variance | CE loss recovered | KL(clean ‖ SAE) |",
-             "|---|---|---|---|---|---|---|"]
+    shown = [f for f in SEED_FIGURES if any(r.get(f[0]) is not None for r in rows)]
+    lines = ["| architecture | L0 asked | seeds | " + " | ".join(label for _, label, _ in shown) + " |",
+             "|---|---|---|" + "---|" * len(shown)]
     for (arch, asked), group in groups.items():
         cells = [arch, f"{asked:g}", str(len(group))]
-        for key, digits in keys:
+        for key, _, digits in shown:
             values = [g[key] for g in group if g.get(key) is not None]
             cells.append("-" if not values else
                          f"{mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})")
@@ -97,7 +105,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("held-out L0 (dotted: the L0 asked for)")
         ax.set_ylabel(label)
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.suptitle("target_l0 x architecture: where each SAE landed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
