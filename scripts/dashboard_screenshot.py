@@ -2,7 +2,9 @@
 
     python scripts/dashboard_screenshot.py data/runs/quickstart/dashboard docs/dashboard --feature 12
 
-writes docs/dashboard_index.png and docs/dashboard_feature.png. Needs chromium and chromedriver
+writes docs/dashboard_index.png and docs/dashboard_feature.png (with --absorption also
+docs/dashboard_absorption.png, the index's absorption table, where evaluate --absorption ran).
+Needs chromium and chromedriver
 (Debian: apt-get install chromium chromium-driver) and selenium (in the test extra).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("prefix", help="output prefix: PREFIX_index.png, PREFIX_feature.png")
     ap.add_argument("--feature", type=int, required=True, help="feature to show")
     ap.add_argument("--size", default="1300,1500", help="window width,height")
+    ap.add_argument("--absorption", action="store_true", help="also PREFIX_absorption.png: the absorption table")
     args = ap.parse_args()
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,6 +39,8 @@ def main() -> None:
         WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#index tbody tr")))
         driver.find_element(By.CSS_SELECTOR, "th[data-key=max]").click()
         driver.save_screenshot(f"{args.prefix}_index.png")
+        if args.absorption:
+            driver.find_element(By.ID, "absorption").screenshot(f"{args.prefix}_absorption.png")
         driver.get(f"{page}#f={args.feature}")
         driver.refresh()
         WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#top-examples .example")))
