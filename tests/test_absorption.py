@@ -340,3 +340,36 @@ def test_transcoders_and_stacked_saes_are_not_measured(tmp_path, cfg, why):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     got = absorption_of_folder(tmp_path, None, None, None, "cpu")
     assert list(got) == ["absorption_not_measured"] and why in got["absorption_not_measured"]
+
+
+def test_a_sweep_runs_the_token_activations_once_and_scores_as_alone(tiny_run, tmp_path, monkeypatch):
+    """The words' activations depend only on the model and the hook: evaluating a sweep computes them
+    once for all its SAEs, and each SAE scores what it scores evaluated alone."""
+    from click.testing import CliRunner
+
+    from train.cli import main as train_main
+    from train.evaluation import absorption
+    from train.evaluation.cli import main as evaluate_main
+
+    _, run = tiny_run
+    got = CliRunner().invoke(train_main, ["--shards", str(run.parent / "dump"), "--checkpoint-path", str(tmp_path / "sw"),
+                                          "--device", "cpu", "--expansion-factor", "2", "--train-batch-size", "128",
+                                          "--eval-holdout-contexts", "8", "--quiet", "--sweep", "l1_coefficient=1,3"])
+    assert got.exit_code == 0, got.output
+    calls = []
+    real = absorption.token_activations
+    monkeypatch.setattr(absorption, "token_activations", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    args = ["--absorption", "--no-verify", "--max-eval-contexts", "2", "--batch-contexts", "2", "--device", "cpu"]
+    got = CliRunner().invoke(evaluate_main, [str(tmp_path / "sw"), *args])
+    assert got.exit_code == 0, got.output
+    assert calls == ["blocks.0.hook_resid_post"]
+    runs = sorted(p for p in (tmp_path / "sw").iterdir() if p.is_dir())
+    assert len(runs) == 2
+    together = [json.loads((r / "eval.json").read_text()) for r in runs]
+    for r, ev in zip(runs, together):
+        got = CliRunner().invoke(evaluate_main, [str(r), *args])
+        assert got.exit_code == 0, got.output
+        alone = json.loads((r / "eval.json").read_text())
+        for key in ABSORPTION_KEYS:
+            assert alone[key] == ev[key], (r.name, key)
+    assert len(calls) == 3  # once for the sweep, once for each SAE alone

@@ -278,10 +278,14 @@ ABSORPTION_NOT_MEASURED = ("not measured: {why}; absorption compares decoder row
 
 
 def absorption_of_folder(folder: Any, dump: Any, model: Any, tokenizer: Any, device: str | torch.device,
-                         progress: bool = False) -> dict[str, Any]:
+                         progress: bool = False, token_cache: dict | None = None) -> dict[str, Any]:
     """Absorption figures of the SAE in checkpoint `folder` at its dump's hook (`model`, a
     TransformerBridge, the dump's model), or `absorption_not_measured` for a transcoder or an SAE
-    over several hooks."""
+    over several hooks.
+
+    `token_cache`: a dict shared by the SAEs of one `evaluate` (a sweep). The words and their
+    activations depend only on the model and the hook, so they are computed once per (model, hook)
+    and kept there, not once per SAE (16 s a time on SmolLM2-135M's layer 5)."""
     from shared.saes.base import read_cfg
     from shared.saes.io import load_sae
     from train.evaluation.run_eval import is_transcoder, stacked_sides
@@ -294,8 +298,14 @@ def absorption_of_folder(folder: Any, dump: Any, model: Any, tokenizer: Any, dev
     if tokenizer is None:
         raise UserError(f"--absorption needs the tokenizer of {dump.manifest.model}, which could not be loaded "
                         "offline (run without --absorption)")
-    ids, words = first_letter_tokens(tokenizer)
-    letters_kept(words)  # fail before the model runs
-    acts = token_activations(model, dump.manifest.hook, ids, getattr(tokenizer, "bos_token_id", None), device,
-                             progress=progress)
+    key = (dump.manifest.model, dump.manifest.hook)
+    if token_cache is None or key not in token_cache:
+        ids, words = first_letter_tokens(tokenizer)
+        letters_kept(words)  # fail before the model runs
+        acts = token_activations(model, dump.manifest.hook, ids, getattr(tokenizer, "bos_token_id", None), device,
+                                 progress=progress)
+        if token_cache is not None:
+            token_cache[key] = (words, acts)
+    else:
+        words, acts = token_cache[key]
     return absorption_metrics(words, acts, load_sae(folder, device=device), device=device, progress=progress)

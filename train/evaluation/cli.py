@@ -211,6 +211,7 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict, absorpti
 
     baselines: dict = {}  # ablation losses, shared by SAEs evaluated on the same contexts
     tokenizers: dict = {}  # --absorption's, one per model
+    token_cache: dict = {}  # --absorption's words and activations, one per (model, hook)
     for final in finals:
         dump = dumps.for_sae(final)
         model = None
@@ -227,7 +228,7 @@ def _metrics(finals: list[Path], dumps: _Dumps, cfg: Any, models: dict, absorpti
             if dump.manifest.model not in tokenizers:
                 tokenizers[dump.manifest.model] = _tokenizer(dump)
             result.update(absorption_of_folder(final, dump, model, tokenizers[dump.manifest.model], cfg.device,
-                                               cfg.progress))
+                                               cfg.progress, token_cache=token_cache))
         write_eval(final.parent, result)
         shown = metrics_line(result, ("mse", "explained_variance", "l0", "frac_dead", "frac_dense",
                                       "ce_loss_recovered", "kl_clean_sae", "relative_reconstruction_bias",
