@@ -175,7 +175,8 @@ PREVIOUS_CONFIG = {  # a config.json the previous (flat) version wrote, for a to
 ADDED_SINCE = {"target_shards": None, "skip_connection": None,  # transcoders
                "init_seed": None,  # the SAE init apart from the data order
                "target_l0": None,  # steering the sparsity coefficient toward a target L0
-               "threshold_sample_rows": None}  # BatchTopK's calibrated threshold
+               "threshold_sample_rows": None,  # BatchTopK's calibrated threshold
+               "clip_grad_norm": None}  # gradient clipping, as SAELens does
 
 
 def test_a_previous_flat_config_round_trips_exactly():

@@ -119,7 +119,7 @@ class SAETrainer:
         context = StepContext(sparsity_scale=self.sparsity_scale(c.step), dead_mask=self.auxk_mask(),
                               sparsity_multiplier=1.0 if control is None else control.multiplier())
         res = train_step_(self.sae, self.optimizer, self.scheduler, batch, context, autocast=self.cfg.autocast,
-                          shard=self.shard, total=rows)
+                          shard=self.shard, total=rows, clip_grad_norm=self.cfg.clip_grad_norm)
         if control is not None:
             control.update_(res.l0, c.step)
         if self._checked_step is None:  # first step of this process (fresh or resumed)

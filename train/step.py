@@ -48,7 +48,7 @@ def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
 def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch: Batch | torch.Tensor,
                 context: StepContext = StepContext(), autocast: bool = False,
-                shard: Any = None, total: int | None = None) -> StepResult:
+                shard: Any = None, total: int | None = None, clip_grad_norm: float | None = None) -> StepResult:
     """Forward, loss, backward, the architecture's constraints, update.
 
     batch: input [batch, d_in] and target [batch, d_out] (a tensor means an SAE's batch, its own
@@ -61,6 +61,10 @@ def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
     rows and the gradients are summed over ranks before the constraints and the update, so that
     every rank makes the update of the whole batch (the losses are means over rows). The
     measurements are summed over ranks too, and all of them are against the target.
+
+    `clip_grad_norm`: the whole gradient (every parameter, after the architecture's constraints,
+    and in a data-parallel run after the sum over ranks, so every rank clips alike) is scaled to at
+    most this norm. torch's clip_grad_norm_ scales on the device by min(1, c / norm): no host sync.
     """
     part = Batch.of(batch)
     if shard is not None and total is None:
@@ -74,6 +78,8 @@ def train_step_(sae: SAE, optimizer: torch.optim.Optimizer,
         (out.loss * (part.input.shape[0] / total)).backward()
         shard.all_reduce_grads_(list(sae.parameters()))
     sae.before_optimizer_step_()
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(sae.parameters()), clip_grad_norm, foreach=True)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -17,6 +17,9 @@ class OptimizerPart:
     """constant, constantwithwarmup, linearwarmupdecay, cosineannealing or cosineannealingwarmup."""
     lr_warm_up_steps: int = setting(0, NON_NEGATIVE)
     """Learning-rate warm-up, in steps."""
+    clip_grad_norm: float | None = setting(None, POSITIVE, default_text="none")
+    """Clip the total gradient norm over the SAE's parameters to this before each update (SAELens
+    clips at 1.0); none: no clipping."""
     lr_decay_steps: int | None = setting(None, NON_NEGATIVE, default_text="0; 20% with anthropic_april_update")
     """Steps over which the learning rate decays linearly to 0 at the end, on top of the scheduler."""
     l1_warm_up_steps: int | None = setting(None, NON_NEGATIVE, default_text="0; 5% with anthropic_april_update")
