@@ -183,6 +183,19 @@ def test_data_parallel_matches_one_process(tmp_path):
     _assert_close(_weights(dp / "final"), _weights(solo / "final"))
 
 
+def test_data_parallel_clipped_matches_one_process(tmp_path):
+    """clip_grad_norm clips the gradient summed over the ranks, so every rank scales it alike and the
+    run equals one process; the clip is small enough to act (the weights differ unclipped)."""
+    dump = _dump(tmp_path)
+    clip = ("--clip-grad-norm", "0.05")
+    _train_in_process(_train_args(dump, tmp_path / "solo", *clip))
+    _train_in_process(_train_args(dump, tmp_path / "free"))
+    torchrun(["-m", "train", *_train_args(dump, tmp_path / "dp", *clip)])
+    _assert_close(_weights(tmp_path / "dp" / "final"), _weights(tmp_path / "solo" / "final"))
+    free, solo = _weights(tmp_path / "free" / "final"), _weights(tmp_path / "solo" / "final")
+    assert any(float((free[k] - solo[k]).abs().max()) > 1e-3 for k in solo)
+
+
 def test_sweep_parallel_gives_each_sae_its_solo_weights(tmp_path):
     dump = _dump(tmp_path)
     sweep = tmp_path / "sweep"
