@@ -26,7 +26,11 @@ def rows_of(folders: list[Path]) -> list[dict]:
     """Every SAE of the sweeps, with `asked` (its target L0 or k) and its final cfg.json's figures."""
     rows = []
     for folder in folders:
+        if not (folder / "summary.json").is_file():
+            raise SystemExit(f"{folder} has no summary.json: run evaluate {folder} first")
         for r in json.loads((folder / "summary.json").read_text()):
+            if r.get("eval_l0") is None:
+                raise SystemExit(f"{r['folder']} has no held-out L0: run evaluate {folder} first")
             cfg = json.loads((Path(r["folder"]) / "final" / "cfg.json").read_text())
             asked = cfg.get("target_l0") or cfg.get("k")
             rows.append(r | {"asked": float(asked), "cfg": cfg})

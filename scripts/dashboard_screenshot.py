@@ -40,7 +40,11 @@ def main() -> None:
         driver.find_element(By.CSS_SELECTOR, "th[data-key=max]").click()
         driver.save_screenshot(f"{args.prefix}_index.png")
         if args.absorption:
-            driver.find_element(By.ID, "absorption").screenshot(f"{args.prefix}_absorption.png")
+            found = driver.find_elements(By.ID, "absorption")
+            if not found:
+                raise SystemExit(f"{args.dashboard} has no absorption table: run evaluate RUN --absorption, "
+                                 "then evaluate RUN --no-metrics --dashboard")
+            found[0].screenshot(f"{args.prefix}_absorption.png")
         driver.get(f"{page}#f={args.feature}")
         driver.refresh()
         WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#top-examples .example")))

@@ -139,3 +139,17 @@ def best_cos(planted: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
     planted = planted / planted.norm(dim=1, keepdim=True)
     learned = learned / learned.norm(dim=1, keepdim=True)
     return (planted @ learned.T).amax(dim=1)
+
+
+def hooked_ce(hf_model, tokens: torch.Tensor, handles: list) -> tuple[float, torch.Tensor]:
+    """Next-token CE (float64) and log-probs [batch, ctx - 1, vocab] of a Hugging Face model on
+    `tokens` with the forward hooks `handles` in place; the hooks are removed afterwards."""
+    try:
+        with torch.no_grad():
+            logits = hf_model(tokens).logits.double()
+    finally:
+        for h in handles:
+            h.remove()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    ce = torch.nn.functional.nll_loss(logp.reshape(-1, logp.shape[-1]), tokens[:, 1:].reshape(-1))
+    return float(ce), logp

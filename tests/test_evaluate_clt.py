@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_token_dataset
-from helpers import harvest_pass
+from helpers import harvest_pass, hooked_ce
 from shared.reader import open_dump
 from shared.saes import SAEConfig, architecture_class, load_sae
 from train.evaluation.cli import main as evaluate_main
@@ -240,15 +240,7 @@ def _hf_replaced(hf_model, tokens: torch.Tensor, replace, skip_bos: bool) -> tup
 
     handles = [blk.mlp.register_forward_hook(hook(i)) for i, blk in enumerate(hf_model.transformer.h)] if replace \
         else []
-    try:
-        with torch.no_grad():
-            logits = hf_model(tokens).logits.double()
-    finally:
-        for h in handles:
-            h.remove()
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    ce = torch.nn.functional.nll_loss(logp.reshape(-1, logp.shape[-1]), tokens[:, 1:].reshape(-1))
-    return float(ce), logp
+    return hooked_ce(hf_model, tokens, handles)
 
 
 @pytest.fixture(scope="module")

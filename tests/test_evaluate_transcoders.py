@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import NARROW, SAME_WIDTH, WIDE, harvest_pass
+from helpers import NARROW, SAME_WIDTH, WIDE, harvest_pass, hooked_ce
 from shared.reader import open_dump
 from shared.saes import SAEConfig, architecture_class, load_sae
 from train.evaluation.cli import main as evaluate_main
@@ -213,15 +213,7 @@ def _hf_spliced(hf_model, tokens: torch.Tensor, replace, skip_bos: bool) -> tupl
         return new
 
     handles = [mlp.act.register_forward_hook(keep), mlp.register_forward_hook(splice)] if replace else []
-    try:
-        with torch.no_grad():
-            logits = hf_model(tokens).logits.double()
-    finally:
-        for h in handles:
-            h.remove()
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    ce = torch.nn.functional.nll_loss(logp.reshape(-1, logp.shape[-1]), tokens[:, 1:].reshape(-1))
-    return float(ce), logp
+    return hooked_ce(hf_model, tokens, handles)
 
 
 @pytest.fixture(scope="module")
